@@ -1,0 +1,39 @@
+"""tierd_client: talk to a tierd daemon; tensors by handle, bytes through shared memory.
+
+>>> from tierd_client import Client
+>>> with Client() as c:
+...     c.put("demo/w", torch.randn(4096, 4096))
+...     t = c.get("demo/w")      # zero-copy, read-only view of the daemon's RAM tier
+...     c.release(t)
+"""
+
+from tierd_client._core import Handle
+from tierd_client.aio import AsyncClient
+from tierd_client.client import Client
+
+from tierd.errors import (
+    DaemonUnavailable,
+    InvalidRequest,
+    NotFound,
+    NotLeased,
+    ProtocolError,
+    TierdError,
+    TierFull,
+    Unsupported,
+    VersionMismatch,
+)
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "DaemonUnavailable",
+    "Handle",
+    "InvalidRequest",
+    "NotFound",
+    "NotLeased",
+    "ProtocolError",
+    "TierFull",
+    "TierdError",
+    "Unsupported",
+    "VersionMismatch",
+]

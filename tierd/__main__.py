@@ -1,0 +1,5 @@
+import sys
+
+from tierd.server import main
+
+sys.exit(main())

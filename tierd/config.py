@@ -1,0 +1,259 @@
+"""The daemon's one configuration object and where its values come from.
+
+Precedence: command-line flags > ``TIERD_*`` environment variables > TOML file > defaults.
+Every field has a default that works with no file at all. The file is ``--config FILE`` or
+``$TIERD_CONFIG``; its keys are the field names (``ram_bytes = "2GiB"``), dashes allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import grp
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from tierd.paths import default_socket_path, default_state_dir
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1 << 10,
+    "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
+    "g": 1000**3, "gb": 1000**3, "gib": 1 << 30,
+    "t": 1000**4, "tb": 1000**4, "tib": 1 << 40,
+}  # fmt: skip
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z%]*)\s*$")
+
+
+class ConfigError(ValueError):
+    """A setting has a value tierd cannot use. The message names the setting and its source."""
+
+
+def parse_size(spec: str | int, whole: int | None = None) -> int:
+    """Bytes in ``spec``: ``512MiB``, ``2GiB``, ``1.5G``, ``4096``, or ``25%`` of ``whole``.
+
+    >>> parse_size("512MiB"), parse_size("2GiB"), parse_size("25%", 1000)
+    (536870912, 2147483648, 250)
+    """
+    if isinstance(spec, bool):
+        raise ConfigError(f"not a size: {spec!r}")
+    if isinstance(spec, int):
+        if spec < 0:
+            raise ConfigError(f"a size cannot be negative: {spec}")
+        return spec
+    m = _SIZE_RE.match(str(spec))
+    if not m:
+        raise ConfigError(f"not a size: {spec!r} (use e.g. 512MiB, 2GiB, 25%)")
+    num, unit = float(m.group(1)), m.group(2).lower()
+    if unit == "%":
+        if whole is None:
+            raise ConfigError(f"{spec!r}: a percentage is not allowed here")
+        if num > 100:
+            raise ConfigError(f"{spec!r}: more than 100%")
+        return int(whole * num / 100)
+    if unit not in _UNITS:
+        raise ConfigError(f"not a size: {spec!r} (unknown unit {m.group(2)!r}; use B, KiB, MiB, GiB, TiB, %)")
+    return int(num * _UNITS[unit])
+
+
+def total_ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass
+class Config:
+    """Everything the daemon can be told. Sizes stay strings here and resolve at start."""
+
+    socket: str = ""
+    """Unix socket; empty = $TIERD_SOCKET, else $XDG_RUNTIME_DIR/tierd/tierd.sock, else /tmp/tierd-$UID/."""
+    socket_group: str = ""
+    """If set, the socket is mode 0660 owned by this group and its members may connect; else 0600."""
+    state_dir: str = ""
+    """Directory for durable state; empty = $STATE_DIRECTORY, else ~/.local/state/tierd."""
+    ram_bytes: str = "25%"
+    """Size of the shared-memory RAM tier (pre-faulted at start): 512MiB, 2GiB, or a % of RAM."""
+    disk_bytes: str = "0"
+    """Size of the NVMe tier; 0 = no disk tier (durable=True puts are refused). Only 0 in this build."""
+    gpu_bytes: str = "0"
+    """Size of the GPU tier; 0 = none. This build has no GPU tier: any other value is refused."""
+    log_level: str = "info"
+    """debug, info, warning or error."""
+    graceful_timeout: float = 5.0
+    """Seconds SIGTERM waits for requests in flight before closing connections."""
+    sources: dict[str, str] = field(default_factory=dict, repr=False)
+    """Where each non-default value came from (for error messages); not a setting."""
+
+    # -- resolution --------------------------------------------------------------------------
+    def socket_path(self) -> Path:
+        return Path(self.socket) if self.socket else default_socket_path()
+
+    def state_path(self) -> Path:
+        return Path(self.state_dir).expanduser() if self.state_dir else default_state_dir()
+
+    def _size(self, name: str, whole: int | None) -> int:
+        try:
+            return parse_size(getattr(self, name), whole)
+        except ConfigError as e:
+            raise ConfigError(f"{name} ({self.sources.get(name, 'default')}): {e}") from None
+
+    def ram_tier_bytes(self) -> int:
+        return self._size("ram_bytes", total_ram_bytes())
+
+    def disk_tier_bytes(self) -> int:
+        state = self.state_path()
+        probe = state if state.exists() else state.parent
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        st = os.statvfs(probe)
+        return self._size("disk_bytes", st.f_blocks * st.f_frsize)
+
+    def gpu_tier_bytes(self) -> int:
+        return self._size("gpu_bytes", None)
+
+    def socket_gid(self) -> int | None:
+        if not self.socket_group:
+            return None
+        try:
+            return grp.getgrnam(self.socket_group).gr_gid
+        except KeyError:
+            raise ConfigError(f"socket_group: no group named {self.socket_group!r}") from None
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad setting; resolves every size once."""
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log_level: {self.log_level!r} is not debug, info, warning or error")
+        ram = self.ram_tier_bytes()
+        if ram < (1 << 20):
+            raise ConfigError(
+                f"ram_bytes ({self.sources.get('ram_bytes', 'default')}): "
+                f"{self.ram_bytes!r} is below the 1 MiB minimum"
+            )
+        if self.disk_tier_bytes() != 0:
+            raise ConfigError("disk_bytes: this build of tierd has no disk tier; leave disk_bytes at 0")
+        if self.gpu_tier_bytes() != 0:
+            raise ConfigError("gpu_bytes: this build of tierd has no GPU tier; leave gpu_bytes at 0")
+        if self.graceful_timeout < 0:
+            raise ConfigError("graceful_timeout: must be >= 0")
+        self.socket_gid()
+
+
+SETTINGS = [f.name for f in fields(Config) if f.name != "sources"]
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    kind = {f.name: f.type for f in fields(Config)}[name]
+    if kind == "float":
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} ({source}): {value!r} is not a number") from None
+    if isinstance(value, (dict, list)):
+        raise ConfigError(f"{name} ({source}): expected a single value, got {type(value).__name__}")
+    return str(value)
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    data = data.get("tierd", data)  # a [tierd] table or top-level keys
+    out = {}
+    for k, v in data.items():
+        name = k.replace("-", "_")
+        if name not in SETTINGS:
+            raise ConfigError(f"config file {path}: unknown setting {k!r} (known: {', '.join(SETTINGS)})")
+        out[name] = v
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tierd",
+        description=(
+            "tierd: serves tensors to model processes from GPU, RAM and NVMe tiers, by handle, through "
+            "shared memory. Runs in the foreground; under systemd use systemd/tierd.service."
+        ),
+        epilog=(
+            "Every setting can also come from a TIERD_<NAME> environment variable (TIERD_RAM_BYTES=2GiB) "
+            "or a TOML file (--config or $TIERD_CONFIG). Precedence: flags > environment > file > defaults. "
+            "SIZE is 512MiB, 2GiB, 1.5G or a percentage (25% of RAM for --ram-bytes, of the state "
+            "directory's filesystem for --disk-bytes)."
+        ),
+    )
+    p.add_argument("--config", metavar="FILE", help="TOML file with settings (default: $TIERD_CONFIG)")
+    for f in fields(Config):
+        if f.name == "sources":
+            continue
+        doc = _FIELD_DOCS.get(f.name, "")
+        metavar = (
+            "SIZE"
+            if f.name.endswith("_bytes")
+            else ("SECONDS" if f.type == "float" else f.name.split("_")[-1].upper())
+        )
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            metavar=metavar,
+            default=None,
+            help=f"{doc} [default: {f.default!s}]".replace("%", "%%"),
+        )
+    p.add_argument("--version", action="version", version=f"tierd {_version()}")
+    return p
+
+
+def _version() -> str:
+    from tierd import __version__
+
+    return __version__
+
+
+def _field_docs() -> dict[str, str]:
+    """The one-line docstrings under each Config field, read from this module's source."""
+    import inspect
+
+    src = inspect.getsource(Config).splitlines()
+    docs: dict[str, str] = {}
+    for i, line in enumerate(src[:-1]):
+        m = re.match(r"\s+(\w+): .* = ", line)
+        nxt = src[i + 1].strip()
+        if m and nxt.startswith('"""'):
+            docs[m.group(1)] = nxt.strip('"')
+    return docs
+
+
+_FIELD_DOCS = _field_docs()
+
+
+def load(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Build the Config from flags, environment and file; raises ConfigError on a bad value."""
+    environ = dict(os.environ) if environ is None else environ
+    args = build_parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    cfg_file = args.config or environ.get("TIERD_CONFIG")
+    if cfg_file:
+        for k, v in load_file(Path(cfg_file)).items():
+            values[k] = _coerce(k, v, f"file {cfg_file}")
+            sources[k] = f"file {cfg_file}"
+    for name in SETTINGS:
+        env = f"TIERD_{name.upper()}"
+        if env in environ and environ[env] != "":
+            values[name] = _coerce(name, environ[env], f"${env}")
+            sources[name] = f"${env}"
+    for name in SETTINGS:
+        v = getattr(args, name)
+        if v is not None:
+            flag = f"--{name.replace('_', '-')}"
+            values[name] = _coerce(name, v, flag)
+            sources[name] = flag
+    cfg = dataclasses.replace(Config(), **values)
+    cfg.sources = sources
+    return cfg

@@ -1,0 +1,381 @@
+"""The entry table: versions, leases, pins, lifetimes and placement over the tiers.
+
+Everything here runs on the daemon's event loop and is plain Python (no I/O, no locks), so it is
+tested as scripted scenarios without a socket. The server turns requests into calls on one
+:class:`Manager` and errors from :mod:`tierd.errors` into typed replies.
+
+An entry version goes through::
+
+    begin_put --> WRITING --seal--> SEALED (current) --put same key / delete / expire--> SEALED (hidden)
+                     |                                                                      |
+                   abort / client gone                                      last lease released
+                     v                                                                      v
+                   FREED  <-------------------------------------------------------------- FREED
+
+Invariants kept here (and checked by :meth:`Manager.check`):
+- a region is returned to its tier only when its version is not current and has no lease;
+- a lease always points at a SEALED version; a WRITING version is visible to its writer only;
+- every lease belongs to exactly one live client and ends when that client goes.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tierd.errors import InvalidRequest, NotFound, TierFull, Unsupported
+from tierd.protocol import DTYPE_SIZES, SCOPES, Located, Put, check_key
+from tierd.tiers.base import Tier
+from tierd.tiers.ram import RamTier
+
+WRITING, SEALED, FREED = "writing", "sealed", "freed"
+MAX_TAGS = 64
+MAX_TAG_LEN = 256
+MAX_DIMS = 64
+
+COUNTERS = (
+    "puts", "gets", "hits_ram", "hits_gpu", "reads_disk", "releases", "bad_releases", "deletes",
+    "expired", "prefetch_hints", "prefetch_issued", "prefetch_used", "demotions", "promotions",
+    "tier_full", "errors", "bad_frames",
+)  # fmt: skip
+
+
+@dataclass(eq=False)
+class Entry:
+    key: str
+    version: int
+    dtype: str
+    shape: list[int]
+    nbytes: int
+    offset: int
+    tags: list[str]
+    durable: bool
+    ttl: float | None
+    scope: str
+    owner: int
+    created: float
+    last_access: float
+    last_access_mono: float
+    state: str = WRITING
+    current: bool = False
+    leases: int = 0
+    pins: set[str] = field(default_factory=set)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "version": self.version,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "nbytes": self.nbytes,
+            "tags": list(self.tags),
+            "tiers": ["ram"],
+            "encoding": "raw",
+            "leases": self.leases,
+            "pinned": sorted(self.pins),
+            "durable": self.durable,
+            "ttl": self.ttl,
+            "scope": self.scope,
+            "created": self.created,
+            "last_access": self.last_access,
+        }
+
+
+@dataclass
+class ClientInfo:
+    client_id: int
+    pid: int
+    uid: int
+    name: str
+    connected: float
+    leases: set[int] = field(default_factory=set)
+    puts: set[int] = field(default_factory=set)
+
+
+class Manager:
+    def __init__(self, ram: RamTier, *, clock=time.time, mono=time.monotonic) -> None:
+        self.ram = ram
+        self.tiers: dict[str, Tier] = {"ram": ram}  # fastest first; disk and GPU tiers slot in here
+        self.entries: dict[str, Entry] = {}  # key -> current sealed version
+        self.versions: dict[int, Entry] = {}  # every version whose bytes are held
+        self.leases: dict[int, tuple[int, Entry]] = {}  # lease id -> (client id, version)
+        self.clients: dict[int, ClientInfo] = {}
+        self.counters: collections.Counter[str] = collections.Counter({c: 0 for c in COUNTERS})
+        self.recent_hints: collections.deque[str] = collections.deque(maxlen=4096)
+        self._next_version = 1
+        self._next_lease = 1
+        self._next_client = 1
+        self._clock = clock
+        self._mono = mono
+
+    # ---- clients -------------------------------------------------------------------------------
+    def add_client(self, pid: int, uid: int, name: str) -> int:
+        cid = self._next_client
+        self._next_client += 1
+        self.clients[cid] = ClientInfo(cid, pid, uid, name, self._clock())
+        return cid
+
+    def client_gone(self, cid: int) -> None:
+        """End everything a client held: its leases, its unsealed puts, its scope="client" entries."""
+        c = self.clients.pop(cid, None)
+        if c is None:
+            return
+        for lid in list(c.leases):
+            self._end_lease(lid)
+        for put_id in list(c.puts):
+            self._drop_writing(put_id)
+        for e in [e for e in self.entries.values() if e.scope == "client" and e.owner == cid]:
+            self._hide(e)
+
+    # ---- put -----------------------------------------------------------------------------------
+    def begin_put(self, cid: int, req: Put) -> tuple[int, int]:
+        """Reserve a region for a new version of ``req.key``; returns (put id = version, offset)."""
+        self._validate_put(req)
+        offset = self.ram.allocate(req.nbytes)
+        if offset is None:
+            self.counters["tier_full"] += 1
+            st = self.ram.alloc.stats()
+            need = self.ram.region_bytes(req.nbytes)
+            why = (
+                "larger than the whole tier"
+                if need > st.capacity_bytes
+                else "not enough free space"
+                if need > st.free_bytes
+                else f"free space is fragmented (largest hole {st.largest_free_bytes} bytes)"
+            )
+            raise TierFull(
+                f"ram tier full: put of {req.key!r} needs {need} bytes, {st.free_bytes} free of "
+                f"{st.capacity_bytes} ({why}); no other tier can take it",
+                tier="ram",
+                requested_bytes=need,
+                free_bytes=st.free_bytes,
+                largest_free_bytes=st.largest_free_bytes,
+                capacity_bytes=st.capacity_bytes,
+            )
+        now, mono = self._clock(), self._mono()
+        version = self._next_version
+        self._next_version += 1
+        e = Entry(
+            key=req.key, version=version, dtype=req.dtype, shape=list(req.shape), nbytes=req.nbytes,
+            offset=offset, tags=list(req.tags), durable=req.durable, ttl=req.ttl, scope=req.scope,
+            owner=cid, created=now, last_access=now, last_access_mono=mono,
+        )  # fmt: skip
+        self.versions[version] = e
+        self.clients[cid].puts.add(version)
+        return version, offset
+
+    def _validate_put(self, req: Put) -> None:
+        why = check_key(req.key)
+        if why:
+            raise InvalidRequest(why, key=req.key)
+        size = DTYPE_SIZES.get(req.dtype)
+        if size is None:
+            raise InvalidRequest(f"unsupported dtype {req.dtype!r}", dtype=req.dtype)
+        if len(req.shape) > MAX_DIMS or any(d < 0 for d in req.shape):
+            raise InvalidRequest(f"bad shape {req.shape!r}", shape=req.shape)
+        expect = math.prod(req.shape) * size
+        if req.nbytes != expect:
+            raise InvalidRequest(
+                f"nbytes {req.nbytes} does not match {req.dtype}{list(req.shape)} ({expect} bytes)",
+                nbytes=req.nbytes,
+                expected=expect,
+            )
+        if len(req.tags) > MAX_TAGS or any(not t or len(t) > MAX_TAG_LEN for t in req.tags):
+            raise InvalidRequest(f"at most {MAX_TAGS} tags of 1..{MAX_TAG_LEN} characters each")
+        if req.scope not in SCOPES:
+            raise InvalidRequest(f"scope must be one of {SCOPES}, not {req.scope!r}")
+        if req.ttl is not None and not (req.ttl > 0 and math.isfinite(req.ttl)):
+            raise InvalidRequest(f"ttl must be a positive number of seconds, not {req.ttl!r}")
+        if req.durable and "disk" not in self.tiers:
+            raise Unsupported(
+                f"durable=True needs a disk tier and this tierd runs without one (disk_bytes=0); "
+                f"put {req.key!r} with durable=False",
+                key=req.key,
+            )
+        if req.codec not in (None, "raw", "auto"):
+            raise Unsupported(
+                f"codec {req.codec!r} applies to the disk tier, which this tierd does not have; "
+                "use codec=None",
+                codec=req.codec,
+            )
+
+    def _writing(self, cid: int, put_id: int) -> Entry:
+        e = self.versions.get(put_id)
+        if e is None or e.state != WRITING or e.owner != cid:
+            raise InvalidRequest(f"no put {put_id} in progress on this connection", put_id=put_id)
+        return e
+
+    def seal(self, cid: int, put_id: int) -> tuple[str, int]:
+        """Publish a written version as its key's current one; the previous version is hidden."""
+        e = self._writing(cid, put_id)
+        self.clients[cid].puts.discard(put_id)
+        e.state = SEALED
+        old = self.entries.get(e.key)
+        self.entries[e.key] = e
+        e.current = True
+        if old is not None:
+            self._hide(old)
+        self.counters["puts"] += 1
+        return e.key, e.version
+
+    def abort(self, cid: int, put_id: int) -> None:
+        self._writing(cid, put_id)
+        self.clients[cid].puts.discard(put_id)
+        self._drop_writing(put_id)
+
+    def _drop_writing(self, put_id: int) -> None:
+        e = self.versions.get(put_id)
+        if e is not None and e.state == WRITING:
+            self._free(e)
+
+    # ---- get / release -------------------------------------------------------------------------
+    def resolve(self, key: str, version: int = 0) -> Entry:
+        if version:
+            e = self.versions.get(version)
+            if e is None or e.state != SEALED or e.key != key:
+                raise NotFound(
+                    f"no version {version} of {key!r} (deleted, replaced and released, or never put)",
+                    key=key,
+                    version=version,
+                )
+            return e
+        e = self.entries.get(key)
+        if e is None:
+            why = check_key(key)
+            raise NotFound(f"no entry {key!r}" + (f" ({why})" if why else ""), key=key)
+        return e
+
+    def get(self, cid: int, refs: list[tuple[str, int]]) -> list[Located]:
+        """Lease every requested version, or none of them when one is missing."""
+        found = [self.resolve(k, v) for k, v in refs]
+        client = self.clients[cid]
+        now, mono = self._clock(), self._mono()
+        out = []
+        for e in found:
+            lid = self._next_lease
+            self._next_lease += 1
+            self.leases[lid] = (cid, e)
+            client.leases.add(lid)
+            e.leases += 1
+            e.last_access, e.last_access_mono = now, mono
+            out.append(Located(e.key, e.version, e.dtype, e.shape, e.offset, e.nbytes, lid))
+        self.counters["gets"] += len(found)
+        self.counters["hits_ram"] += len(found)
+        return out
+
+    def release(self, cid: int, lease_ids: list[int]) -> int:
+        """End the given leases of this client; returns how many ids were not its leases."""
+        client = self.clients.get(cid)
+        bad = 0
+        for lid in lease_ids:
+            if client is None or lid not in client.leases:
+                bad += 1
+                continue
+            self._end_lease(lid)
+        self.counters["releases"] += len(lease_ids) - bad
+        self.counters["bad_releases"] += bad
+        return bad
+
+    def _end_lease(self, lid: int) -> None:
+        cid, e = self.leases.pop(lid)
+        c = self.clients.get(cid)
+        if c is not None:
+            c.leases.discard(lid)
+        e.leases -= 1
+        self._maybe_free(e)
+
+    # ---- delete / pin / lifetime ---------------------------------------------------------------
+    def delete(self, key: str) -> None:
+        e = self.resolve(key)
+        self._hide(e)
+        self.counters["deletes"] += 1
+
+    def _hide(self, e: Entry) -> None:
+        """Take a version out of the key index; its bytes go when its last lease does."""
+        if self.entries.get(e.key) is e:
+            del self.entries[e.key]
+        e.current = False
+        e.pins.clear()
+        self._maybe_free(e)
+
+    def pin(self, key: str, tier: str) -> None:
+        e = self.resolve(key)
+        if tier not in self.tiers:
+            raise Unsupported(
+                f"cannot pin {key!r} in {tier!r}: this tierd has tiers {list(self.tiers)}", tier=tier
+            )
+        e.pins.add(tier)
+
+    def unpin(self, key: str) -> bool:
+        e = self.resolve(key)
+        had = bool(e.pins)
+        e.pins.clear()
+        return had
+
+    def prefetch_hint(self, keys: list[str]) -> int:
+        """Record hints (the prefetcher acts on them); returns how many keys are known."""
+        self.counters["prefetch_hints"] += len(keys)
+        self.recent_hints.extend(keys)
+        return sum(1 for k in keys if k in self.entries)
+
+    def expire(self) -> list[str]:
+        """Delete entries whose ttl has passed since their last access (leased ones wait)."""
+        mono = self._mono()
+        gone = [
+            e for e in self.entries.values()
+            if e.ttl is not None and e.leases == 0 and not e.pins and mono - e.last_access_mono > e.ttl
+        ]  # fmt: skip
+        for e in gone:
+            self._hide(e)
+        self.counters["expired"] += len(gone)
+        return [e.key for e in gone]
+
+    def _maybe_free(self, e: Entry) -> None:
+        if not e.current and e.leases == 0 and e.state == SEALED:
+            self._free(e)
+
+    def _free(self, e: Entry) -> None:
+        self.ram.free(e.offset)
+        del self.versions[e.version]
+        e.state = FREED
+
+    # ---- inspection ----------------------------------------------------------------------------
+    def ls(self, prefix: str = "") -> list[dict[str, Any]]:
+        return [e.info() for k, e in sorted(self.entries.items()) if k.startswith(prefix)]
+
+    def stat(self, key: str) -> dict[str, Any]:
+        return self.resolve(key).info()
+
+    def status(self) -> dict[str, Any]:
+        ram = self.ram.stats()
+        ram.update(
+            name="ram",
+            entries=len(self.entries),
+            versions=sum(1 for e in self.versions.values() if e.state == SEALED),
+        )
+        return {
+            "tiers": [ram],
+            "clients": len(self.clients),
+            "leases": len(self.leases),
+            "counters": dict(self.counters),
+        }
+
+    def check(self) -> None:
+        """Assert the table's invariants (tests call this after every scripted step)."""
+        self.ram.alloc.check()
+        for key, e in self.entries.items():
+            assert e.key == key and e.current and e.state == SEALED and self.versions[e.version] is e
+        lease_count: collections.Counter[int] = collections.Counter()
+        for lid, (cid, e) in self.leases.items():
+            assert e.state == SEALED, "lease on an unsealed or freed version"
+            assert lid in self.clients[cid].leases
+            lease_count[e.version] += 1
+        for v, e in self.versions.items():
+            assert e.leases == lease_count[v], f"lease count of version {v} is off"
+            assert e.state in (WRITING, SEALED)
+            assert e.current or e.leases > 0 or e.state == WRITING, f"version {v} is unreachable but held"
+        used = sum(self.ram.region_bytes(e.nbytes) for e in self.versions.values())
+        assert used == self.ram.used_bytes, "tier bytes disagree with the versions held"

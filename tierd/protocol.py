@@ -1,0 +1,256 @@
+"""The tierd wire protocol: typed messages in length-prefixed frames, no pickle.
+
+Frame layout (all integers little-endian)::
+
+    +----------------+--------+---------------------------+
+    | length: uint32 | type:u8| payload: msgpack (length) |
+    +----------------+--------+---------------------------+
+
+``length`` counts the payload only. ``type`` picks the message class, and the payload is decoded
+straight into it by msgspec, which validates every field: a frame that does not fit its type is an
+``invalid`` error, never a crash. Tensor bytes never appear in a frame: only (dtype, shape, offset)
+cross the socket; the bytes stay in the RAM arena, a memfd the daemon sends once, with SCM_RIGHTS,
+in its reply to HELLO.
+
+A connection goes: HELLO -> WELCOME (+ arena fd) -> requests. Every request but RELEASE carries a
+request id ``rid`` echoed by its reply (an ``Ok``, ``PutReady``, ``Got`` or ``Error``); RELEASE is
+one-way so a get + release costs one round trip. Messages on one connection are handled in order.
+
+put is two steps: PUT reserves a region (the entry is invisible to everyone), the client copies its
+bytes into the arena, SEAL publishes it as the key's newest version. A client that dies between the
+two leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct("<IB")
+HEADER_SIZE = HEADER.size
+#: Largest request payload the daemon accepts; a bigger length prefix closes the connection.
+MAX_REQUEST_BYTES = 16 << 20
+#: Largest reply payload a client accepts (an ``ls`` of a very large table).
+MAX_REPLY_BYTES = 512 << 20
+MAX_KEY_BYTES = 1024
+
+#: Every dtype an entry can have, with its item size in bytes. Names are torch's, without "torch.".
+DTYPE_SIZES: dict[str, int] = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "complex128": 16,
+    "complex64": 8,
+    "complex32": 4,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint64": 8,
+    "uint32": 4,
+    "uint16": 2,
+    "uint8": 1,
+    "bool": 1,
+    "float8_e4m3fn": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2": 1,
+    "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1,
+    "float4_e2m1fn_x2": 1,
+}
+
+SCOPES = ("shared", "client")
+
+
+class Msg(msgspec.Struct, array_like=True):
+    """Base of all messages; each subclass has a one-byte ``TYPE``."""
+
+
+# ---- client -> daemon -------------------------------------------------------------------------
+
+
+class Hello(Msg):
+    version: int
+    pid: int
+    name: str = ""
+
+
+class Put(Msg):
+    rid: int
+    key: str
+    dtype: str
+    shape: list[int]
+    nbytes: int
+    tags: list[str] = []
+    durable: bool = False
+    codec: str | None = None
+    ttl: float | None = None
+    scope: str = "shared"
+
+
+class Seal(Msg):
+    rid: int
+    put_id: int
+
+
+class Abort(Msg):
+    rid: int
+    put_id: int
+
+
+class Get(Msg):
+    rid: int
+    #: (key, version) pairs; version 0 means "the newest sealed version".
+    refs: list[tuple[str, int]]
+
+
+class Release(Msg):
+    """One-way: no reply. Lease ids this connection does not hold are ignored and counted."""
+
+    leases: list[int]
+
+
+class Delete(Msg):
+    rid: int
+    key: str
+
+
+class Pin(Msg):
+    rid: int
+    key: str
+    tier: str = "ram"
+
+
+class Unpin(Msg):
+    rid: int
+    key: str
+
+
+class Ls(Msg):
+    rid: int
+    prefix: str = ""
+
+
+class Stat(Msg):
+    rid: int
+    key: str
+
+
+class Status(Msg):
+    rid: int
+
+
+class Prefetch(Msg):
+    rid: int
+    keys: list[str]
+
+
+# ---- daemon -> client -------------------------------------------------------------------------
+
+
+class Welcome(Msg):
+    version: int
+    daemon_pid: int
+    client_id: int
+    arena_bytes: int
+    daemon_version: str
+
+
+class PutReady(Msg):
+    rid: int
+    put_id: int
+    offset: int
+    version: int
+
+
+class Located(Msg):
+    """Where one leased entry's bytes are: a region of the RAM arena."""
+
+    key: str
+    version: int
+    dtype: str
+    shape: list[int]
+    offset: int
+    nbytes: int
+    lease: int
+
+
+class Got(Msg):
+    rid: int
+    items: list[Located]
+
+
+class Ok(Msg):
+    rid: int
+    value: Any = None
+
+
+class Error(Msg):
+    rid: int
+    code: str
+    message: str
+    details: dict[str, Any] = {}
+
+
+HELLO, WELCOME = 0x01, 0x81
+PUT, SEAL, ABORT, GET, RELEASE = 0x10, 0x11, 0x12, 0x20, 0x21
+DELETE, PIN, UNPIN, LS, STAT, STATUS, PREFETCH = 0x30, 0x31, 0x32, 0x40, 0x41, 0x42, 0x50
+PUT_READY, GOT, OK, ERROR = 0x90, 0xA0, 0x91, 0xFF
+
+REQUEST_TYPES: dict[int, type[Msg]] = {
+    HELLO: Hello,
+    PUT: Put,
+    SEAL: Seal,
+    ABORT: Abort,
+    GET: Get,
+    RELEASE: Release,
+    DELETE: Delete,
+    PIN: Pin,
+    UNPIN: Unpin,
+    LS: Ls,
+    STAT: Stat,
+    STATUS: Status,
+    PREFETCH: Prefetch,
+}
+REPLY_TYPES: dict[int, type[Msg]] = {WELCOME: Welcome, PUT_READY: PutReady, GOT: Got, OK: Ok, ERROR: Error}
+TYPE_OF: dict[type[Msg], int] = {cls: t for t, cls in (REQUEST_TYPES | REPLY_TYPES).items()}
+
+_encoder = msgspec.msgpack.Encoder()
+REQUEST_DECODERS = {t: msgspec.msgpack.Decoder(cls) for t, cls in REQUEST_TYPES.items()}
+REPLY_DECODERS = {t: msgspec.msgpack.Decoder(cls) for t, cls in REPLY_TYPES.items()}
+DecodeError = msgspec.DecodeError  # ValidationError is a subclass
+
+
+def encode(msg: Msg) -> bytes:
+    """One whole frame (header + payload) for ``msg``."""
+    payload = _encoder.encode(msg)
+    return HEADER.pack(len(payload), TYPE_OF[type(msg)]) + payload
+
+
+def encode_many(msgs: list[Msg]) -> bytes:
+    return b"".join(encode(m) for m in msgs)
+
+
+def decode_reply(mtype: int, payload: bytes | memoryview) -> Msg:
+    dec = REPLY_DECODERS.get(mtype)
+    if dec is None:
+        raise msgspec.DecodeError(f"unknown reply type 0x{mtype:02x}")
+    return dec.decode(payload)
+
+
+def check_key(key: str) -> str | None:
+    """Why ``key`` is not a valid entry key, or None when it is ("namespace/name")."""
+    if not isinstance(key, str) or not key:
+        return "a key must be a non-empty string"
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        return f"a key must be at most {MAX_KEY_BYTES} bytes"
+    ns, sep, name = key.partition("/")
+    if not sep or not ns or not name:
+        return f"key {key!r} must look like 'namespace/name'"
+    if "\x00" in key:
+        return "a key must not contain NUL"
+    return None

@@ -1,0 +1,1 @@
+"""Storage tiers behind one small interface (see :mod:`tierd.tiers.base`)."""
