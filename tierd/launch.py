@@ -119,10 +119,15 @@ def start(
     if ram_bytes:
         cmd += ["--ram-bytes", ram_bytes]
     cmd += args
-    with open(log, "ab") as logf:
-        proc = subprocess.Popen(
-            cmd, env=full_env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
+    try:
+        with open(log, "ab") as logf:
+            proc = subprocess.Popen(
+                cmd, env=full_env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+    except BaseException:
+        notify.close()
+        shutil.rmtree(ndir, ignore_errors=True)
+        raise
     d = Daemon(proc, resolved, notify, ndir, log)
     try:
         d.wait_message("READY=1", timeout)

@@ -300,12 +300,19 @@ class Server:
     async def startup(self) -> None:
         cfg = self.config
         ram_bytes = cfg.ram_tier_bytes()
+        # Bind first: a second daemon on the same socket is refused before it allocates an arena.
+        # Clients that connect meanwhile wait in the listen backlog until the loop serves them.
+        sock = self._bind()
         t0 = time.perf_counter()
         log.info("building the RAM tier: %.2f GiB memfd arena, pre-faulting...", ram_bytes / _GIB)
-        ram = RamTier(ram_bytes)
+        try:
+            ram = RamTier(ram_bytes)
+        except BaseException:
+            sock.close()
+            self.socket_path.unlink(missing_ok=True)
+            raise
         log.info("RAM tier ready in %.2fs", time.perf_counter() - t0)
         self.manager = Manager(ram)
-        sock = self._bind()
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: Connection(self), sock=sock)
         for sig in (signal.SIGTERM, signal.SIGINT):
