@@ -1,0 +1,260 @@
+"""Bad input on the wire, against a real daemon: typed errors or a closed connection, nothing else.
+
+After each abuse the daemon must still serve a well-behaved client, and no entry may have changed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import msgspec
+import pytest
+import torch
+from tierd_client import Client
+
+from tierd import protocol
+from tierd.launch import Daemon
+from tierd.protocol import HEADER
+
+_OPEN: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_raw_sockets():
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
+def raw(path: Path, hello: bool = True) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    _OPEN.append(s)
+    s.settimeout(10)
+    s.connect(str(path))
+    if hello:
+        s.sendall(protocol.encode(protocol.Hello(protocol.PROTOCOL_VERSION, os.getpid(), "raw")))
+        data, anc, _, _ = s.recvmsg(4096, socket.CMSG_SPACE(4))
+        for _lvl, _kind, fds in anc:  # close the arena fd we do not use
+            for fd in struct.unpack(f"{len(fds) // 4}i", fds[: len(fds) // 4 * 4]):
+                os.close(fd)
+        length, mtype = HEADER.unpack_from(data)
+        assert mtype == protocol.WELCOME and len(data) == 5 + length
+    return s
+
+
+def read_reply(s: socket.socket) -> protocol.Msg | None:
+    """The next reply, or None when the daemon closed the connection."""
+    head = b""
+    while len(head) < 5:
+        chunk = s.recv(5 - len(head))
+        if not chunk:
+            return None
+        head += chunk
+    length, mtype = HEADER.unpack(head)
+    body = b""
+    while len(body) < length:
+        chunk = s.recv(length - len(body))
+        assert chunk, "connection closed mid-reply"
+        body += chunk
+    return protocol.decode_reply(mtype, body)
+
+
+def closed(s: socket.socket) -> bool:
+    """True when the daemon has closed (any error frame before EOF is allowed)."""
+    while True:
+        try:
+            r = read_reply(s)
+        except ConnectionResetError:
+            return True
+        if r is None:
+            return True
+        assert isinstance(r, protocol.Error)
+
+
+@pytest.fixture
+def seeded(daemon: Daemon) -> tuple[Daemon, torch.Tensor]:
+    x = torch.arange(1000, dtype=torch.float32)
+    with Client(daemon.socket) as c:
+        c.put("ns/keep", x)
+    return daemon, x
+
+
+def still_serving(d: Daemon, x: torch.Tensor) -> None:
+    with Client(d.socket) as c:
+        t = c.get("ns/keep")
+        assert torch.equal(t, x)
+        assert [e["key"] for e in c.ls()] == ["ns/keep"]
+        assert c.stats()["leases"] == 1
+    assert d.proc.poll() is None
+
+
+def frame(mtype: int, payload: bytes) -> bytes:
+    return HEADER.pack(len(payload), mtype) + payload
+
+
+def test_unknown_type_gets_typed_error_and_connection_lives(seeded) -> None:
+    d, x = seeded
+    s = raw(d.socket)
+    s.sendall(frame(0x7E, msgspec.msgpack.encode([5, "x"])))
+    r = read_reply(s)
+    assert isinstance(r, protocol.Error) and r.code == "protocol" and "0x7e" in r.message
+    s.sendall(protocol.encode(protocol.Status(9)))  # the stream is still in sync
+    r = read_reply(s)
+    assert isinstance(r, protocol.Ok) and r.rid == 9
+    still_serving(d, x)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\xc1",  # never-used msgpack byte
+        msgspec.msgpack.encode([1, 2, 3]),  # wrong field types for Put
+        msgspec.msgpack.encode({"rid": 1}),  # a map where an array is expected
+        msgspec.msgpack.encode([7, "ns/x"]),  # required fields missing
+        msgspec.msgpack.encode([7, "ns/x", "float32", "notashape", 16]),
+        b"",
+    ],
+)
+def test_malformed_payload_is_invalid(seeded, payload: bytes) -> None:
+    d, x = seeded
+    s = raw(d.socket)
+    s.sendall(frame(protocol.PUT, payload))
+    r = read_reply(s)
+    assert isinstance(r, protocol.Error) and r.code == "invalid"
+    still_serving(d, x)
+
+
+def test_rid_is_echoed_on_validation_error(seeded) -> None:
+    d, _ = seeded
+    s = raw(d.socket)
+    s.sendall(frame(protocol.GET, msgspec.msgpack.encode([42, "not a list"])))
+    r = read_reply(s)
+    assert isinstance(r, protocol.Error) and r.rid == 42
+
+
+def test_4gib_length_prefix_closes_connection(seeded) -> None:
+    d, x = seeded
+    s = raw(d.socket)
+    s.sendall(struct.pack("<IB", 0xFFFFFFFF, protocol.PUT) + b"\x00" * 100)
+    assert closed(s)
+    still_serving(d, x)
+
+
+def test_wrong_length_desyncs_then_is_cut_off(seeded) -> None:
+    d, x = seeded
+    s = raw(d.socket)
+    body = msgspec.msgpack.encode([3])
+    # claims 2 bytes more than it has: the daemon reads the next header's bytes as payload
+    s.sendall(HEADER.pack(len(body) + 2, protocol.STATUS) + body + b"\xff\xff\xff\xff\xff\xff\xff")
+    r = read_reply(s)
+    assert isinstance(r, protocol.Error)
+    still_serving(d, x)
+
+
+def test_request_before_hello_closes(seeded) -> None:
+    d, x = seeded
+    s = raw(d.socket, hello=False)
+    s.sendall(protocol.encode(protocol.Status(1)))
+    r = read_reply(s)
+    assert isinstance(r, protocol.Error) and "HELLO" in r.message
+    assert closed(s)
+    still_serving(d, x)
+
+
+def test_version_mismatch_is_refused_clearly(seeded) -> None:
+    d, x = seeded
+    s = raw(d.socket, hello=False)
+    s.sendall(protocol.encode(protocol.Hello(protocol.PROTOCOL_VERSION + 1, os.getpid(), "future")))
+    r = read_reply(s)
+    assert isinstance(r, protocol.Error) and r.code == "version"
+    assert f"v{protocol.PROTOCOL_VERSION + 1}" in r.message and f"v{protocol.PROTOCOL_VERSION}" in r.message
+    assert closed(s)
+    still_serving(d, x)
+
+
+def test_second_hello_is_an_error(seeded) -> None:
+    d, _ = seeded
+    s = raw(d.socket)
+    s.sendall(protocol.encode(protocol.Hello(protocol.PROTOCOL_VERSION, 1, "again")))
+    r = read_reply(s)
+    assert isinstance(r, protocol.Error) and r.code == "protocol"
+
+
+def test_garbage_stream_then_close(seeded, seed: int) -> None:
+    import random
+
+    d, x = seeded
+    rng = random.Random(seed)
+    for _ in range(20):
+        s = raw(d.socket, hello=rng.random() < 0.5)
+        s.sendall(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400))))
+        s.close()
+    still_serving(d, x)
+
+
+def test_half_frame_then_death(seeded) -> None:
+    d, x = seeded
+    code = textwrap.dedent(f"""
+        import os, socket, struct, sys
+        from tierd import protocol
+        s = socket.socket(socket.AF_UNIX); s.connect({str(d.socket)!r})
+        s.sendall(protocol.encode(protocol.Hello(protocol.PROTOCOL_VERSION, os.getpid(), "half")))
+        s.recvmsg(4096, socket.CMSG_SPACE(4))
+        f = protocol.encode(protocol.Put(1, "ns/half", "float32", [1024], 4096))
+        s.sendall(f[: len(f) // 2])
+        print("sent", flush=True)
+        sys.stdin.read()
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert p.stdout is not None and p.stdout.readline() == b"sent\n"
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    still_serving(d, x)
+    with Client(d.socket) as c:
+        assert c.stats()["tiers"][0]["used_bytes"] == 4032  # only ns/keep (4000 B, 64-aligned)
+
+
+def test_put_larger_than_tier_is_tier_full(seeded) -> None:
+    d, x = seeded
+    from tierd_client import TierFull
+
+    with Client(d.socket) as c, pytest.raises(TierFull) as ei:
+        c.put("ns/huge", torch.empty(128 << 20, dtype=torch.uint8))
+    assert ei.value.details["tier"] == "ram"
+    assert ei.value.details["requested_bytes"] == 128 << 20
+    assert ei.value.details["free_bytes"] < 64 << 20
+    still_serving(d, x)
+
+
+def test_release_of_unheld_lease_changes_nothing(seeded) -> None:
+    d, x = seeded
+    with Client(d.socket) as holder:
+        t = holder.get("ns/keep")
+        s = raw(d.socket)
+        s.sendall(protocol.encode(protocol.Release([1, 2, 3, 10**12])))  # not this connection's leases
+        s.sendall(protocol.encode(protocol.Status(5)))
+        r = read_reply(s)
+        assert isinstance(r, protocol.Ok)
+        assert r.value["leases"] == 1 and r.value["counters"]["bad_releases"] == 4
+        assert torch.equal(t, x)
+    still_serving(d, x)
+
+
+def test_seal_of_foreign_put_is_refused(seeded) -> None:
+    d, x = seeded
+    a, b = raw(d.socket), raw(d.socket)
+    a.sendall(protocol.encode(protocol.Put(1, "ns/a", "uint8", [16], 16)))
+    ready = read_reply(a)
+    assert isinstance(ready, protocol.PutReady)
+    b.sendall(protocol.encode(protocol.Seal(2, ready.put_id)))
+    r = read_reply(b)
+    assert isinstance(r, protocol.Error) and r.code == "invalid"
+    a.close()  # a dies before sealing: its region is freed, nothing becomes visible
+    still_serving(d, x)

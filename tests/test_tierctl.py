@@ -1,0 +1,85 @@
+"""tierctl as a user runs it: a subprocess against a real daemon, tables and --json."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from tierd_client import Client
+
+from tierd.launch import Daemon
+
+
+def tierctl(sock: Path | str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, TIERD_SOCKET=str(sock))
+    return subprocess.run(
+        [sys.executable, "-m", "tierd_client.tierctl", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_status_ls_show_rm_pin(daemon: Daemon) -> None:
+    with Client(daemon.socket) as c:
+        c.put("demo/w", torch.randn(512, 512), tags=["weight"])
+        c.put("other/b", torch.zeros(10, dtype=torch.bfloat16))
+    st = json.loads(tierctl(daemon.socket, "status", "--json").stdout)
+    ram = st["tiers"][0]
+    assert ram["name"] == "ram" and ram["entries"] == 2 and ram["capacity_bytes"] == 64 << 20
+    assert ram["used_bytes"] >= 512 * 512 * 4 and "fragmentation" in ram
+    for k in (
+        "gets",
+        "hits_ram",
+        "hits_gpu",
+        "reads_disk",
+        "prefetch_issued",
+        "prefetch_used",
+        "demotions",
+        "promotions",
+    ):
+        assert k in st["counters"]
+    assert {"clients", "leases"} <= st.keys()
+
+    human = tierctl(daemon.socket, "status")
+    assert human.returncode == 0 and "ram" in human.stdout and "FRAGMENTED" in human.stdout
+
+    ls = json.loads(tierctl(daemon.socket, "ls", "--json").stdout)
+    assert [e["key"] for e in ls] == ["demo/w", "other/b"]
+    ls = json.loads(tierctl(daemon.socket, "ls", "--prefix", "demo/", "--json").stdout)
+    assert [e["key"] for e in ls] == ["demo/w"]
+    table = tierctl(daemon.socket, "ls").stdout
+    assert "demo/w" in table and "512x512" in table and "weight" in table
+
+    show = json.loads(tierctl(daemon.socket, "show", "demo/w", "--json").stdout)
+    assert show["shape"] == [512, 512] and show["dtype"] == "float32" and show["tiers"] == ["ram"]
+    assert "encoding" in tierctl(daemon.socket, "show", "demo/w").stdout
+
+    assert tierctl(daemon.socket, "pin", "demo/w").returncode == 0
+    assert json.loads(tierctl(daemon.socket, "show", "demo/w", "--json").stdout)["pinned"] == ["ram"]
+    assert json.loads(tierctl(daemon.socket, "unpin", "demo/w", "--json").stdout)["was_pinned"] is True
+
+    assert tierctl(daemon.socket, "rm", "demo/w").returncode == 0
+    missing = tierctl(daemon.socket, "show", "demo/w")
+    assert missing.returncode == 1 and "no entry 'demo/w'" in missing.stderr
+
+
+def test_no_daemon_is_one_clear_line(tmp_path: Path) -> None:
+    p = tierctl(tmp_path / "none.sock", "status")
+    assert p.returncode == 2
+    assert p.stderr.count("\n") == 1 and "no tierd at" in p.stderr and "start it with" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_help() -> None:
+    p = subprocess.run(
+        [sys.executable, "-m", "tierd_client.tierctl", "--help"], capture_output=True, text=True
+    )
+    assert p.returncode == 0
+    for cmd in ("status", "ls", "show", "rm", "pin", "unpin"):
+        assert cmd in p.stdout
