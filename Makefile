@@ -1,0 +1,32 @@
+# make demo   - set up, then run tierd on its defaults with real model processes against it
+# make check  - set up, then lint, type-check and run the tests (what CI runs)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo check test lint bench clean
+
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@
+
+demo: setup
+	$(PY) examples/demo.py
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: setup
+	$(PY) -m pytest
+
+check: lint test
+
+bench: setup
+	$(PY) bench/bench_core.py
+	$(PY) bench/bench_alloc.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
