@@ -184,7 +184,7 @@ class AsyncClient(Core):
         assert isinstance(got, protocol.Got)
         return [self._view(loc) for loc in got.items]
 
-    async def release(self, tensor_or_key: torch.Tensor | str | Handle) -> None:
+    async def release(self, tensor_or_key: torch.Tensor | str | Handle | list[Any]) -> None:
         ids = self._lease_ids_for(tensor_or_key)
         self._send(protocol.encode(protocol.Release(ids)))
 

@@ -254,10 +254,11 @@ class Client(Core):
         assert isinstance(got, protocol.Got)
         return [self._view(loc) for loc in got.items]
 
-    def release(self, tensor_or_key: torch.Tensor | str | Handle) -> None:
+    def release(self, tensor_or_key: torch.Tensor | str | Handle | list[Any]) -> None:
         """End a lease now: of this tensor, or every lease this client holds on a key / handle.
 
-        One-way (no round trip). Raises NotLeased when there is nothing to release.
+        A list of those releases them all in one frame. One-way (no round trip). Raises NotLeased
+        when there is nothing to release (for a list: when one item has nothing; nothing is sent then).
         """
         with self._lock:
             ids = self._lease_ids_for(tensor_or_key) + self._take_collected()

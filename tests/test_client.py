@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -189,7 +190,7 @@ def _hold_leases(sock: str, ready: mp.Event) -> None:
     c.put("kill/x", torch.ones(100))
     held = [c.get("kill/x") for _ in range(5)]
     ready.set()
-    time.sleep(3600)  # killed by the test long before this
+    threading.Event().wait()  # parked, holding its leases, until the test kills it
     del held
 
 
@@ -322,3 +323,35 @@ def test_four_processes_put_and_get_with_checksums(daemon: Daemon, seed: int) ->
             assert hashlib.sha256(t.numpy().tobytes()).hexdigest() == digest
             c.release(t)
         assert c.stats()["leases"] == 0
+
+
+def test_release_many_in_one_frame_all_or_nothing(daemon: Daemon) -> None:
+    with Client(daemon.socket) as c:
+        for i in range(4):
+            c.put(f"rm/{i}", torch.full((8,), float(i)))
+        ts = c.get_many([f"rm/{i}" for i in range(4)])
+        with pytest.raises(NotLeased):
+            c.release([ts[0], ts[1], torch.zeros(8)])  # one bad item: nothing is released
+        assert c.stats()["leases"] == 4
+        c.release([ts[0], ts[1], "rm/2"])
+        assert c.stats()["leases"] == 1
+        c.release((ts[3],))
+        assert c.stats()["leases"] == 0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(300, 7),
+        lambda: torch.randn(8, 9, dtype=torch.bfloat16),
+        lambda: torch.randn(5, 5, dtype=torch.complex64).conj(),
+        lambda: torch.randn(4, 4)[:, 1],
+    ],
+    ids=["contiguous", "bf16", "lazy-conj", "column"],
+)
+def test_put_copy_paths(daemon: Daemon, make) -> None:
+    x = make()
+    with Client(daemon.socket) as c:
+        c.put("cp/x", x)
+        t = c.get("cp/x")
+        assert torch.equal(t, x.resolve_conj()) and not t.is_conj()

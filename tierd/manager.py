@@ -39,7 +39,7 @@ MAX_DIMS = 64
 COUNTERS = (
     "puts", "gets", "hits_ram", "hits_gpu", "reads_disk", "releases", "bad_releases", "deletes",
     "expired", "prefetch_hints", "prefetch_issued", "prefetch_used", "demotions", "promotions",
-    "tier_full", "errors", "bad_frames",
+    "tier_full", "errors", "internal_errors", "bad_frames",
 )  # fmt: skip
 
 
