@@ -12,6 +12,7 @@ from tierd_client.aio import AsyncClient
 from tierd_client.client import Client
 
 from tierd.errors import (
+    CorruptEntry,
     DaemonUnavailable,
     InvalidRequest,
     NotFound,
@@ -26,6 +27,7 @@ from tierd.errors import (
 __all__ = [
     "AsyncClient",
     "Client",
+    "CorruptEntry",
     "DaemonUnavailable",
     "Handle",
     "InvalidRequest",

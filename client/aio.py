@@ -197,6 +197,12 @@ class AsyncClient(Core):
     async def unpin(self, key: str) -> bool:
         return bool(await self._ok(protocol.Unpin(self._next_rid(), key)))
 
+    async def evict(self, key: str) -> dict[str, Any]:
+        return dict(await self._ok(protocol.Evict(self._next_rid(), key)))
+
+    async def verify(self, prefix: str = "") -> list[dict[str, Any]]:
+        return list(await self._ok(protocol.Verify(self._next_rid(), prefix)))
+
     async def prefetch(self, keys: list[str]) -> int:
         return int(await self._ok(protocol.Prefetch(self._next_rid(), list(keys))))
 

@@ -280,6 +280,14 @@ class Client(Core):
         """Drop the daemon's pins on ``key``; returns whether it was pinned."""
         return bool(self._ok(protocol.Unpin(self._next_rid(), key)))
 
+    def evict(self, key: str) -> dict[str, Any]:
+        """Push ``key`` down to the disk tier now (it stays readable); refused while leased or pinned."""
+        return dict(self._ok(protocol.Evict(self._next_rid(), key)))
+
+    def verify(self, prefix: str = "") -> list[dict[str, Any]]:
+        """Read every disk copy under ``prefix`` and check its checksums: one dict per entry."""
+        return list(self._ok(protocol.Verify(self._next_rid(), prefix)))
+
     def prefetch(self, keys: list[str]) -> int:
         """Hint that ``keys`` will be read soon; returns how many of them exist."""
         return int(self._ok(protocol.Prefetch(self._next_rid(), list(keys))))

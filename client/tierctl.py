@@ -44,15 +44,39 @@ def print_status(s: dict[str, Any]) -> None:
     rows = []
     for t in s["tiers"]:
         cap = t["capacity_bytes"]
-        rows.append([
-            t["name"], human_bytes(t["used_bytes"]), human_bytes(cap),
-            f"{100 * t['used_bytes'] / cap:.1f}%" if cap else "-", str(t["entries"]),
-            f"{100 * t.get('fragmentation', 0):.1f}%", human_bytes(t.get("largest_free_bytes", 0)),
-        ])  # fmt: skip
-    print(_table(rows, ["TIER", "USED", "CAPACITY", "USE%", "ENTRIES", "FRAGMENTED", "LARGEST HOLE"]))
+        ratio = f"{t['ratio']:.2f}x" if "ratio" in t else "-"
+        frag = f"{100 * t['fragmentation']:.1f}%" if "fragmentation" in t else "-"
+        rows.append(
+            [t["name"], human_bytes(t["used_bytes"]), human_bytes(cap),
+             f"{100 * t['used_bytes'] / cap:.1f}%" if cap else "-", str(t["entries"]), ratio, frag]
+        )  # fmt: skip
+    print(_table(rows, ["TIER", "USED", "CAPACITY", "USE%", "ENTRIES", "RATIO", "FRAGMENTED"]))
+    for t in s["tiers"]:
+        if t["name"] == "disk":
+            codecs = ", ".join(f"{k} {v}" for k, v in sorted(t.get("by_codec", {}).items())) or "none"
+            print(
+                f"disk: {t['path']}: {human_bytes(t['raw_bytes'])} of tensors stored in "
+                f"{human_bytes(t['stored_bytes'])} (entries by codec: {codecs})"
+            )
     print(f"clients {s['clients']}  leases {s['leases']}")
     c = s["counters"]
     print("counters " + "  ".join(f"{k} {v}" for k, v in c.items() if v or k in ("gets", "puts")))
+    pl = s.get("placement")
+    if pl:
+        print(
+            f"placement: {pl['policy']} eviction, demote above {pl['ram_high_watermark']:.0%} of RAM "
+            f"down to {pl['ram_low_watermark']:.0%}; tag codecs {pl['tag_codecs'] or 'none'}"
+        )
+        cal = pl.get("calibration")
+        if cal:
+            z = ", ".join(f"{dt} {r['ratio']:.2f}x dec {r['decode_gbps']:.2f} GB/s"
+                          for dt, r in sorted(cal.get("zstd", {}).items()))  # fmt: skip
+            print(
+                f"calibration: memcpy {cal['memcpy_gbps']:.1f} GB/s, disk write {cal['disk_write_gbps']:.2f} "
+                f"/ read {cal['disk_read_gbps']:.2f} GB/s ({cal['disk_mode']}), zstd per core: {z}"
+            )
+        elif any(t["name"] == "disk" for t in s["tiers"]):
+            print("calibration: running")
 
 
 def print_entries(entries: list[dict[str, Any]]) -> None:
@@ -71,10 +95,17 @@ def print_entries(entries: list[dict[str, Any]]) -> None:
 
 
 def print_entry(e: dict[str, Any]) -> None:
+    lossy = f" (lossy: max relative error {e['error_bound']:g})" if e.get("error_bound") else ""
+    stored = e.get("stored_bytes")
     fields = [
         ("key", e["key"]), ("version", e["version"]), ("dtype", e["dtype"]), ("shape", e["shape"]),
-        ("size", f"{human_bytes(e['nbytes'])} ({e['nbytes']} bytes)"), ("tiers", ", ".join(e["tiers"])),
-        ("encoding", e["encoding"]), ("leases", e["leases"]), ("pinned", ", ".join(e["pinned"]) or "no"),
+        ("size", f"{human_bytes(e['nbytes'])} ({e['nbytes']} bytes)"),
+        ("tiers", ", ".join(e["tiers"]) or "-"),
+        ("encoding", f"{e['encoding']} on disk{lossy}" if stored is not None else "raw (RAM only)"),
+        ("stored", f"{human_bytes(stored)} on disk ({e['nbytes'] / stored:.2f}x)"
+                   if stored else "not on disk"),
+        ("checksum", e.get("checksum") or "-"),
+        ("leases", e["leases"]), ("pinned", ", ".join(e["pinned"]) or "no"),
         ("tags", ", ".join(e["tags"]) or "-"), ("durable", e["durable"]), ("scope", e["scope"]),
         ("ttl", f"{e['ttl']}s" if e["ttl"] else "none"),
         ("created", _ago(e["created"])), ("last access", _ago(e["last_access"])),
@@ -113,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     pin.add_argument("key")
     pin.add_argument("--tier", default="ram", help="tier to pin in [default: ram]")
     cmd("unpin", "drop the pins on an entry").add_argument("key")
+    cmd("evict", "push an entry down to the disk tier now (it stays readable)").add_argument("key")
+    ver = cmd("verify", "read every entry's disk copy and check its checksums (durable ones first)")
+    ver.add_argument("--prefix", default="", help="only keys starting with this")
     return p
 
 
@@ -148,6 +182,30 @@ def run(args: argparse.Namespace) -> int:
             out = {"unpinned": args.key, "was_pinned": was}
             if not args.json:
                 print(f"unpinned {args.key}" if was else f"{args.key} was not pinned")
+        elif args.cmd == "evict":
+            out = c.evict(args.key)
+            if not args.json:
+                where = ", ".join(out["tiers"])
+                print(
+                    f"evicted {args.key}: now in {where}"
+                    if out["moved"]
+                    else f"{args.key} already in {where}"
+                )
+        elif args.cmd == "verify":
+            out = c.verify(args.prefix)
+            bad = [r for r in out if not r["ok"]]
+            if not args.json:
+                for r in bad:
+                    print(f"CORRUPT {r['key']} v{r['version']}: {r['error']}")
+                print(
+                    f"verified {len(out)} entries on disk "
+                    f"({sum(r['durable'] for r in out)} durable): {len(bad)} corrupt"
+                )
+            if bad:
+                if args.json:
+                    json.dump(out, sys.stdout, indent=2, sort_keys=True)
+                    sys.stdout.write("\n")
+                return 1
         else:  # pragma: no cover - argparse refuses unknown commands
             raise AssertionError(args.cmd)
         if args.json:

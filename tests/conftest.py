@@ -31,20 +31,16 @@ def short_tmp() -> Iterator[Path]:
         yield Path(d)
 
 
-def _start(tmp: Path, *args: str, ram_bytes: str = "64MiB") -> launch.Daemon:
+def _start(tmp: Path, *args: str, ram_bytes: str = "64MiB", disk_bytes: str = "0") -> launch.Daemon:
     return launch.start(
-        tmp / "tierd.sock",
-        "--state-dir",
-        str(tmp / "state"),
-        *args,
-        ram_bytes=ram_bytes,
-        log_path=tmp / "tierd.log",
-    )
+        tmp / "tierd.sock", "--state-dir", str(tmp / "state"), "--disk-bytes", disk_bytes, *args,
+        ram_bytes=ram_bytes, log_path=tmp / "tierd.log",
+    )  # fmt: skip
 
 
 @pytest.fixture
 def daemon(short_tmp: Path) -> Iterator[launch.Daemon]:
-    """A fresh tierd with a 64 MiB RAM tier."""
+    """A fresh tierd with a 64 MiB RAM tier and no disk tier."""
     d = _start(short_tmp)
     yield d
     running = d.proc.poll() is None
@@ -55,11 +51,12 @@ def daemon(short_tmp: Path) -> Iterator[launch.Daemon]:
 
 @pytest.fixture
 def start_daemon(short_tmp: Path) -> Iterator:
-    """Factory: start_daemon(*flags, ram_bytes=...) -> Daemon; all are stopped at teardown."""
+    """Factory: start_daemon(*flags, ram_bytes=..., disk_bytes=...) -> Daemon, on the same socket and
+    state dir each time (a restart); all are stopped at teardown."""
     started: list[launch.Daemon] = []
 
-    def make(*args: str, ram_bytes: str = "64MiB") -> launch.Daemon:
-        d = _start(short_tmp, *args, ram_bytes=ram_bytes)
+    def make(*args: str, ram_bytes: str = "64MiB", disk_bytes: str = "0") -> launch.Daemon:
+        d = _start(short_tmp, *args, ram_bytes=ram_bytes, disk_bytes=disk_bytes)
         started.append(d)
         return d
 

@@ -91,7 +91,7 @@ def write(path: Path, text: str) -> Path:
 def test_defaults_with_nothing_given() -> None:
     cfg = load([], {})
     assert cfg.ram_bytes == "25%"
-    assert cfg.disk_bytes == "0"
+    assert cfg.disk_bytes == "25%"
     assert cfg.gpu_bytes == "0"
     assert cfg.log_level == "info"
     assert cfg.graceful_timeout == 5.0
@@ -142,17 +142,18 @@ def test_every_setting_from_each_source(tmp_path: Path) -> None:
         "gpu_bytes": "0",
         "log_level": "debug",
         "graceful_timeout": "2.5",
+        "ram_high_watermark": "0.8",
+        "ram_low_watermark": "0.5",
+        "tag_codecs": "weight=int8",
     }
+    floats = ("graceful_timeout", "ram_high_watermark", "ram_low_watermark")
     assert sorted(values) == sorted(config.SETTINGS)
-    expect = {**values, "graceful_timeout": 2.5}
+    expect = {**values, **{k: float(values[k]) for k in floats}}
 
     argv = [x for k, v in values.items() for x in (f"--{k.replace('_', '-')}", v)]
     from_flags = load(argv, {})
     from_env = load([], {f"TIERD_{k.upper()}": v for k, v in values.items()})
-    toml = (
-        "".join(f'{k} = "{v}"\n' for k, v in values.items() if k != "graceful_timeout")
-        + "graceful_timeout = 2.5\n"
-    )
+    toml = "".join(f'{k} = "{v}"\n' if k not in floats else f"{k} = {v}\n" for k, v in values.items())
     from_file = load(["--config", str(write(tmp_path / "t.toml", toml))], {})
     for cfg in (from_flags, from_env, from_file):
         assert {k: getattr(cfg, k) for k in config.SETTINGS} == expect
@@ -260,7 +261,9 @@ def run_tierd(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
         (["--ram-bytes", "250%"], ["ram_bytes", "more than 100%"]),
         (["--gpu-bytes", "1GiB"], ["gpu_bytes", "no GPU tier"]),
         (["--gpu-bytes", "10%"], ["gpu_bytes", "percentage"]),
-        (["--disk-bytes", "1GiB"], ["disk_bytes", "no disk tier"]),
+        (["--disk-bytes", "1MiB"], ["disk_bytes", "16 MiB minimum"]),
+        (["--tag-codecs", "weight=int9"], ["tag_codecs", "int9"]),
+        (["--ram-low-watermark", "0.95"], ["ram_low_watermark", "0.95"]),
         (["--disk-bytes", "much"], ["disk_bytes", "'much'"]),
         (["--log-level", "chatty"], ["log_level", "'chatty'"]),
         (["--graceful-timeout", "later"], ["graceful_timeout", "'later'"]),

@@ -110,6 +110,10 @@ class Allocator:
         self._add_hole(start, size)
         return freed
 
+    def holes(self, min_size: int = 0) -> list[tuple[int, int]]:
+        """Free (start, size) spans of at least ``min_size`` bytes, largest first."""
+        return [(start, size) for size, start in reversed(self._by_size) if size >= min_size]
+
     def region_size(self, start: int) -> int:
         return self._used[start]
 

@@ -76,8 +76,14 @@ class Config:
     """Directory for durable state; empty = $STATE_DIRECTORY, else ~/.local/state/tierd."""
     ram_bytes: str = "25%"
     """Size of the shared-memory RAM tier (pre-faulted at start): 512MiB, 2GiB, or a % of RAM."""
-    disk_bytes: str = "0"
-    """Size of the NVMe tier; 0 = no disk tier (durable=True puts are refused). Only 0 in this build."""
+    disk_bytes: str = "25%"
+    """Size of the disk tier (an LMDB file in the state dir); 0 = none (durable=True is then refused)."""
+    ram_high_watermark: float = 0.90
+    """Above this share of the RAM tier in use, cold entries are demoted to disk..."""
+    ram_low_watermark: float = 0.75
+    """...until use is back under this share."""
+    tag_codecs: str = ""
+    """Disk codec per tag, e.g. "weight=int8,kv=zstd" (int8, bf16, fp16 are lossy and opt-in)."""
     gpu_bytes: str = "0"
     """Size of the GPU tier; 0 = none. This build has no GPU tier: any other value is refused."""
     log_level: str = "info"
@@ -114,6 +120,22 @@ class Config:
     def gpu_tier_bytes(self) -> int:
         return self._size("gpu_bytes", None)
 
+    def tag_codec_map(self) -> dict[str, str]:
+        """``tag_codecs`` parsed: {"weight": "int8", ...}; ConfigError on a bad item or codec name."""
+        out: dict[str, str] = {}
+        for item in filter(None, (x.strip() for x in self.tag_codecs.split(","))):
+            tag, sep, codec = item.partition("=")
+            if not sep or not tag.strip() or not codec.strip():
+                raise ConfigError(f"tag_codecs: {item!r} is not TAG=CODEC")
+            out[tag.strip()] = codec.strip()
+        if out:
+            from tierd.codecs import CODEC_NAMES
+
+            bad = [c for c in out.values() if c not in CODEC_NAMES]
+            if bad:
+                raise ConfigError(f"tag_codecs: unknown codec {bad[0]!r} (known: {', '.join(CODEC_NAMES)})")
+        return out
+
     def socket_gid(self) -> int | None:
         if not self.socket_group:
             return None
@@ -132,8 +154,18 @@ class Config:
                 f"ram_bytes ({self.sources.get('ram_bytes', 'default')}): "
                 f"{self.ram_bytes!r} is below the 1 MiB minimum"
             )
-        if self.disk_tier_bytes() != 0:
-            raise ConfigError("disk_bytes: this build of tierd has no disk tier; leave disk_bytes at 0")
+        disk = self.disk_tier_bytes()
+        if 0 < disk < (16 << 20):
+            raise ConfigError(
+                f"disk_bytes ({self.sources.get('disk_bytes', 'default')}): "
+                f"{self.disk_bytes!r} is below the 16 MiB minimum (0 turns the disk tier off)"
+            )
+        if not 0 < self.ram_low_watermark <= self.ram_high_watermark <= 1:
+            raise ConfigError(
+                "ram_low_watermark and ram_high_watermark: need 0 < low <= high <= 1, got "
+                f"{self.ram_low_watermark} and {self.ram_high_watermark}"
+            )
+        self.tag_codec_map()
         if self.gpu_tier_bytes() != 0:
             raise ConfigError("gpu_bytes: this build of tierd has no GPU tier; leave gpu_bytes at 0")
         if self.graceful_timeout < 0:

@@ -82,6 +82,14 @@ class Unsupported(TierdError):
     code = "unsupported"
 
 
+class CorruptEntry(TierdError):
+    """An entry's stored bytes fail their checksum: it is not served. Recoverable only by deleting
+    and putting it again; every other entry is unaffected."""
+
+    code = "corrupt"
+    recoverable = False
+
+
 ERRORS_BY_CODE: dict[str, type[TierdError]] = {
     cls.code: cls
     for cls in (
@@ -94,6 +102,7 @@ ERRORS_BY_CODE: dict[str, type[TierdError]] = {
         TierFull,
         NotLeased,
         Unsupported,
+        CorruptEntry,
     )
 }
 

@@ -12,9 +12,16 @@ An entry version goes through::
                      v                                                                      v
                    FREED  <-------------------------------------------------------------- FREED
 
+Where a sealed version's bytes are: a RAM region (``offset``), a clean disk copy (``disk``), or both
+(inclusive caching: a promoted entry keeps its disk copy, so dropping the RAM copy later is free).
+Moving bytes between tiers is :mod:`tierd.placement`'s job; while a move is in flight the version
+is ``protect``-ed, so neither eviction nor freeing can pull the bytes from under it.
+
 Invariants kept here (and checked by :meth:`Manager.check`):
-- a region is returned to its tier only when its version is not current and has no lease;
-- a lease always points at a SEALED version; a WRITING version is visible to its writer only;
+- a region is returned to its tier only when its version is not current, has no lease and no move
+  in flight;
+- a lease always points at a SEALED version with a RAM copy; a WRITING version is visible to its
+  writer only;
 - every lease belongs to exactly one live client and ends when that client goes.
 """
 
@@ -23,15 +30,20 @@ from __future__ import annotations
 import collections
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tierd.errors import InvalidRequest, NotFound, TierFull, Unsupported
+from tierd.policy import LRU
 from tierd.protocol import DTYPE_SIZES, SCOPES, Located, Put, check_key
 from tierd.tiers.base import Tier
 from tierd.tiers.ram import RamTier
 
-WRITING, SEALED, FREED = "writing", "sealed", "freed"
+if TYPE_CHECKING:
+    from tierd.tiers.disk import RecordMeta
+
+WRITING, SEALED, ABORTED, FREED = "writing", "sealed", "aborted", "freed"
 MAX_TAGS = 64
 MAX_TAG_LEN = 256
 MAX_DIMS = 64
@@ -39,7 +51,8 @@ MAX_DIMS = 64
 COUNTERS = (
     "puts", "gets", "hits_ram", "hits_gpu", "reads_disk", "releases", "bad_releases", "deletes",
     "expired", "prefetch_hints", "prefetch_issued", "prefetch_used", "demotions", "promotions",
-    "tier_full", "errors", "internal_errors", "bad_frames",
+    "tier_full", "errors", "internal_errors", "bad_frames", "pressure_demoted_bytes",
+    "pressure_released_bytes",
 )  # fmt: skip
 
 
@@ -50,7 +63,7 @@ class Entry:
     dtype: str
     shape: list[int]
     nbytes: int
-    offset: int
+    offset: int | None
     tags: list[str]
     durable: bool
     ttl: float | None
@@ -63,8 +76,17 @@ class Entry:
     current: bool = False
     leases: int = 0
     pins: set[str] = field(default_factory=set)
+    codec: str | None = None  # requested for the disk copy (None = the policy decides)
+    disk: RecordMeta | None = None  # the clean disk copy, if any
+    protect: int = 0  # moves in flight
+
+    @property
+    def tiers(self) -> list[str]:
+        return (["ram"] if self.offset is not None else []) + (["disk"] if self.disk is not None else [])
 
     def info(self) -> dict[str, Any]:
+        disk = self.disk
+        plan = disk.plan if disk is not None else None
         return {
             "key": self.key,
             "version": self.version,
@@ -72,8 +94,11 @@ class Entry:
             "shape": list(self.shape),
             "nbytes": self.nbytes,
             "tags": list(self.tags),
-            "tiers": ["ram"],
-            "encoding": "raw",
+            "tiers": self.tiers,
+            "encoding": disk.codec if disk is not None else "raw",
+            "stored_bytes": disk.stored_bytes if disk is not None else None,
+            "error_bound": plan.get("error_bound") if plan else None,
+            "checksum": f"xxh3-64 x {len(disk.chunks)} chunks, checked on every read" if disk else None,
             "leases": self.leases,
             "pinned": sorted(self.pins),
             "durable": self.durable,
@@ -99,6 +124,11 @@ class Manager:
     def __init__(self, ram: RamTier, *, clock=time.time, mono=time.monotonic) -> None:
         self.ram = ram
         self.tiers: dict[str, Tier] = {"ram": ram}  # fastest first; disk and GPU tiers slot in here
+        self.policy: LRU[Entry] = LRU()
+        #: called when a version leaves the key index (placement unpublishes its disk copy)
+        self.on_hide: Callable[[Entry], None] = lambda e: None
+        #: called when a version is gone for good (placement deletes its disk copy)
+        self.on_free: Callable[[Entry], None] = lambda e: None
         self.entries: dict[str, Entry] = {}  # key -> current sealed version
         self.versions: dict[int, Entry] = {}  # every version whose bytes are held
         self.leases: dict[int, tuple[int, Entry]] = {}  # lease id -> (client id, version)
@@ -131,43 +161,70 @@ class Manager:
             self._hide(e)
 
     # ---- put -----------------------------------------------------------------------------------
-    def begin_put(self, cid: int, req: Put) -> tuple[int, int]:
-        """Reserve a region for a new version of ``req.key``; returns (put id = version, offset)."""
-        self._validate_put(req)
-        offset = self.ram.allocate(req.nbytes)
+    def ram_full(self, key: str, nbytes: int, why: str = "") -> TierFull:
+        """The TierFull for a RAM region of ``nbytes`` that cannot be had."""
+        self.counters["tier_full"] += 1
+        st = self.ram.alloc.stats()
+        need = self.ram.region_bytes(nbytes)
+        why = why or (
+            "larger than the whole tier"
+            if need > st.capacity_bytes
+            else "not enough free space"
+            if need > st.free_bytes
+            else f"free space is fragmented (largest hole {st.largest_free_bytes} bytes)"
+        )
+        below = "" if "disk" in self.tiers else "; no other tier can take it"
+        return TierFull(
+            f"ram tier full: {key!r} needs {need} bytes, {st.free_bytes} free of {st.capacity_bytes} "
+            f"({why}){below}",
+            tier="ram",
+            requested_bytes=need,
+            free_bytes=st.free_bytes,
+            largest_free_bytes=st.largest_free_bytes,
+            capacity_bytes=st.capacity_bytes,
+        )
+
+    def begin_put(self, cid: int, req: Put, offset: int | None = None) -> tuple[int, int]:
+        """Reserve a region for a new version of ``req.key``; returns (put id = version, offset).
+
+        ``offset``: a region the caller already allocated (after making room); else one is taken
+        here, and TierFull is raised when there is none.
+        """
+        self.validate_put(req)
         if offset is None:
-            self.counters["tier_full"] += 1
-            st = self.ram.alloc.stats()
-            need = self.ram.region_bytes(req.nbytes)
-            why = (
-                "larger than the whole tier"
-                if need > st.capacity_bytes
-                else "not enough free space"
-                if need > st.free_bytes
-                else f"free space is fragmented (largest hole {st.largest_free_bytes} bytes)"
-            )
-            raise TierFull(
-                f"ram tier full: put of {req.key!r} needs {need} bytes, {st.free_bytes} free of "
-                f"{st.capacity_bytes} ({why}); no other tier can take it",
-                tier="ram",
-                requested_bytes=need,
-                free_bytes=st.free_bytes,
-                largest_free_bytes=st.largest_free_bytes,
-                capacity_bytes=st.capacity_bytes,
-            )
+            offset = self.ram.allocate(req.nbytes)
+            if offset is None:
+                raise self.ram_full(req.key, req.nbytes)
         now, mono = self._clock(), self._mono()
-        version = self._next_version
-        self._next_version += 1
+        version = self.new_version()
         e = Entry(
             key=req.key, version=version, dtype=req.dtype, shape=list(req.shape), nbytes=req.nbytes,
             offset=offset, tags=list(req.tags), durable=req.durable, ttl=req.ttl, scope=req.scope,
             owner=cid, created=now, last_access=now, last_access_mono=mono,
+            codec=None if req.codec in (None, "auto") else req.codec,
         )  # fmt: skip
         self.versions[version] = e
         self.clients[cid].puts.add(version)
         return version, offset
 
-    def _validate_put(self, req: Put) -> None:
+    def new_version(self) -> int:
+        version = self._next_version
+        self._next_version += 1
+        return version
+
+    def restore(self, entries: list[Entry]) -> None:
+        """Take in entries found on disk at start (newest version per key wins)."""
+        for e in sorted(entries, key=lambda e: e.version):
+            e.state = SEALED
+            self.versions[e.version] = e
+            old = self.entries.get(e.key)
+            self.entries[e.key] = e
+            e.current = True
+            if old is not None:
+                self._hide(old)
+            self._next_version = max(self._next_version, e.version + 1)
+
+    def validate_put(self, req: Put) -> None:
         why = check_key(req.key)
         if why:
             raise InvalidRequest(why, key=req.key)
@@ -195,12 +252,17 @@ class Manager:
                 f"put {req.key!r} with durable=False",
                 key=req.key,
             )
-        if req.codec not in (None, "raw", "auto"):
-            raise Unsupported(
-                f"codec {req.codec!r} applies to the disk tier, which this tierd does not have; "
-                "use codec=None",
-                codec=req.codec,
-            )
+        if req.codec not in (None, "auto"):
+            if "disk" not in self.tiers:
+                raise Unsupported(
+                    f"codec {req.codec!r} applies to the disk tier, which this tierd runs without "
+                    "(disk_bytes=0); use codec=None",
+                    codec=req.codec,
+                )
+            from tierd.codecs import CODEC_NAMES
+
+            if req.codec not in CODEC_NAMES:
+                raise InvalidRequest(f"unknown codec {req.codec!r} (known: auto, {', '.join(CODEC_NAMES)})")
 
     def _writing(self, cid: int, put_id: int) -> Entry:
         e = self.versions.get(put_id)
@@ -216,6 +278,8 @@ class Manager:
         old = self.entries.get(e.key)
         self.entries[e.key] = e
         e.current = True
+        if e.offset is not None:
+            self.policy.on_put(e.version, e)
         if old is not None:
             self._hide(old)
         self.counters["puts"] += 1
@@ -229,7 +293,8 @@ class Manager:
     def _drop_writing(self, put_id: int) -> None:
         e = self.versions.get(put_id)
         if e is not None and e.state == WRITING:
-            self._free(e)
+            e.state = ABORTED  # never published; freed now, or when its move in flight ends
+            self._maybe_free(e)
 
     # ---- get / release -------------------------------------------------------------------------
     def resolve(self, key: str, version: int = 0) -> Entry:
@@ -249,21 +314,28 @@ class Manager:
         return e
 
     def get(self, cid: int, refs: list[tuple[str, int]]) -> list[Located]:
-        """Lease every requested version, or none of them when one is missing."""
-        found = [self.resolve(k, v) for k, v in refs]
-        client = self.clients[cid]
+        """Lease every requested version, or none of them when one is missing (all must be in RAM)."""
+        return self.lease(cid, [self.resolve(k, v) for k, v in refs])
+
+    def lease(self, cid: int, found: list[Entry], loaded: int = 0) -> list[Located]:
+        """Lease versions whose bytes are in RAM (placement loads the others first, ``loaded`` of them)."""
+        client = self.clients.get(cid)
+        if client is None:
+            return []  # the client went while its get was waiting on the disk
         now, mono = self._clock(), self._mono()
         out = []
         for e in found:
+            assert e.offset is not None and e.state == SEALED, "lease of a version not in RAM"
             lid = self._next_lease
             self._next_lease += 1
             self.leases[lid] = (cid, e)
             client.leases.add(lid)
             e.leases += 1
             e.last_access, e.last_access_mono = now, mono
+            self.policy.on_hit(e.version)
             out.append(Located(e.key, e.version, e.dtype, e.shape, e.offset, e.nbytes, lid))
         self.counters["gets"] += len(found)
-        self.counters["hits_ram"] += len(found)
+        self.counters["hits_ram"] += len(found) - loaded
         return out
 
     def release(self, cid: int, lease_ids: list[int]) -> int:
@@ -297,16 +369,24 @@ class Manager:
         """Take a version out of the key index; its bytes go when its last lease does."""
         if self.entries.get(e.key) is e:
             del self.entries[e.key]
+        was_current = e.current
         e.current = False
         e.pins.clear()
+        if was_current:
+            self.on_hide(e)
         self._maybe_free(e)
 
     def pin(self, key: str, tier: str) -> None:
         e = self.resolve(key)
-        if tier not in self.tiers:
+        memory = [t for t in self.tiers if t != "disk"]
+        if tier not in memory:
             raise Unsupported(
-                f"cannot pin {key!r} in {tier!r}: this tierd has tiers {list(self.tiers)}", tier=tier
+                f"cannot pin {key!r} in {tier!r}: pins hold entries in a memory tier "
+                f"(this tierd has {memory})",
+                tier=tier,
             )
+        if e.offset is None:
+            raise Unsupported(f"{key!r} is on disk only: get it once to bring it into RAM, then pin it")
         e.pins.add(tier)
 
     def unpin(self, key: str) -> bool:
@@ -334,13 +414,29 @@ class Manager:
         return [e.key for e in gone]
 
     def _maybe_free(self, e: Entry) -> None:
-        if not e.current and e.leases == 0 and e.state == SEALED:
+        if not e.current and e.leases == 0 and e.protect == 0 and e.state in (SEALED, ABORTED):
             self._free(e)
 
+    def unprotect(self, e: Entry) -> None:
+        e.protect -= 1
+        self._maybe_free(e)
+
+    def drop_ram(self, e: Entry) -> int:
+        """Free the RAM copy of a version that has a disk copy; returns the bytes freed."""
+        assert e.disk is not None and e.leases == 0 and e.offset is not None
+        freed = self.ram.free(e.offset)
+        e.offset = None
+        self.policy.on_remove(e.version)
+        return freed
+
     def _free(self, e: Entry) -> None:
-        self.ram.free(e.offset)
+        if e.offset is not None:
+            self.ram.free(e.offset)
+            e.offset = None
+            self.policy.on_remove(e.version)
         del self.versions[e.version]
         e.state = FREED
+        self.on_free(e)
 
     # ---- inspection ----------------------------------------------------------------------------
     def ls(self, prefix: str = "") -> list[dict[str, Any]]:
@@ -353,11 +449,17 @@ class Manager:
         ram = self.ram.stats()
         ram.update(
             name="ram",
-            entries=len(self.entries),
-            versions=sum(1 for e in self.versions.values() if e.state == SEALED),
+            entries=sum(1 for e in self.entries.values() if e.offset is not None),
+            versions=sum(1 for e in self.versions.values() if e.state == SEALED and e.offset is not None),
         )
+        tiers = [ram]
+        disk = self.tiers.get("disk")
+        if disk is not None:
+            d = disk.stats()
+            d.update(name="disk", entries=sum(1 for e in self.entries.values() if e.disk is not None))
+            tiers.append(d)
         return {
-            "tiers": [ram],
+            "tiers": tiers,
             "clients": len(self.clients),
             "leases": len(self.leases),
             "counters": dict(self.counters),
@@ -375,7 +477,10 @@ class Manager:
             lease_count[e.version] += 1
         for v, e in self.versions.items():
             assert e.leases == lease_count[v], f"lease count of version {v} is off"
-            assert e.state in (WRITING, SEALED)
-            assert e.current or e.leases > 0 or e.state == WRITING, f"version {v} is unreachable but held"
-        used = sum(self.ram.region_bytes(e.nbytes) for e in self.versions.values())
+            assert e.state in (WRITING, SEALED) or (e.state == ABORTED and e.protect > 0)
+            assert e.current or e.leases > 0 or e.protect > 0 or e.state == WRITING, (
+                f"version {v} is held for nobody"
+            )
+            assert e.offset is not None or e.disk is not None, f"version {v} has no bytes anywhere"
+        used = sum(self.ram.region_bytes(e.nbytes) for e in self.versions.values() if e.offset is not None)
         assert used == self.ram.used_bytes, "tier bytes disagree with the versions held"

@@ -149,6 +149,20 @@ class Prefetch(Msg):
     keys: list[str]
 
 
+class Evict(Msg):
+    """Push an entry's bytes down a tier (to disk), keeping it readable."""
+
+    rid: int
+    key: str
+
+
+class Verify(Msg):
+    """Read every disk copy under ``prefix`` and check its checksums."""
+
+    rid: int
+    prefix: str = ""
+
+
 # ---- daemon -> client -------------------------------------------------------------------------
 
 
@@ -199,6 +213,7 @@ class Error(Msg):
 HELLO, WELCOME = 0x01, 0x81
 PUT, SEAL, ABORT, GET, RELEASE = 0x10, 0x11, 0x12, 0x20, 0x21
 DELETE, PIN, UNPIN, LS, STAT, STATUS, PREFETCH = 0x30, 0x31, 0x32, 0x40, 0x41, 0x42, 0x50
+EVICT, VERIFY = 0x33, 0x43
 PUT_READY, GOT, OK, ERROR = 0x90, 0xA0, 0x91, 0xFF
 
 REQUEST_TYPES: dict[int, type[Msg]] = {
@@ -215,6 +230,8 @@ REQUEST_TYPES: dict[int, type[Msg]] = {
     STAT: Stat,
     STATUS: Status,
     PREFETCH: Prefetch,
+    EVICT: Evict,
+    VERIFY: Verify,
 }
 REPLY_TYPES: dict[int, type[Msg]] = {WELCOME: Welcome, PUT_READY: PutReady, GOT: Got, OK: Ok, ERROR: Error}
 TYPE_OF: dict[type[Msg], int] = {cls: t for t, cls in (REQUEST_TYPES | REPLY_TYPES).items()}

@@ -37,7 +37,9 @@ from tierd.config import Config, ConfigError, load
 from tierd.errors import InvalidRequest, ProtocolError, TierdError, VersionMismatch
 from tierd.loops import loop_factory
 from tierd.manager import Manager
+from tierd.monitor import Monitor, Pressure, release_pages
 from tierd.notify import Notifier
+from tierd.placement import Placement
 from tierd.protocol import (
     HEADER,
     HEADER_SIZE,
@@ -48,6 +50,7 @@ from tierd.protocol import (
     PutReady,
     Welcome,
 )
+from tierd.tiers.disk import DiskTier
 from tierd.tiers.ram import ArenaError, RamTier
 
 log = logging.getLogger("tierd")
@@ -153,8 +156,24 @@ class Connection(asyncio.Protocol):
             self.manager.counters["internal_errors"] += 1
             log.exception("internal error handling %s", type(msg).__name__)
             reply = Error(rid, "error", f"internal error in tierd: {type(e).__name__}: {e}")
-        if reply is not None:
+        if asyncio.iscoroutine(reply):  # the request waits on the disk: answer when it is done
+            task = asyncio.get_running_loop().create_task(self._finish(rid, type(msg).__name__, reply))
+            self.server.tasks.add(task)
+            task.add_done_callback(self.server.tasks.discard)
+        elif reply is not None:
             self._reply(reply)
+
+    async def _finish(self, rid: int, what: str, coro: Any) -> None:
+        try:
+            reply = await coro
+        except TierdError as e:
+            self.manager.counters["errors"] += 1
+            reply = Error(rid, *e.to_wire())
+        except Exception as e:  # a daemon bug costs one request (logged), never the daemon
+            self.manager.counters["internal_errors"] += 1
+            log.exception("internal error handling %s", what)
+            reply = Error(rid, "error", f"internal error in tierd: {type(e).__name__}: {e}")
+        self._reply(reply)
 
     def _hello(self, msg: protocol.Hello) -> None:
         if msg.version != protocol.PROTOCOL_VERSION:
@@ -180,28 +199,85 @@ class Connection(asyncio.Protocol):
         log.debug("client %d: pid %d uid %d %r", self.client_id, self.peer_pid, self.peer_uid, msg.name)
 
     # -- verbs -----------------------------------------------------------------------------------
-    def on_put(self, m: protocol.Put) -> PutReady:
-        put_id, offset = self.manager.begin_put(self.client_id, m)
+    def on_put(self, m: protocol.Put) -> Any:
+        mgr = self.manager
+        mgr.validate_put(m)
+        self.server.check_codec(m)
+        offset = mgr.ram.allocate(m.nbytes)
+        if offset is None:
+            if self.server.placement.disk is None:
+                raise mgr.ram_full(m.key, m.nbytes)
+            return self._put_after_room(m)
+        put_id, offset = mgr.begin_put(self.client_id, m, offset)
+        self.server.placement.poke()
         return PutReady(m.rid, put_id, offset, put_id)
 
-    def on_seal(self, m: protocol.Seal) -> Ok:
-        return Ok(m.rid, list(self.manager.seal(self.client_id, m.put_id)))
+    async def _put_after_room(self, m: protocol.Put) -> PutReady:
+        offset = await self.server.placement.alloc(m.key, m.nbytes)
+        if self.client_id not in self.manager.clients:  # went while we made room
+            self.manager.ram.free(offset)
+            raise ProtocolError("client gone")
+        put_id, offset = self.manager.begin_put(self.client_id, m, offset)
+        self.server.placement.poke()
+        return PutReady(m.rid, put_id, offset, put_id)
+
+    def on_seal(self, m: protocol.Seal) -> Any:
+        mgr = self.manager
+        e = mgr._writing(self.client_id, m.put_id)
+        if e.durable:
+            return self._seal_durable(m)
+        old = mgr.entries.get(e.key)
+        old_on_disk = old is not None and old.durable and old.disk is not None
+        sealed = list(mgr.seal(self.client_id, m.put_id))
+        if old_on_disk:
+            return self._after_unpublish(Ok(m.rid, sealed))  # the old durable copy must be gone first
+        return Ok(m.rid, sealed)
+
+    async def _seal_durable(self, m: protocol.Seal) -> Ok:
+        return Ok(m.rid, list(await self.server.placement.seal_durable(self.client_id, m.put_id)))
+
+    async def _after_unpublish(self, reply: Ok) -> Ok:
+        await self.server.placement.settled()
+        return reply
 
     def on_abort(self, m: protocol.Abort) -> Ok:
         self.manager.abort(self.client_id, m.put_id)
         return Ok(m.rid)
 
-    def on_get(self, m: protocol.Get) -> Got:
-        return Got(m.rid, self.manager.get(self.client_id, m.refs))
+    def on_get(self, m: protocol.Get) -> Any:
+        found = [self.manager.resolve(k, v) for k, v in m.refs]
+        placement = self.server.placement
+        if placement.resident(found):
+            return Got(m.rid, self.manager.lease(self.client_id, found))
+        return self._get_slow(m.rid, found)
+
+    async def _get_slow(self, rid: int, found: list[Any]) -> Got:
+        return Got(rid, await self.server.placement.get(self.client_id, found))
 
     def on_release(self, m: protocol.Release) -> None:
         bad = self.manager.release(self.client_id, m.leases)
         if bad:
             log.debug("client %d released %d lease ids it did not hold", self.client_id, bad)
 
-    def on_delete(self, m: protocol.Delete) -> Ok:
+    def on_delete(self, m: protocol.Delete) -> Any:
+        e = self.manager.resolve(m.key)
+        on_disk = e.durable and e.disk is not None
         self.manager.delete(m.key)
+        if on_disk:
+            return self._after_unpublish(Ok(m.rid))  # answered once a restart cannot bring it back
         return Ok(m.rid)
+
+    def on_evict(self, m: protocol.Evict) -> Any:
+        return self._evict(m)
+
+    async def _evict(self, m: protocol.Evict) -> Ok:
+        return Ok(m.rid, await self.server.placement.evict(m.key))
+
+    def on_verify(self, m: protocol.Verify) -> Any:
+        return self._verify(m)
+
+    async def _verify(self, m: protocol.Verify) -> Ok:
+        return Ok(m.rid, await self.server.placement.verify(m.prefix))
 
     def on_pin(self, m: protocol.Pin) -> Ok:
         self.manager.pin(m.key, m.tier)
@@ -261,6 +337,8 @@ _HANDLERS: dict[int, Any] = {
     protocol.STAT: Connection.on_stat,
     protocol.STATUS: Connection.on_status,
     protocol.PREFETCH: Connection.on_prefetch,
+    protocol.EVICT: Connection.on_evict,
+    protocol.VERIFY: Connection.on_verify,
 }
 
 
@@ -281,10 +359,14 @@ class Server:
         self.loop_name = loop_name
         self.notifier = Notifier()
         self.connections: set[Connection] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
         self.manager: Manager  # built in startup
+        self.placement: Placement
         self.socket_path = config.socket_path()
         self._gid = config.socket_gid()
         self._stop = asyncio.Event()
+        self.monitor = Monitor()
+        self.pressure: Pressure | None = None
         self._signals = 0
         self._server: asyncio.AbstractServer | None = None
         self._started = time.monotonic()
@@ -313,13 +395,54 @@ class Server:
             raise
         log.info("RAM tier ready in %.2fs", time.perf_counter() - t0)
         self.manager = Manager(ram)
+        disk = None
+        disk_bytes = cfg.disk_tier_bytes()
+        if disk_bytes:
+            try:
+                disk = DiskTier(cfg.state_path(), disk_bytes)
+            except Exception:
+                sock.close()
+                self.socket_path.unlink(missing_ok=True)
+                ram.close()
+                raise
+            self.manager.tiers["disk"] = disk
+        self.placement = Placement(self.manager, disk, high=cfg.ram_high_watermark, low=cfg.ram_low_watermark,
+                                   tag_codecs=cfg.tag_codec_map())  # fmt: skip
+        if disk is not None:
+            n = self.placement.restore()
+            log.info("disk tier: %s (%.1f GiB map), %d durable entries restored",
+                     disk.path, disk_bytes / _GIB, n)  # fmt: skip
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: Connection(self), sock=sock)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        self._background(self.placement.balancer())
+        self._background(self._calibrate())
         status = f"serving {ram.capacity_bytes / _GIB:.2f} GiB RAM tier on {self.socket_path}"
         self.notifier.ready(status)
         log.info("tierd %s ready (%s loop): %s", __version__, self.loop_name, status)
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed: %r", task.exception())
+
+    async def _calibrate(self) -> None:
+        """Measure memcpy, disk and codec speeds once (in a thread): the codec policy's inputs."""
+        if self.placement.disk is None:
+            return
+        from tierd.calibrate import calibrate
+
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        calib = await loop.run_in_executor(self.placement.io, calibrate, self.config.state_path())
+        self.placement.calibration = calib
+        log.info("calibration in %.1fs: %s", time.perf_counter() - t0, calib.to_dict())
 
     async def main_loop(self) -> None:
         tick = 1.0
@@ -334,6 +457,7 @@ class Server:
             expired = self.manager.expire()
             if expired:
                 log.debug("expired %d entries", len(expired))
+            await self._relieve_pressure()
             if wd:
                 self.notifier.watchdog()
             now = time.monotonic()
@@ -354,12 +478,34 @@ class Server:
         for c in list(self.connections):
             c._close()
         await asyncio.sleep(0)  # let connection_lost run
+        for t in list(self.tasks):
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.placement.close()
+        if self.placement.disk is not None:
+            self.placement.disk.close()
         with contextlib.suppress(FileNotFoundError):
             if self._server is not None:
                 os.unlink(self.socket_path)
         self.manager.ram.close()
         self.notifier.close()
         log.info("tierd stopped")
+
+    async def _relieve_pressure(self) -> None:
+        """Give RAM back when the machine runs short: demote, then return free pages to the kernel."""
+        ram = self.manager.ram
+        p = self.monitor.poll(ram.capacity_bytes)  # the arena is pre-faulted: all of it is resident
+        self.pressure = p
+        if p.shrink_bytes <= 0:
+            return
+        freed = await self.placement.balance_once(target_used=max(0, ram.used_bytes - p.shrink_bytes))
+        released = 0
+        for start, size in ram.alloc.holes(min_size=2 << 20):
+            released += release_pages(ram.mmap, start, size)
+        self.manager.counters["pressure_demoted_bytes"] += freed
+        self.manager.counters["pressure_released_bytes"] += released
+        log.warning("memory pressure %s (%s): demoted %d bytes, returned %d bytes of free RAM-tier pages",
+                    p.level, ", ".join(p.reasons), freed, released)  # fmt: skip
 
     def _on_signal(self, sig: int) -> None:
         self._signals += 1
@@ -417,6 +563,17 @@ class Server:
         sock.setblocking(False)
         return sock
 
+    def check_codec(self, m: protocol.Put) -> None:
+        """An explicit codec must suit the tensor (int8 needs floats, ...): refused at put time."""
+        if m.codec in (None, "auto"):
+            return
+        from tierd.codecs import get_codec
+
+        why = get_codec(m.codec).why_not(m.dtype, list(m.shape))
+        if why is not None:
+            raise InvalidRequest(f"codec {m.codec!r} cannot store {m.dtype}{list(m.shape)}: {why}",
+                                 codec=m.codec)  # fmt: skip
+
     def peer_allowed(self, uid: int, gid: int) -> bool:
         if uid in (os.getuid(), 0):
             return True
@@ -433,6 +590,16 @@ class Server:
             "loop": self.loop_name,
             "socket": str(self.socket_path),
             "uptime_s": round(time.monotonic() - self._started, 3),
+        }
+        pl = self.placement
+        calib = pl.calibration
+        s["pressure"] = self.pressure.as_dict() if self.pressure is not None else None
+        s["placement"] = {
+            "policy": self.manager.policy.name,
+            "ram_high_watermark": pl.high,
+            "ram_low_watermark": pl.low,
+            "tag_codecs": pl.tag_codecs,
+            "calibration": calib.to_dict() if calib is not None else None,
         }
         return s
 

@@ -1,0 +1,250 @@
+"""The disk tier against real daemons: demotion and promotion, durability across restarts and kill -9,
+a full disk, corruption, evict / show / verify."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from tierd_client import Client, CorruptEntry, InvalidRequest, NotFound, TierFull
+
+from tests.conftest import wait_until
+
+MiB = 1 << 20
+
+
+def tensor(i: int, n: int = 256 * 1024, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + i)
+    return torch.randn(n, generator=g).to(dtype)
+
+
+def digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def test_working_set_larger_than_ram_round_trips(start_daemon) -> None:
+    d = start_daemon(ram_bytes="16MiB", disk_bytes="256MiB")
+    xs = [tensor(i, 512 * 1024) for i in range(12)]  # 12 x 2 MiB = 24 MiB > the 16 MiB RAM tier
+    with Client(d.socket) as c:
+        for i, x in enumerate(xs):
+            c.put(f"ws/{i}", x)
+        for _ in range(2):
+            for i, x in enumerate(xs):
+                t = c.get(f"ws/{i}")
+                assert torch.equal(t, x), f"ws/{i} came back different"
+                c.release(t)
+        st = c.stats()
+        ram, disk = st["tiers"]
+        assert ram["used_bytes"] <= ram["capacity_bytes"]
+        assert st["counters"]["demotions"] > 0 and st["counters"]["promotions"] > 0
+        assert st["counters"]["reads_disk"] == st["counters"]["promotions"]
+        assert disk["name"] == "disk" and disk["entries"] > 0
+        assert {e["key"] for e in c.ls("ws/")} == {f"ws/{i}" for i in range(12)}
+
+
+def test_durable_entries_survive_restart_bit_exact(start_daemon) -> None:
+    d = start_daemon(disk_bytes="256MiB")
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.bool, torch.complex64]
+    xs = {f"dur/{i}": tensor(i, 3000 + i).to(dt) for i, dt in enumerate(dtypes)}
+    with Client(d.socket) as c:
+        for k, x in xs.items():
+            c.put(k, x, durable=True, tags=["weight"])
+        c.put("dur/volatile", tensor(99))  # not durable: gone after a restart
+        c.put("dur/replaced", tensor(1), durable=True)
+        c.put("dur/replaced", tensor(2), durable=True)  # newest durable version wins
+        c.put("dur/deleted", tensor(3), durable=True)
+        c.delete("dur/deleted")
+    d.stop()
+    d2 = start_daemon(disk_bytes="256MiB")
+    with Client(d2.socket) as c:
+        keys = {e["key"] for e in c.ls("dur/")}
+        assert keys == set(xs) | {"dur/replaced"}
+        for k, x in xs.items():
+            info = c.stat(k)
+            assert info["tiers"] == ["disk"] and info["durable"] and info["tags"] == ["weight"]
+            t = c.get(k)
+            assert t.dtype == x.dtype and torch.equal(t.view(torch.uint8), x.view(torch.uint8))
+        assert torch.equal(c.get("dur/replaced"), tensor(2))
+        # a new put after the restart does not reuse an old version number
+        h = c.put("dur/new", tensor(5))
+        assert h.version > max(c.stat(k)["version"] for k in xs)
+
+
+WRITER = textwrap.dedent("""
+    import hashlib, sys, torch
+    from tierd_client import Client
+    c = Client(sys.argv[1])
+    i = 0
+    while True:
+        g = torch.Generator().manual_seed(i)
+        x = torch.randn(int(torch.randint(1, 600_000, (1,), generator=g)), generator=g)
+        c.put(f"k9/{i}", x, durable=True)
+        print(i, hashlib.sha256(x.numpy().tobytes()).hexdigest(), flush=True)
+        i += 1
+""")
+
+
+@pytest.mark.parametrize("kill_after", [1, 4, 11])
+def test_kill_9_during_durable_puts_keeps_every_acknowledged_entry(start_daemon, kill_after: int) -> None:
+    d = start_daemon(ram_bytes="32MiB", disk_bytes="512MiB")
+    w = subprocess.Popen([sys.executable, "-c", WRITER, str(d.socket)], stdout=subprocess.PIPE, text=True)
+    acked: dict[int, str] = {}
+    assert w.stdout is not None
+    for line in w.stdout:
+        i, h = line.split()
+        acked[int(i)] = h
+        if len(acked) == kill_after:
+            os.kill(d.pid, signal.SIGKILL)  # the writer is already sending the next put
+            break
+    d.proc.wait()
+    w.wait(30)
+    w.stdout.close()
+    d2 = start_daemon(ram_bytes="32MiB", disk_bytes="512MiB")
+    with Client(d2.socket) as c:
+        present = {int(e["key"].split("/")[1]) for e in c.ls("k9/")}
+        assert set(acked) <= present, f"acknowledged but lost: {set(acked) - present}"
+        assert present <= set(acked) | {max(acked) + 1}  # at most the put in flight, and only whole
+        for i in present:
+            t = c.get(f"k9/{i}")
+            g = torch.Generator().manual_seed(i)
+            x = torch.randn(int(torch.randint(1, 600_000, (1,), generator=g)), generator=g)
+            assert torch.equal(t, x)
+            if i in acked:
+                assert digest(t) == acked[i]
+            c.release(t)
+        assert all(r["ok"] for r in c.verify("k9/"))
+
+
+def test_full_disk_is_tier_full_and_nothing_is_lost(start_daemon) -> None:
+    d = start_daemon(ram_bytes="16MiB", disk_bytes="16MiB")
+    with Client(d.socket) as c:
+        kept = []
+        with pytest.raises(TierFull) as ei:
+            for i in range(64):
+                c.put(f"full/{i}", tensor(i, 512 * 1024), durable=True)
+                kept.append(i)
+        assert ei.value.details["tier"] == "disk"
+        assert "disk tier full" in str(ei.value)
+        assert len(kept) >= 2
+        for i in kept:
+            t = c.get(f"full/{i}")
+            assert torch.equal(t, tensor(i, 512 * 1024))
+            c.release(t)
+        assert c.stats()["counters"]["internal_errors"] == 0
+
+
+def test_corrupt_blob_is_reported_not_served(start_daemon, short_tmp: Path) -> None:
+    d = start_daemon(disk_bytes="64MiB")
+    marker = torch.arange(0, 1 << 18, dtype=torch.int32)  # a pattern easy to find in the file
+    with Client(d.socket) as c:
+        c.put("bad/x", marker, durable=True)
+        c.put("bad/fine", tensor(7), durable=True)
+    d.stop()
+    path = short_tmp / "state" / "tierd.lmdb"
+    data = bytearray(path.read_bytes())
+    at = data.find(marker[1000:1004].numpy().tobytes())
+    assert at > 0
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    d2 = start_daemon(disk_bytes="64MiB")
+    with Client(d2.socket) as c:
+        with pytest.raises(CorruptEntry, match="bad/x"):
+            c.get("bad/x")
+        assert torch.equal(c.get("bad/fine"), tensor(7))
+        report = {r["key"]: r for r in c.verify()}
+        assert not report["bad/x"]["ok"] and "checksum" in report["bad/x"]["error"]
+        assert report["bad/fine"]["ok"]
+    cli = subprocess.run([sys.executable, "-m", "tierd_client.tierctl", "--socket", str(d2.socket), "verify"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert cli.returncode == 1 and "CORRUPT bad/x" in cli.stdout
+
+
+def test_evict_show_and_leases(start_daemon) -> None:
+    d = start_daemon(disk_bytes="64MiB")
+    x = tensor(1)
+    with Client(d.socket) as c:
+        c.put("ev/x", x, tags=["weight"])
+        t = c.get("ev/x")
+        with pytest.raises(InvalidRequest, match="leased"):
+            c.evict("ev/x")
+        c.release(t)
+        c.pin("ev/x")
+        with pytest.raises(InvalidRequest, match="pinned"):
+            c.evict("ev/x")
+        c.unpin("ev/x")
+        out = c.evict("ev/x")
+        assert out["moved"] and out["tiers"] == ["disk"]
+        info = c.stat("ev/x")
+        assert info["tiers"] == ["disk"] and info["stored_bytes"] > 0 and "xxh3" in info["checksum"]
+        t = c.get("ev/x")
+        assert torch.equal(t, x)
+        assert c.stat("ev/x")["tiers"] == ["ram", "disk"]  # inclusive: the clean copy stays
+        c.release(t)
+        assert c.evict("ev/x")["moved"]  # free: no second write
+        assert c.stats()["tiers"][1]["stored_bytes"] == info["stored_bytes"]
+    show = subprocess.run([sys.executable, "-m", "tierd_client.tierctl", "--socket", str(d.socket), "show",
+                           "ev/x"], capture_output=True, text=True)  # fmt: skip
+    assert "disk" in show.stdout and "checksum" in show.stdout and "stored" in show.stdout
+    st = json.loads(subprocess.run([sys.executable, "-m", "tierd_client.tierctl", "--socket", str(d.socket),
+                                    "status", "--json"], capture_output=True, text=True).stdout)  # fmt: skip
+    assert [t["name"] for t in st["tiers"]] == ["ram", "disk"] and "ratio" in st["tiers"][1]
+
+
+def test_leased_and_pinned_entries_are_never_demoted(start_daemon) -> None:
+    d = start_daemon(ram_bytes="16MiB", disk_bytes="256MiB")
+    with Client(d.socket) as c:
+        c.put("lp/leased", tensor(1, MiB))  # 4 MiB each
+        c.put("lp/pinned", tensor(2, MiB))
+        c.pin("lp/pinned")
+        held = c.get("lp/leased")
+        for i in range(8):  # 32 MiB more through a 16 MiB tier
+            c.put(f"lp/{i}", tensor(10 + i, MiB))
+        assert c.stat("lp/leased")["tiers"][0] == "ram" and c.stat("lp/pinned")["tiers"][0] == "ram"
+        assert torch.equal(held, tensor(1, MiB))
+        assert c.stats()["counters"]["demotions"] >= 4
+
+
+def test_ram_full_of_leases_is_tier_full(start_daemon) -> None:
+    d = start_daemon(ram_bytes="16MiB", disk_bytes="256MiB")
+    with Client(d.socket) as c:
+        held = []
+        with pytest.raises(TierFull, match="leased, pinned or moving"):
+            for i in range(8):
+                c.put(f"lf/{i}", tensor(i, MiB))
+                held.append(c.get(f"lf/{i}"))
+        assert len(held) >= 2
+
+
+def test_watermark_demotes_in_the_background(start_daemon) -> None:
+    d = start_daemon("--ram-high-watermark", "0.5", "--ram-low-watermark", "0.25", ram_bytes="32MiB",
+                     disk_bytes="256MiB")  # fmt: skip
+    with Client(d.socket) as c:
+        for i in range(6):  # 24 MiB: above the 16 MiB high watermark
+            c.put(f"wm/{i}", tensor(i, MiB))
+        wait_until(
+            lambda: c.stats()["tiers"][0]["used_bytes"] <= 8 * MiB, what="RAM use under the low watermark"
+        )
+        for i in range(6):
+            t = c.get(f"wm/{i}")
+            assert torch.equal(t, tensor(i, MiB))
+            c.release(t)
+
+
+def test_get_of_missing_version_after_restart(start_daemon) -> None:
+    d = start_daemon(disk_bytes="64MiB")
+    with Client(d.socket) as c:
+        h = c.put("gv/x", tensor(1), durable=True)
+    d.stop()
+    d2 = start_daemon(disk_bytes="64MiB")
+    with Client(d2.socket) as c:
+        assert torch.equal(c.get(h), tensor(1))
+        with pytest.raises(NotFound):
+            c.get("gv/none")

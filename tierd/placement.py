@@ -1,0 +1,393 @@
+"""Placement: which tier holds an entry's bytes, and the moves between tiers.
+
+Every move is two steps with the version protected in between (``protect``), so that eviction,
+freeing and a second mover cannot race it::
+
+    promote (get of an entry not in RAM)      demote (room needed, watermark, evict, pressure)
+    ------------------------------------      ------------------------------------------------
+    protect; alloc a region (making room)     protect; if no clean disk copy: encode + write it
+    read chunks + checksums -> region         (store); then, if still unleased, unpinned and
+      (executor threads, loop keeps serving)    unprotected: free the RAM region
+    publish offset; lease; unprotect          unprotect
+
+Concurrent gets of the same entry share one load; concurrent stores of one version share one
+write. All LMDB, codec and copy work runs in executors: ``io`` (one thread per core) encodes,
+decodes and copies chunks; ``writer`` (one thread) is LMDB's single writer; ``reader`` drives reads.
+
+Caching is inclusive: a promoted entry keeps its disk copy, so demoting it again only frees RAM.
+Victims are taken coldest first from the eviction policy (LRU); among the coldest few, one that
+already has a clean disk copy is preferred, since dropping it costs no write.
+
+Durable puts are written through: SEAL of a durable put stores the bytes (fsynced) before the
+version is published and before the client is answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from tierd.errors import InvalidRequest, NotFound, TierFull, Unsupported
+from tierd.manager import ABORTED, SEALED, WRITING, Entry, Manager
+from tierd.protocol import Located
+from tierd.tiers.disk import CHUNK_BYTES, DiskTier, RecordMeta
+
+log = logging.getLogger("tierd.placement")
+#: how many of the coldest entries to look through for one that is already clean on disk
+CLEAN_LOOKAHEAD = 16
+
+
+class Placement:
+    def __init__(
+        self,
+        manager: Manager,
+        disk: DiskTier | None,
+        *,
+        high: float = 0.90,
+        low: float = 0.75,
+        tag_codecs: dict[str, str] | None = None,
+        cores: int | None = None,
+    ) -> None:
+        self.m = manager
+        self.ram = manager.ram
+        self.disk = disk
+        self.high, self.low = high, low
+        self.tag_codecs = dict(tag_codecs or {})
+        self.cores = cores or os.cpu_count() or 1
+        self.calibration: Any = None  # set once the start-up calibration has run
+        self.io = ThreadPoolExecutor(self.cores, thread_name_prefix="tierd-io")
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="tierd-disk-w")
+        self.reader = ThreadPoolExecutor(2, thread_name_prefix="tierd-disk-r")
+        self._loads: dict[int, asyncio.Future[None]] = {}
+        self._stores: dict[int, asyncio.Future[None]] = {}
+        self._unpublish: dict[int, asyncio.Future[None]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._disk_ops: set[asyncio.Task[Any]] = set()  # unpublish / delete in flight
+        self._wake = asyncio.Event()
+        manager.on_hide = self._on_hide
+        manager.on_free = self._on_free
+
+    # ---- start / stop --------------------------------------------------------------------------
+    def restore(self) -> int:
+        """Index the durable entries found on disk (at start, before serving)."""
+        if self.disk is None:
+            return 0
+        records = self.disk.load_index(keep=lambda r: r.durable and r.scope == "shared")
+        now = self.m._clock()
+        mono = self.m._mono()
+        entries = [
+            Entry(key=r.key, version=r.version, dtype=r.dtype, shape=list(r.shape), nbytes=r.nbytes,
+                  offset=None, tags=list(r.tags), durable=True, ttl=r.ttl, scope=r.scope, owner=0,
+                  created=r.created, last_access=now, last_access_mono=mono, state=SEALED, disk=r,
+                  codec=r.codec)
+            for r in records
+        ]  # fmt: skip
+        self.m.restore(entries)
+        return len(entries)
+
+    async def close(self, timeout: float = 30.0) -> None:
+        """Finish the disk changes already promised (unpublish, delete), then stop the threads."""
+        if self._disk_ops:
+            _done, pending = await asyncio.wait(list(self._disk_ops), timeout=timeout)
+            if pending:
+                log.warning("%d disk operations did not finish at shutdown", len(pending))
+        for t in list(self._tasks):
+            t.cancel()
+        for ex in (self.reader, self.writer, self.io):
+            ex.shutdown(wait=True, cancel_futures=False)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    def _disk_op(self, coro: Any) -> asyncio.Task[Any]:
+        t = self._spawn(coro)
+        self._disk_ops.add(t)
+        t.add_done_callback(self._disk_ops.discard)
+        return t
+
+    # ---- get -----------------------------------------------------------------------------------
+    def resident(self, entries: list[Entry]) -> bool:
+        return all(e.offset is not None and e.version not in self._loads for e in entries)
+
+    async def get(self, cid: int, found: list[Entry]) -> list[Located]:
+        """Load what is not in RAM (each version once), then lease all of ``found``."""
+        missing = list({e.version: e for e in found if e.offset is None}.values())
+        for e in found:
+            e.protect += 1
+        try:
+            for e in missing:
+                await self.load(e)
+            return self.m.lease(cid, found, loaded=len(missing))
+        finally:
+            for e in found:
+                self.m.unprotect(e)
+
+    async def load(self, e: Entry) -> None:
+        """Promote one version into RAM from its disk copy."""
+        pending = self._loads.get(e.version)
+        if pending is not None:
+            await asyncio.shield(pending)
+            return
+        if e.offset is not None:
+            return
+        if e.disk is None or self.disk is None:
+            raise NotFound(f"{e.key!r} v{e.version} has no bytes in any tier", key=e.key)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._loads[e.version] = fut
+        e.protect += 1
+        try:
+            offset = await self.alloc(e.key, e.nbytes)
+            try:
+                view = self.ram.view(offset, e.nbytes)
+                await loop.run_in_executor(self.reader, self.disk.read_into, e.disk, view, self.io)
+            except BaseException:
+                self.ram.free(offset)
+                raise
+            e.offset = offset
+            self.m.policy.on_put(e.version, e)
+            self.m.counters["promotions"] += 1
+            self.m.counters["reads_disk"] += 1
+            fut.set_result(None)
+        except BaseException as ex:
+            fut.set_exception(ex)
+            fut.exception()  # retrieved: the sharers re-raise it themselves
+            raise
+        finally:
+            del self._loads[e.version]
+            self.m.unprotect(e)
+        self._wake.set()
+
+    # ---- room ----------------------------------------------------------------------------------
+    def _evictable(self, e: Entry) -> bool:
+        return (
+            e.offset is not None and e.state == SEALED and e.leases == 0 and not e.pins and e.protect == 0
+            and (e.disk is not None or self.disk is not None)
+        )  # fmt: skip
+
+    def victim(self) -> Entry | None:
+        """The entry to demote next: coldest first, a clean one among the coldest few preferred."""
+        first = None
+        for i, e in enumerate(self.m.policy.candidates()):
+            if not self._evictable(e):
+                continue
+            if e.disk is not None:
+                return e
+            if first is None:
+                first = e
+            if i >= CLEAN_LOOKAHEAD:
+                break
+        return first
+
+    async def alloc(self, key: str, nbytes: int) -> int:
+        """A RAM region for ``nbytes``, demoting cold entries to make room; TierFull if impossible."""
+        if self.ram.region_bytes(nbytes) > self.ram.capacity_bytes:
+            raise self.m.ram_full(key, nbytes)
+        while True:
+            offset = self.ram.allocate(nbytes)
+            if offset is not None:
+                return offset
+            e = self.victim()
+            if e is None:
+                why = "every entry in RAM is leased, pinned or moving" if self.disk else ""
+                raise self.m.ram_full(key, nbytes, why)
+            await self.demote(e)
+
+    async def demote(self, e: Entry) -> bool:
+        """Make sure ``e`` has a disk copy, then drop its RAM copy if nothing holds it."""
+        if e.disk is None:
+            await self.store(e)
+        if self._evictable(e) and e.disk is not None:
+            self.m.drop_ram(e)
+            self.m.counters["demotions"] += 1
+            return True
+        return False
+
+    async def store(self, e: Entry) -> None:
+        """Write a clean disk copy of ``e`` (from its RAM bytes); shared by concurrent callers."""
+        if self.disk is None:
+            raise Unsupported("this tierd has no disk tier (disk_bytes=0)")
+        pending = self._stores.get(e.version)
+        if pending is not None:
+            await asyncio.shield(pending)
+            return
+        if e.disk is not None:
+            return
+        assert e.offset is not None
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._stores[e.version] = fut
+        e.protect += 1
+        try:
+            view = self.ram.view(e.offset, e.nbytes)
+            plan = await loop.run_in_executor(self.io, self._plan, e, view)
+            meta = {
+                "key": e.key, "version": e.version, "dtype": e.dtype, "shape": list(e.shape),
+                "nbytes": e.nbytes, "tags": list(e.tags), "durable": e.durable, "ttl": e.ttl,
+                "scope": e.scope, "created": e.created,
+            }  # fmt: skip
+            rec = await loop.run_in_executor(self.writer, self.disk.write, meta, plan, view, self.io)
+            e.disk = rec
+            if e.state == SEALED and not e.current:  # hidden while we wrote: not for a restart
+                await loop.run_in_executor(self.writer, self.disk.unpublish, rec)
+            fut.set_result(None)
+        except BaseException as ex:
+            fut.set_exception(ex)
+            fut.exception()
+            raise
+        finally:
+            del self._stores[e.version]
+            self.m.unprotect(e)
+
+    def _plan(self, e: Entry, view: memoryview) -> Any:
+        """Choose the codec (explicit > tag rule > measured) and prepare its plan (in ``io``)."""
+        from tierd.calibrate import Calibration
+        from tierd.codecs import get_codec
+        from tierd.codecs.policy import choose
+
+        calib = self.calibration or Calibration.assumed()
+        choice = choose(calib, e.dtype, list(e.shape), _sample(view), requested=e.codec,
+                        tag_codecs=self.tag_codecs, tags=list(e.tags), cores=self.cores)  # fmt: skip
+        return get_codec(choice.codec).prepare(view, e.dtype, list(e.shape), CHUNK_BYTES)
+
+    # ---- durable put, delete, evict ------------------------------------------------------------
+    async def seal_durable(self, cid: int, put_id: int) -> tuple[str, int]:
+        """Write a durable put through to disk, then publish it."""
+        e = self.m._writing(cid, put_id)
+        await self.store(e)
+        if e.state != WRITING or cid not in self.m.clients:
+            raise InvalidRequest(f"put {put_id} was aborted while it was being written", put_id=put_id)
+        key, version = self.m.seal(cid, put_id)
+        await self.settled()
+        return key, version
+
+    async def settled(self) -> None:
+        """Wait until every pending unpublish / delete is committed (replies that promise it)."""
+        pending = list(self._disk_ops)
+        if pending:
+            await asyncio.gather(*(asyncio.shield(p) for p in pending), return_exceptions=True)
+
+    async def evict(self, key: str) -> dict[str, Any]:
+        """Push an entry's bytes down to disk (tierctl evict)."""
+        e = self.m.resolve(key)
+        if self.disk is None:
+            raise Unsupported("this tierd has no disk tier (disk_bytes=0): nowhere to evict to")
+        if e.leases:
+            raise InvalidRequest(
+                f"{key!r} is leased by {e.leases} reader(s): it stays in RAM until released", leases=e.leases
+            )
+        if e.pins:
+            raise InvalidRequest(f"{key!r} is pinned in {sorted(e.pins)}: unpin it first")
+        if e.offset is None:
+            return {"evicted": key, "moved": False, "tiers": e.tiers}
+        moved = await self.demote(e)
+        return {"evicted": key, "moved": moved, "tiers": e.tiers}
+
+    async def verify(self, prefix: str = "") -> list[dict[str, Any]]:
+        """Read every disk copy (durable ones first) and check its checksums."""
+        if self.disk is None:
+            return []
+        loop = asyncio.get_running_loop()
+        out = []
+        todo = [e for e in list(self.m.entries.values()) if e.disk is not None and e.key.startswith(prefix)]
+        todo.sort(key=lambda e: (not e.durable, e.key))
+        for e in todo:
+            rec = e.disk
+            if rec is None:
+                continue
+            e.protect += 1
+            try:
+                why = await loop.run_in_executor(self.reader, self.disk.verify, rec)
+            finally:
+                self.m.unprotect(e)
+            out.append(
+                {
+                    "key": e.key,
+                    "version": e.version,
+                    "durable": e.durable,
+                    "ok": why is None,
+                    "error": why,
+                    "chunks": len(rec.chunks),
+                    "stored_bytes": rec.stored_bytes,
+                }
+            )
+        return out
+
+    # ---- manager hooks -------------------------------------------------------------------------
+    def _on_hide(self, e: Entry) -> None:
+        rec = e.disk
+        if rec is None or self.disk is None:
+            return
+        disk = self.disk
+
+        async def unpublish() -> None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(self.writer, disk.unpublish, rec)
+            finally:
+                self._unpublish.pop(e.version, None)
+
+        self._unpublish[e.version] = self._disk_op(unpublish())
+
+    def _on_free(self, e: Entry) -> None:
+        rec = e.disk
+        if rec is None or self.disk is None or e.state not in ("freed",):
+            return
+        disk = self.disk
+        e.disk = None
+
+        async def delete() -> None:
+            await asyncio.get_running_loop().run_in_executor(self.writer, disk.delete, rec)
+
+        self._disk_op(delete())
+
+    # ---- background balance --------------------------------------------------------------------
+    def poke(self) -> None:
+        """Something grew: let the balancer check the watermarks."""
+        self._wake.set()
+
+    async def balance_once(self, target_used: int | None = None) -> int:
+        """Demote coldest first until RAM use is at ``target_used`` (default: the low watermark)."""
+        if self.disk is None:
+            return 0
+        cap = self.ram.capacity_bytes
+        target = int(cap * self.low) if target_used is None else target_used
+        freed = 0
+        while self.ram.used_bytes > target:
+            e = self.victim()
+            if e is None:
+                break
+            before = self.ram.used_bytes
+            try:
+                await self.demote(e)
+            except TierFull as ex:
+                log.warning("cannot demote to disk: %s", ex)
+                break
+            freed += max(0, before - self.ram.used_bytes)
+        return freed
+
+    async def balancer(self) -> None:
+        """Keep RAM use under the high watermark, demoting down to the low one."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.ram.used_bytes > self.ram.capacity_bytes * self.high:
+                freed = await self.balance_once()
+                log.debug("watermark: demoted %d bytes", freed)
+
+
+def _sample(view: memoryview, size: int = 1 << 20) -> memoryview:
+    """Up to ``size`` bytes from the middle of a region (the codec policy measures on it)."""
+    n = len(view)
+    if n <= size:
+        return view
+    start = (n // 2 - size // 2) // 64 * 64
+    return view[start : start + size]
+
+
+__all__ = ["ABORTED", "Placement", "RecordMeta"]
