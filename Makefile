@@ -27,6 +27,8 @@ check: lint test
 bench: setup
 	$(PY) bench/bench_core.py
 	$(PY) bench/bench_alloc.py
+	$(PY) bench/bench_disk.py
+	$(PY) bench/bench_codecs.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
