@@ -20,6 +20,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -440,7 +441,14 @@ class Server:
 
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        calib = await loop.run_in_executor(self.placement.io, calibrate, self.config.state_path())
+        # modest samples: the calibration's own memory (~70 MiB for a moment) must not be what
+        # pushes a small machine or a tight cgroup over the edge at start
+        calib = await loop.run_in_executor(
+            self.placement.io,
+            functools.partial(
+                calibrate, self.config.state_path(), memcpy_bytes=32 << 20, zstd_bytes=16 << 20
+            ),
+        )
         self.placement.calibration = calib
         log.info("calibration in %.1fs: %s", time.perf_counter() - t0, calib.to_dict())
 
