@@ -6,11 +6,15 @@
    socket): a shared-memory RAM tier of 25% of RAM, on $XDG_RUNTIME_DIR/tierd/tierd.sock or
    /tmp/tierd-$UID/tierd.sock.
 2. A writer process builds a transformer (about 100M parameters, fixed seed), puts every weight into
-   tierd and records the model's output on a fixed input.
+   tierd (durable: committed to the disk tier before each put returns) and records the model's
+   output on a fixed input.
 3. A reader process builds the same model with no weights (meta device), binds every parameter to a
    zero-copy view from tierd, runs the same input and checks the output is bit-identical; it reports
    how much memory it added of its own (USS), which stays far below the weights' size.
-4. Prints `tierctl status`, deletes the demo's entries, and stops the daemon if it started it.
+4. If it started the daemon: restarts it. The weights were put durable=True, so the new daemon finds
+   them in its disk tier (an LMDB file in ~/.local/state/tierd) and a third reader gets them back,
+   promoted from disk on first use.
+5. Prints `tierctl status`, deletes the demo's entries, and stops the daemon if it started it.
 """
 
 from __future__ import annotations
@@ -52,10 +56,10 @@ def writer() -> None:
     with Client() as c:
         t1 = time.perf_counter()
         for name, t in sd.items():
-            c.put(f"{NS}/{name}", t, tags=["weight"])
+            c.put(f"{NS}/{name}", t, tags=["weight"], durable=True)
         t2 = time.perf_counter()
         with torch.inference_mode():
-            c.put(f"{NS}/output.ref", model(sample_input()))
+            c.put(f"{NS}/output.ref", model(sample_input()), durable=True)
     print(
         f"[writer pid {os.getpid()}] built {len(sd)} tensors, {nbytes / 2**20:.0f} MiB in {t1 - t0:.1f}s; "
         f"put them into tierd in {t2 - t1:.2f}s ({nbytes / (t2 - t1) / 1e9:.1f} GB/s)"
@@ -122,6 +126,17 @@ def main() -> int:
     try:
         for role in ("writer", "reader", "reader"):
             subprocess.run([sys.executable, __file__, "--role", role], check=True)
+        if daemon is not None:
+            print("\nrestarting tierd: the weights were put durable=True, so they come back from disk...")
+            daemon.stop()
+            daemon = launch.start(None, ram_bytes=None)
+            with Client() as c:
+                restored = c.ls(f"{NS}/")
+                print(
+                    f"tierd pid {daemon.pid}: {len(restored)} entries restored, in tiers "
+                    f"{sorted({t for e in restored for t in e['tiers']})}"
+                )
+            subprocess.run([sys.executable, __file__, "--role", "reader"], check=True)
         print("\n$ tierctl status")
         tierctl(["status"])
         print(f"\n$ tierctl ls --prefix {NS}/ | tail -3")
