@@ -23,7 +23,6 @@ import os
 import signal
 import socket
 import stat
-import struct
 import sys
 import time
 from typing import Any
@@ -41,7 +40,6 @@ from tierd.tiers.disk import DiskTier
 from tierd.tiers.ram import ArenaError, RamTier
 
 log = logging.getLogger("tierd")
-_PEERCRED = struct.Struct("3i")
 _GIB = float(1 << 30)
 
 
