@@ -29,6 +29,7 @@ bench: setup
 	$(PY) bench/bench_alloc.py
 	$(PY) bench/bench_disk.py
 	$(PY) bench/bench_codecs.py
+	$(PY) bench/bench_predict.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

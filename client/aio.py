@@ -203,6 +203,9 @@ class AsyncClient(Core):
     async def verify(self, prefix: str = "") -> list[dict[str, Any]]:
         return list(await self._ok(protocol.Verify(self._next_rid(), prefix)))
 
+    async def trace(self, since: float = -1.0, limit: int = 100_000) -> dict[str, Any]:
+        return dict(await self._ok(protocol.Trace(self._next_rid(), since, limit)))
+
     async def prefetch(self, keys: list[str]) -> int:
         return int(await self._ok(protocol.Prefetch(self._next_rid(), list(keys))))
 

@@ -288,6 +288,10 @@ class Client(Core):
         """Read every disk copy under ``prefix`` and check its checksums: one dict per entry."""
         return list(self._ok(protocol.Verify(self._next_rid(), prefix)))
 
+    def trace(self, since: float = -1.0, limit: int = 100_000) -> dict[str, Any]:
+        """The daemon's access log after ``since``: {"now": t, "accesses": [rows]} (see tierd.predict.log)."""
+        return dict(self._ok(protocol.Trace(self._next_rid(), since, limit)))
+
     def prefetch(self, keys: list[str]) -> int:
         """Hint that ``keys`` will be read soon; returns how many of them exist."""
         return int(self._ok(protocol.Prefetch(self._next_rid(), list(keys))))

@@ -61,6 +61,19 @@ def print_status(s: dict[str, Any]) -> None:
     print(f"clients {s['clients']}  leases {s['leases']}")
     c = s["counters"]
     print("counters " + "  ".join(f"{k} {v}" for k, v in c.items() if v or k in ("gets", "puts")))
+    pf = s.get("prefetch")
+    if pf:
+        rate = pf["recent_hit_rate"]
+        using = pf["predictor_stats"].get("using")
+        parts = [
+            f"predictor {pf['predictor']}" + (f" (using {using})" if using else ""),
+            f"recent RAM hit rate {'-' if rate is None else f'{rate:.0%}'}",
+            f"{c.get('prefetch_used', 0)} of {c.get('prefetch_issued', 0)} prefetches used",
+            f"budget {human_bytes(pf['speculative_bytes'])} / {human_bytes(pf['budget_bytes'])}",
+        ]
+        if pf["predictor_errors"]:
+            parts.append(f"predictor errors {pf['predictor_errors']} (last: {pf['last_error']})")
+        print("prefetch: " + ", ".join(parts))
     pl = s.get("placement")
     if pl:
         print(
@@ -145,13 +158,110 @@ def build_parser() -> argparse.ArgumentParser:
     pin.add_argument("--tier", default="ram", help="tier to pin in [default: ram]")
     cmd("unpin", "drop the pins on an entry").add_argument("key")
     cmd("evict", "push an entry down to the disk tier now (it stays readable)").add_argument("key")
+    tr = sub.add_parser(
+        "trace",
+        help="record the daemon's access log to a file, or replay one offline",
+        description="Record reads as a trace file, or replay a trace against a predictor offline (no daemon "
+        "needed) to see what prefetching would do on your workload.",
+    )
+    trs = tr.add_subparsers(dest="trace_cmd", required=True, metavar="record|replay")
+    rec = trs.add_parser("record", help="append the daemon's accesses to FILE for N seconds")
+    rec.add_argument("file")
+    rec.add_argument("--seconds", type=float, default=60.0, help="how long to record [60]")
+    rep_ = trs.add_parser("replay", help="replay FILE offline: hit rate, wasted prefetch bytes, stall time")
+    rep_.add_argument("file")
+    rep_.add_argument("--predictor", default="all", help="none, sequence, learned, auto, or all [all]")
+    rep_.add_argument(
+        "--ram-bytes", default=None, help="RAM tier to simulate [2/3 of the trace's working set]"
+    )
+    rep_.add_argument("--budget", default=None, help="speculative prefetch budget [10%% of the RAM tier]")
+    rep_.add_argument("--depth", type=int, default=2, help="keys prefetched after each read [2]")
+    rep_.add_argument("--disk-gbps", type=float, default=1.5, help="disk read speed to simulate [1.5]")
+    rep_.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ver = cmd("verify", "read every entry's disk copy and check its checksums (durable ones first)")
     ver.add_argument("--prefix", default="", help="only keys starting with this")
     return p
 
 
+def trace_record(args: argparse.Namespace) -> int:
+    from tierd.predict.log import from_row, write_trace
+    from tierd_client import Client
+
+    with Client(args.socket) as c:
+        since = c.trace(limit=0)["now"]  # only what happens from now on
+        end = time.monotonic() + args.seconds
+        total = 0
+        write_trace(args.file, [], append=False)
+        while True:
+            got = c.trace(since)
+            rows = got["accesses"]
+            if rows:
+                accesses = [from_row(r) for r in rows]
+                write_trace(args.file, accesses, append=True)
+                since = accesses[-1].t
+                total += len(accesses)
+            left = end - time.monotonic()
+            print(
+                f"\rrecorded {total} accesses, {max(0, left):.0f}s left ", end="", file=sys.stderr, flush=True
+            )
+            if left <= 0:
+                break
+            time.sleep(min(0.5, left))
+    print(f"\nwrote {total} accesses to {args.file}", file=sys.stderr)
+    return 0
+
+
+def trace_replay(args: argparse.Namespace) -> int:
+    from tierd.predict import PREDICTOR_NAMES
+    from tierd.predict.log import read_trace
+    from tierd.predict.simulate import format_result, replay
+
+    from tierd.config import ConfigError, parse_size
+
+    trace = read_trace(args.file)
+    if not trace:
+        print(f"tierctl: {args.file} holds no accesses", file=sys.stderr)
+        return 1
+    sizes: dict[str, int] = {}
+    for a in trace:
+        sizes[a.key] = a.nbytes
+    working = sum(sizes.values())
+    try:
+        ram = parse_size(args.ram_bytes) if args.ram_bytes else max(1, working * 2 // 3)
+        budget = parse_size(args.budget, ram) if args.budget else ram // 10
+    except ConfigError as e:
+        print(f"tierctl: {e}", file=sys.stderr)
+        return 2
+    names = [n for n in PREDICTOR_NAMES] if args.predictor == "all" else [args.predictor]
+    if any(n not in PREDICTOR_NAMES for n in names):
+        print(f"tierctl: unknown predictor {args.predictor!r} (known: {', '.join(PREDICTOR_NAMES)}, all)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    results = {}
+    for name in names:
+        r = replay(trace, name, ram_bytes=ram, prefetch_budget_bytes=budget, depth=args.depth,
+                   disk_gbps=args.disk_gbps)  # fmt: skip
+        results[name] = r.to_dict()
+        if not args.json:
+            print(f"== {name} ==")
+            print(format_result(r))
+    if args.json:
+        json.dump({"trace": args.file, "accesses": len(trace), "ram_bytes": ram, "budget_bytes": budget,
+                   "results": results}, sys.stdout, indent=2)  # fmt: skip
+        sys.stdout.write("\n")
+    else:
+        print(
+            f"({len(trace)} accesses to {len(sizes)} keys, {human_bytes(working)} working set, "
+            f"simulated RAM {human_bytes(ram)}, prefetch budget {human_bytes(budget)})"
+        )
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from tierd_client import Client
+
+    if args.cmd == "trace":
+        return trace_record(args) if args.trace_cmd == "record" else trace_replay(args)
 
     with Client(args.socket) as c:
         out: Any

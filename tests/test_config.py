@@ -145,15 +145,19 @@ def test_every_setting_from_each_source(tmp_path: Path) -> None:
         "ram_high_watermark": "0.8",
         "ram_low_watermark": "0.5",
         "tag_codecs": "weight=int8",
+        "predictor": "sequence",
+        "prefetch_budget": "5%",
+        "prefetch_depth": "3",
     }
     floats = ("graceful_timeout", "ram_high_watermark", "ram_low_watermark")
     assert sorted(values) == sorted(config.SETTINGS)
-    expect = {**values, **{k: float(values[k]) for k in floats}}
+    expect = {**values, **{k: float(values[k]) for k in floats}, "prefetch_depth": 3}
 
     argv = [x for k, v in values.items() for x in (f"--{k.replace('_', '-')}", v)]
     from_flags = load(argv, {})
     from_env = load([], {f"TIERD_{k.upper()}": v for k, v in values.items()})
-    toml = "".join(f'{k} = "{v}"\n' if k not in floats else f"{k} = {v}\n" for k, v in values.items())
+    bare = (*floats, "prefetch_depth")
+    toml = "".join(f'{k} = "{v}"\n' if k not in bare else f"{k} = {v}\n" for k, v in values.items())
     from_file = load(["--config", str(write(tmp_path / "t.toml", toml))], {})
     for cfg in (from_flags, from_env, from_file):
         assert {k: getattr(cfg, k) for k in config.SETTINGS} == expect
@@ -264,6 +268,8 @@ def run_tierd(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
         (["--disk-bytes", "1MiB"], ["disk_bytes", "16 MiB minimum"]),
         (["--tag-codecs", "weight=int9"], ["tag_codecs", "int9"]),
         (["--ram-low-watermark", "0.95"], ["ram_low_watermark", "0.95"]),
+        (["--predictor", "oracle"], ["predictor", "oracle"]),
+        (["--prefetch-depth", "many"], ["prefetch_depth", "'many'"]),
         (["--disk-bytes", "much"], ["disk_bytes", "'much'"]),
         (["--log-level", "chatty"], ["log_level", "'chatty'"]),
         (["--graceful-timeout", "later"], ["graceful_timeout", "'later'"]),

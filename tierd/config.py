@@ -84,6 +84,12 @@ class Config:
     """...until use is back under this share."""
     tag_codecs: str = ""
     """Disk codec per tag, e.g. "weight=int8,kv=zstd" (int8, bf16, fp16 are lossy and opt-in)."""
+    predictor: str = "auto"
+    """What predicts the next reads for prefetching: none, sequence, learned, or auto (best measured)."""
+    prefetch_budget: str = "10%"
+    """RAM for prefetched entries not read yet: a SIZE or a % of the RAM tier."""
+    prefetch_depth: int = 2
+    """How many predicted next entries to prefetch after each read."""
     gpu_bytes: str = "0"
     """Size of the GPU tier; 0 = none. This build has no GPU tier: any other value is refused."""
     log_level: str = "info"
@@ -119,6 +125,9 @@ class Config:
 
     def gpu_tier_bytes(self) -> int:
         return self._size("gpu_bytes", None)
+
+    def prefetch_budget_bytes(self) -> int:
+        return self._size("prefetch_budget", self.ram_tier_bytes())
 
     def tag_codec_map(self) -> dict[str, str]:
         """``tag_codecs`` parsed: {"weight": "int8", ...}; ConfigError on a bad item or codec name."""
@@ -166,6 +175,13 @@ class Config:
                 f"{self.ram_low_watermark} and {self.ram_high_watermark}"
             )
         self.tag_codec_map()
+        from tierd.predict import PREDICTOR_NAMES
+
+        if self.predictor not in PREDICTOR_NAMES:
+            raise ConfigError(f"predictor: {self.predictor!r} is not one of {', '.join(PREDICTOR_NAMES)}")
+        if not 0 <= self.prefetch_depth <= 64:
+            raise ConfigError(f"prefetch_depth: {self.prefetch_depth} is not between 0 and 64")
+        self.prefetch_budget_bytes()
         if self.gpu_tier_bytes() != 0:
             raise ConfigError("gpu_bytes: this build of tierd has no GPU tier; leave gpu_bytes at 0")
         if self.graceful_timeout < 0:
@@ -183,6 +199,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name} ({source}): {value!r} is not a number") from None
+    if kind == "int":
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} ({source}): {value!r} is not a whole number") from None
     if isinstance(value, (dict, list)):
         raise ConfigError(f"{name} ({source}): expected a single value, got {type(value).__name__}")
     return str(value)
@@ -225,10 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "sources":
             continue
         doc = _FIELD_DOCS.get(f.name, "")
-        metavar = (
+        metavar = {"graceful_timeout": "SECONDS", "prefetch_budget": "SIZE", "prefetch_depth": "N"}.get(
+            f.name,
             "SIZE"
             if f.name.endswith("_bytes")
-            else ("SECONDS" if f.type == "float" else f.name.split("_")[-1].upper())
+            else "F"
+            if f.type == "float"
+            else f.name.split("_")[-1].upper(),
         )
         p.add_argument(
             f"--{f.name.replace('_', '-')}",

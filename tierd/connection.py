@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -202,12 +203,16 @@ class Connection(asyncio.Protocol):
         old = mgr.entries.get(e.key)
         old_on_disk = old is not None and old.durable and old.disk is not None
         sealed = list(mgr.seal(self.client_id, m.put_id))
+        self.server.prefetcher.record(self.client_id, e, "put", "-")
         if old_on_disk:
             return self._after_unpublish(Ok(m.rid, sealed))  # the old durable copy must be gone first
         return Ok(m.rid, sealed)
 
     async def _seal_durable(self, m: protocol.Seal) -> Ok:
-        return Ok(m.rid, list(await self.server.placement.seal_durable(self.client_id, m.put_id)))
+        e = self.manager._writing(self.client_id, m.put_id)
+        key, version = await self.server.placement.seal_durable(self.client_id, m.put_id)
+        self.server.prefetcher.record(self.client_id, e, "put", "-")
+        return Ok(m.rid, [key, version])
 
     async def _after_unpublish(self, reply: Ok) -> Ok:
         await self.server.placement.settled()
@@ -221,11 +226,22 @@ class Connection(asyncio.Protocol):
         found = [self.manager.resolve(k, v) for k, v in m.refs]
         placement = self.server.placement
         if placement.resident(found):
-            return Got(m.rid, self.manager.lease(self.client_id, found))
+            got = Got(m.rid, self.manager.lease(self.client_id, found))
+            record = self.server.prefetcher.record
+            for e in found:
+                record(self.client_id, e, "get", "ram")
+            return got
         return self._get_slow(m.rid, found)
 
     async def _get_slow(self, rid: int, found: list[Any]) -> Got:
-        return Got(rid, await self.server.placement.get(self.client_id, found))
+        tiers = ["ram" if e.offset is not None else "disk" for e in found]
+        t0 = time.perf_counter()
+        got = Got(rid, await self.server.placement.get(self.client_id, found))
+        self.manager.counters["stall_us"] += int((time.perf_counter() - t0) * 1e6)
+        record = self.server.prefetcher.record
+        for e, tier in zip(found, tiers, strict=True):
+            record(self.client_id, e, "get", tier)
+        return got
 
     def on_release(self, m: protocol.Release) -> None:
         bad = self.manager.release(self.client_id, m.leases)
@@ -269,7 +285,15 @@ class Connection(asyncio.Protocol):
         return Ok(m.rid, self.server.status())
 
     def on_prefetch(self, m: protocol.Prefetch) -> Ok:
-        return Ok(m.rid, self.manager.prefetch_hint(m.keys))
+        self.manager.prefetch_hint(m.keys)
+        return Ok(m.rid, self.server.prefetcher.hint(self.client_id, m.keys))
+
+    def on_trace(self, m: protocol.Trace) -> Ok:
+        from tierd.predict.log import to_row
+
+        accesses = self.server.prefetcher.log.since(m.since)[: max(0, m.limit)]
+        now = self.server.prefetcher.log_time()
+        return Ok(m.rid, {"now": now, "accesses": [to_row(a) for a in accesses]})
 
     # -- plumbing --------------------------------------------------------------------------------
     def _reply(self, msg: protocol.Msg) -> None:
@@ -312,6 +336,7 @@ _HANDLERS: dict[int, Any] = {
     protocol.PREFETCH: Connection.on_prefetch,
     protocol.EVICT: Connection.on_evict,
     protocol.VERIFY: Connection.on_verify,
+    protocol.TRACE: Connection.on_trace,
 }
 
 

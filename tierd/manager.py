@@ -52,6 +52,7 @@ COUNTERS = (
     "puts", "gets", "hits_ram", "hits_gpu", "reads_disk", "releases", "bad_releases", "deletes",
     "expired", "prefetch_hints", "prefetch_issued", "prefetch_used", "demotions", "promotions",
     "tier_full", "errors", "internal_errors", "bad_frames", "pressure_demoted_bytes",
+    "prefetch_wasted_bytes", "prefetch_hinted", "prefetch_dropped", "stall_us",
     "pressure_released_bytes",
 )  # fmt: skip
 
@@ -79,6 +80,7 @@ class Entry:
     codec: str | None = None  # requested for the disk copy (None = the policy decides)
     disk: RecordMeta | None = None  # the clean disk copy, if any
     protect: int = 0  # moves in flight
+    prefetched: bool = False  # brought into RAM on a prediction, not read since
 
     @property
     def tiers(self) -> list[str]:
@@ -135,6 +137,8 @@ class Manager:
         self.clients: dict[int, ClientInfo] = {}
         self.counters: collections.Counter[str] = collections.Counter({c: 0 for c in COUNTERS})
         self.recent_hints: collections.deque[str] = collections.deque(maxlen=4096)
+        #: bytes in RAM that were prefetched and not read yet (the speculative budget's use)
+        self.spec_bytes = 0
         self._next_version = 1
         self._next_lease = 1
         self._next_client = 1
@@ -332,6 +336,10 @@ class Manager:
             client.leases.add(lid)
             e.leases += 1
             e.last_access, e.last_access_mono = now, mono
+            if e.prefetched:
+                e.prefetched = False
+                self.spec_bytes -= self.ram.region_bytes(e.nbytes)
+                self.counters["prefetch_used"] += 1
             self.policy.on_hit(e.version)
             out.append(Located(e.key, e.version, e.dtype, e.shape, e.offset, e.nbytes, lid))
         self.counters["gets"] += len(found)
@@ -421,9 +429,22 @@ class Manager:
         e.protect -= 1
         self._maybe_free(e)
 
+    def mark_prefetched(self, e: Entry) -> None:
+        if not e.prefetched and e.offset is not None:
+            e.prefetched = True
+            self.spec_bytes += self.ram.region_bytes(e.nbytes)
+
+    def _unspeculate(self, e: Entry) -> None:
+        """A prefetched entry leaves RAM unread: its bytes were wasted."""
+        if e.prefetched:
+            e.prefetched = False
+            self.spec_bytes -= self.ram.region_bytes(e.nbytes)
+            self.counters["prefetch_wasted_bytes"] += e.nbytes
+
     def drop_ram(self, e: Entry) -> int:
         """Free the RAM copy of a version that has a disk copy; returns the bytes freed."""
         assert e.disk is not None and e.leases == 0 and e.offset is not None
+        self._unspeculate(e)
         freed = self.ram.free(e.offset)
         e.offset = None
         self.policy.on_remove(e.version)
@@ -431,6 +452,7 @@ class Manager:
 
     def _free(self, e: Entry) -> None:
         if e.offset is not None:
+            self._unspeculate(e)
             self.ram.free(e.offset)
             e.offset = None
             self.policy.on_remove(e.version)

@@ -128,8 +128,8 @@ class Placement:
             for e in found:
                 self.m.unprotect(e)
 
-    async def load(self, e: Entry) -> None:
-        """Promote one version into RAM from its disk copy."""
+    async def load(self, e: Entry, for_prefetch: bool = False) -> None:
+        """Promote one version into RAM from its disk copy (``for_prefetch``: on a prediction)."""
         pending = self._loads.get(e.version)
         if pending is not None:
             await asyncio.shield(pending)
@@ -143,7 +143,7 @@ class Placement:
         self._loads[e.version] = fut
         e.protect += 1
         try:
-            offset = await self.alloc(e.key, e.nbytes)
+            offset = await self.alloc(e.key, e.nbytes, for_prefetch)
             try:
                 view = self.ram.view(offset, e.nbytes)
                 await loop.run_in_executor(self.reader, self.disk.read_into, e.disk, view, self.io)
@@ -153,7 +153,10 @@ class Placement:
             e.offset = offset
             self.m.policy.on_put(e.version, e)
             self.m.counters["promotions"] += 1
-            self.m.counters["reads_disk"] += 1
+            if for_prefetch:
+                self.m.mark_prefetched(e)
+            else:
+                self.m.counters["reads_disk"] += 1
             fut.set_result(None)
         except BaseException as ex:
             fut.set_exception(ex)
@@ -171,11 +174,21 @@ class Placement:
             and (e.disk is not None or self.disk is not None)
         )  # fmt: skip
 
-    def victim(self) -> Entry | None:
-        """The entry to demote next: coldest first, a clean one among the coldest few preferred."""
+    def victim(self, for_prefetch: bool = False) -> Entry | None:
+        """The entry to demote next: coldest first, a clean one among the coldest few preferred.
+
+        Entries prefetched and not read yet are kept (they were predicted sooner than anything a
+        prefetch now wants); a demand read may still take them, but only when nothing else is left.
+        """
+        found = self._victim(skip_prefetched=True)
+        if found is None and not for_prefetch:
+            found = self._victim(skip_prefetched=False)
+        return found
+
+    def _victim(self, skip_prefetched: bool) -> Entry | None:
         first = None
         for i, e in enumerate(self.m.policy.candidates()):
-            if not self._evictable(e):
+            if not self._evictable(e) or (skip_prefetched and e.prefetched):
                 continue
             if e.disk is not None:
                 return e
@@ -185,7 +198,7 @@ class Placement:
                 break
         return first
 
-    async def alloc(self, key: str, nbytes: int) -> int:
+    async def alloc(self, key: str, nbytes: int, for_prefetch: bool = False) -> int:
         """A RAM region for ``nbytes``, demoting cold entries to make room; TierFull if impossible."""
         if self.ram.region_bytes(nbytes) > self.ram.capacity_bytes:
             raise self.m.ram_full(key, nbytes)
@@ -193,7 +206,7 @@ class Placement:
             offset = self.ram.allocate(nbytes)
             if offset is not None:
                 return offset
-            e = self.victim()
+            e = self.victim(for_prefetch)
             if e is None:
                 why = "every entry in RAM is leased, pinned or moving" if self.disk else ""
                 raise self.m.ram_full(key, nbytes, why)

@@ -156,6 +156,14 @@ class Evict(Msg):
     key: str
 
 
+class Trace(Msg):
+    """Accesses from the daemon's log after ``since`` (seconds on the log's clock), at most ``limit``."""
+
+    rid: int
+    since: float = -1.0
+    limit: int = 100_000
+
+
 class Verify(Msg):
     """Read every disk copy under ``prefix`` and check its checksums."""
 
@@ -213,7 +221,7 @@ class Error(Msg):
 HELLO, WELCOME = 0x01, 0x81
 PUT, SEAL, ABORT, GET, RELEASE = 0x10, 0x11, 0x12, 0x20, 0x21
 DELETE, PIN, UNPIN, LS, STAT, STATUS, PREFETCH = 0x30, 0x31, 0x32, 0x40, 0x41, 0x42, 0x50
-EVICT, VERIFY = 0x33, 0x43
+EVICT, VERIFY, TRACE = 0x33, 0x43, 0x44
 PUT_READY, GOT, OK, ERROR = 0x90, 0xA0, 0x91, 0xFF
 
 REQUEST_TYPES: dict[int, type[Msg]] = {
@@ -232,6 +240,7 @@ REQUEST_TYPES: dict[int, type[Msg]] = {
     PREFETCH: Prefetch,
     EVICT: Evict,
     VERIFY: Verify,
+    TRACE: Trace,
 }
 REPLY_TYPES: dict[int, type[Msg]] = {WELCOME: Welcome, PUT_READY: PutReady, GOT: Got, OK: Ok, ERROR: Error}
 TYPE_OF: dict[type[Msg], int] = {cls: t for t, cls in (REQUEST_TYPES | REPLY_TYPES).items()}

@@ -36,6 +36,7 @@ from tierd.manager import Manager
 from tierd.monitor import Monitor, Pressure, release_pages
 from tierd.notify import Notifier
 from tierd.placement import Placement
+from tierd.prefetch import Prefetcher
 from tierd.tiers.disk import DiskTier
 from tierd.tiers.ram import ArenaError, RamTier
 
@@ -52,6 +53,7 @@ class Server:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.manager: Manager  # built in startup
         self.placement: Placement
+        self.prefetcher: Prefetcher
         self.socket_path = config.socket_path()
         self._gid = config.socket_gid()
         self._stop = asyncio.Event()
@@ -98,6 +100,9 @@ class Server:
             self.manager.tiers["disk"] = disk
         self.placement = Placement(self.manager, disk, high=cfg.ram_high_watermark, low=cfg.ram_low_watermark,
                                    tag_codecs=cfg.tag_codec_map())  # fmt: skip
+        budget = cfg.prefetch_budget_bytes()
+        self.prefetcher = Prefetcher(self.placement, predictor=cfg.predictor, budget_bytes=budget,
+                                     depth=cfg.prefetch_depth)  # fmt: skip
         if disk is not None:
             n = self.placement.restore()
             log.info("disk tier: %s (%.1f GiB map), %d durable entries restored",
@@ -107,6 +112,7 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         self._background(self.placement.balancer())
+        self._background(self.prefetcher.run())
         self._background(self._calibrate())
         status = f"serving {ram.capacity_bytes / _GIB:.2f} GiB RAM tier on {self.socket_path}"
         self.notifier.ready(status)
@@ -178,6 +184,7 @@ class Server:
         for t in list(self.tasks):
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.prefetcher.close()
         await self.placement.close()
         if self.placement.disk is not None:
             self.placement.disk.close()
@@ -291,6 +298,7 @@ class Server:
         pl = self.placement
         calib = pl.calibration
         s["pressure"] = self.pressure.as_dict() if self.pressure is not None else None
+        s["prefetch"] = self.prefetcher.status()
         s["placement"] = {
             "policy": self.manager.policy.name,
             "ram_high_watermark": pl.high,

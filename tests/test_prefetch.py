@@ -1,0 +1,248 @@
+"""Prefetching end to end: a cyclic read bigger than RAM is served from RAM once learned; a
+prefetch never evicts a leased entry; a predictor that throws or hangs does not touch serving."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import torch
+from tierd_client import Client
+
+from tierd.manager import Manager
+from tierd.placement import Placement
+from tierd.prefetch import Prefetcher
+from tierd.protocol import Put
+from tierd.tiers.disk import DiskTier
+from tierd.tiers.ram import RamTier
+
+MiB = 1 << 20
+N, SIZE = 12, 4 * MiB  # 48 MiB of weights through a 32 MiB RAM tier: 1.5x
+
+
+def weight(i: int) -> torch.Tensor:
+    return torch.full((SIZE // 4,), float(i))
+
+
+def compute() -> None:
+    """The model's work between two layer reads: the pause in which a prefetch can land."""
+    a = torch.ones(384, 384)
+    for _ in range(12):
+        a = torch.tanh(a @ a / 384)
+
+
+def lap_hit_rates(c: Client, laps: int, held: list[torch.Tensor] | None = None) -> list[float]:
+    rates = []
+    for _ in range(laps):
+        before = c.stats()["counters"]
+        for i in range(N):
+            t = c.get(f"cyc/{i}")
+            assert t[0].item() == float(i)
+            c.release(t)
+            compute()
+        after = c.stats()["counters"]
+        rates.append((after["hits_ram"] - before["hits_ram"]) / (after["gets"] - before["gets"]))
+    return rates
+
+
+def start(start_daemon, predictor: str):
+    return start_daemon("--predictor", predictor, "--prefetch-budget", "50%", "--prefetch-depth", "2",
+                        "--ram-high-watermark", "0.95", ram_bytes="32MiB", disk_bytes="512MiB")  # fmt: skip
+
+
+@pytest.mark.parametrize("predictor", ["sequence", "auto"])
+def test_cyclic_reads_are_served_from_ram_once_learned(start_daemon, predictor: str) -> None:
+    d = start(start_daemon, predictor)
+    with Client(d.socket) as c:
+        for i in range(N):
+            c.put(f"cyc/{i}", weight(i), tags=["weight"])
+        rates = lap_hit_rates(c, 5)
+        st = c.stats()
+        assert rates[0] < 0.5, f"lap 1 cannot be served from RAM (nothing learned yet): {rates}"
+        assert min(rates[2:]) >= 0.75, f"after learning, reads should hit RAM: {rates}"
+        assert st["counters"]["prefetch_used"] > 0 and st["prefetch"]["predictor"] == predictor
+        assert st["prefetch"]["recent_hit_rate"] is not None
+
+
+def test_without_a_predictor_cyclic_reads_keep_missing(start_daemon) -> None:
+    d = start(start_daemon, "none")
+    with Client(d.socket) as c:
+        for i in range(N):
+            c.put(f"cyc/{i}", weight(i))
+        rates = lap_hit_rates(c, 4)
+        # the same workload as above: without prediction, eviction alone cannot keep up with a
+        # cycle 1.5x the tier (LRU order evicts exactly what comes next)
+        assert max(rates[2:]) < 0.6, rates
+        assert c.stats()["counters"]["prefetch_issued"] == 0
+
+
+def test_prefetch_never_evicts_a_leased_entry(start_daemon) -> None:
+    d = start(start_daemon, "sequence")
+    with Client(d.socket) as c:
+        for i in range(N):
+            c.put(f"cyc/{i}", weight(i))
+        held = [c.get("cyc/0"), c.get("cyc/5")]
+        for _ in range(3):
+            for i in range(N):
+                if i in (0, 5):
+                    continue
+                t = c.get(f"cyc/{i}")
+                c.release(t)
+        assert c.stat("cyc/0")["tiers"][0] == "ram" and c.stat("cyc/5")["tiers"][0] == "ram"
+        assert torch.equal(held[0], weight(0)) and torch.equal(held[1], weight(5))
+
+
+def test_hints_are_prefetched(start_daemon) -> None:
+    d = start(start_daemon, "none")
+    with Client(d.socket) as c:
+        for i in range(N):
+            c.put(f"cyc/{i}", weight(i))
+        cold = [i for i in range(N) if c.stat(f"cyc/{i}")["tiers"] == ["disk"]]
+        assert cold
+        assert c.prefetch([f"cyc/{cold[0]}", "cyc/none"]) == 1
+        from tests.conftest import wait_until
+
+        wait_until(lambda: "ram" in c.stat(f"cyc/{cold[0]}")["tiers"], what="the hinted entry in RAM")
+        assert c.stats()["counters"]["prefetch_hinted"] == 1
+
+
+class Exploding:
+    name = "exploding"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def observe(self, a) -> None:
+        self.calls += 1
+        raise RuntimeError("predictor bug")
+
+    def predict(self, a, k):  # pragma: no cover - observe raises first
+        return []
+
+    def stats(self):
+        raise RuntimeError("stats bug")
+
+    def wants_training(self) -> bool:
+        raise RuntimeError("wants_training bug")
+
+
+class Hanging(Exploding):
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def observe(self, a) -> None:
+        self.calls += 1
+        self.release.wait(30)  # hangs until the test lets it go
+
+
+@pytest_asyncio.fixture
+async def prefetcher(tmp_path: Path):
+    ram = RamTier(16 * MiB)
+    disk = DiskTier(tmp_path / "state", 64 * MiB)
+    m = Manager(ram)
+    m.tiers["disk"] = disk
+    pl = Placement(m, disk)
+    pf = Prefetcher(pl, predictor="sequence", budget_bytes=8 * MiB)
+    cid = m.add_client(1, 0, "t")
+    for i in range(4):
+        pid, _off = m.begin_put(cid, Put(1, f"p/{i}", "uint8", [MiB], MiB))
+        m.seal(cid, pid)
+    yield pf, m, cid
+    pf.close()
+    await pl.close()
+    disk.close()
+    ram.close()
+
+
+@pytest.mark.asyncio
+async def test_a_throwing_predictor_costs_only_its_predictions(prefetcher) -> None:
+    pf, m, cid = prefetcher
+    pf.predictor = Exploding()
+    for _ in range(50):
+        for i in range(4):
+            e = m.entries[f"p/{i}"]
+            m.lease(cid, [e])
+            pf.record(cid, e, "get", "ram")  # never raises
+    for _ in range(2):  # the thread runs jobs in order: once a no-op has run, every result is back
+        await asyncio.get_running_loop().run_in_executor(pf._thread, lambda: None)
+    assert pf.errors == 200 and "predictor bug" in pf.last_error
+    st = pf.status()  # stats() raising is reported, not raised
+    assert "stats bug" in st["predictor_stats"]["error"]
+    pf._maybe_train()  # wants_training() raising is contained too
+
+
+@pytest.mark.asyncio
+async def test_a_hanging_predictor_drops_accesses_not_requests(prefetcher) -> None:
+    from tierd import prefetch
+
+    pf, m, cid = prefetcher
+    hanging = Hanging()
+    pf.predictor = hanging
+    e = m.entries["p/0"]
+    for _ in range(prefetch.MAX_BACKLOG + 100):
+        pf.record(cid, e, "get", "ram")  # returns at once although the predictor is stuck
+    assert pf.dropped_accesses == 100 and pf.log.total == prefetch.MAX_BACKLOG + 100
+    assert m.lease(cid, [e])  # the table keeps serving meanwhile
+    hanging.release.set()
+
+
+def test_trace_record_and_replay(start_daemon, short_tmp: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from tierd.predict.log import read_trace
+
+    d = start(start_daemon, "sequence")
+    out = short_tmp / "trace.jsonl"
+    tierctl = [sys.executable, "-m", "tierd_client.tierctl", "--socket", str(d.socket)]
+    with Client(d.socket) as c:
+        for i in range(N):
+            c.put(f"cyc/{i}", weight(i))
+        cmd = [*tierctl, "trace", "record", str(out), "--seconds", "3"]
+        rec = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        assert rec.stderr is not None
+        assert rec.stderr.read(9).strip() == "recorded"  # it is polling: from now on reads are recorded
+        for _ in range(2):
+            for i in range(N):
+                c.release(c.get(f"cyc/{i}"))
+        assert rec.wait(30) == 0
+        rec.stderr.close()
+    trace = read_trace(out)
+    assert [a.key for a in trace if a.op == "get"] == [f"cyc/{i}" for i in range(N)] * 2
+    assert all(a.nbytes == SIZE for a in trace)
+    res = subprocess.run([*tierctl, "trace", "replay", str(out), "--json"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert set(report["results"]) == {"none", "sequence", "learned", "auto"}
+    assert report["results"]["sequence"]["hit_rate"] >= report["results"]["none"]["hit_rate"]
+    human = subprocess.run([*tierctl, "trace", "replay", str(out), "--predictor", "sequence"],
+                           capture_output=True, text=True)  # fmt: skip
+    assert human.returncode == 0 and "sequence" in human.stdout
+
+
+def test_learned_predictor_trains_in_the_background(start_daemon) -> None:
+    from tests.conftest import wait_until
+
+    d = start_daemon(
+        "--predictor", "learned", "--prefetch-budget", "50%", ram_bytes="32MiB", disk_bytes="512MiB"
+    )
+    with Client(d.socket) as c:
+        for i in range(8):
+            c.put(f"lt/{i}", torch.full((1024,), float(i)))
+        for _ in range(300):  # 2400 reads: past the first training point
+            for i in range(8):
+                c.release(c.get(f"lt/{i}"))
+
+        def trained() -> bool:
+            c.release(c.get("lt/0"))  # keep reading: training is looked at as reads come in
+            return bool(c.stats()["prefetch"]["predictor_stats"].get("trained"))
+
+        wait_until(trained, timeout=60, what="the learned predictor's first background training")
+        st = c.stats()["prefetch"]
+        assert st["predictor_errors"] == 0, st["last_error"]
+        assert st["predictor_stats"]["installs"] >= 1

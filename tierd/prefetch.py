@@ -1,0 +1,251 @@
+"""The prefetcher: reads the access stream, asks a predictor what comes next, promotes it early.
+
+Where each piece runs, so that a slow or broken predictor can never delay serving::
+
+    event loop                               predictor thread (one)          trainer (io pool)
+    ----------                               ----------------------          -----------------
+    get/hint -> record(Access) ----------->  observe(a); predict(a, depth)
+                (log ring append, O(1);       (exceptions counted, never
+                 a bounded hand-off: when      raised; a predictor too slow
+                 the thread lags, accesses     to keep up loses accesses,
+                 are dropped and counted)      not the daemon its loop)
+    _on_prediction(a, keys) <-------------   call_soon_threadsafe
+    queue -> worker task -> placement.load(e, for_prefetch=True)
+    every TRAIN_EVERY accesses, if wanted:   install(model) <------------  train(history) in a child
+                                                                            process (no GIL contention)
+
+The worker takes candidates in order (client hints first, then predictions by confidence), skips
+what is already in RAM or stale (an older prediction for a client that has since moved on), and
+stays within the speculative budget: bytes prefetched and not read yet. A prefetch never evicts a
+leased, pinned or moving entry, nor another prefetched-unread one; when it would have to, it is
+dropped. Counters: prefetch_issued / prefetch_used / prefetch_wasted_bytes / prefetch_dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from tierd.errors import TierdError
+from tierd.predict import make_predictor
+from tierd.predict.log import Access, AccessLog
+
+if TYPE_CHECKING:
+    from tierd.manager import Entry
+    from tierd.placement import Placement
+
+log = logging.getLogger("tierd.prefetch")
+#: accesses waiting for the predictor thread before new ones are dropped
+MAX_BACKLOG = 1024
+#: queued candidates kept at most (older ones go first)
+MAX_QUEUE = 256
+#: a prediction is stale once its client has made this many more accesses
+STALE_AFTER = 4
+TRAIN_EVERY = 2000
+
+
+class Prefetcher:
+    def __init__(
+        self,
+        placement: Placement,
+        *,
+        predictor: str = "auto",
+        budget_bytes: int = 0,
+        depth: int = 2,
+        min_confidence: float = 0.25,
+        log_capacity: int = 65536,
+    ) -> None:
+        self.placement = placement
+        self.m = placement.m
+        self.predictor_name = predictor
+        self._opts: dict[str, Any] = (
+            {} if predictor in ("none", "sequence") else {"min_confidence": min_confidence}
+        )
+        self.predictor = make_predictor(predictor, **self._opts)
+        self._trainer: ProcessPoolExecutor | None = None
+        self.budget = budget_bytes
+        self.depth = depth
+        self.min_confidence = min_confidence
+        self.log = AccessLog(log_capacity)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="tierd-predict")
+        self._backlog = 0
+        self._queue: collections.deque[tuple[int, int, str, int]] = (
+            collections.deque()
+        )  # (prio, client, key, gen)
+        self._gen: dict[int, int] = collections.defaultdict(int)  # accesses seen per client
+        self._wake = asyncio.Event()
+        self._training = False
+        self._since_train = 0
+        self._t0 = time.monotonic()
+        self.errors = 0
+        self.dropped_accesses = 0
+        self.last_error = ""
+
+    # ---- input ---------------------------------------------------------------------------------
+    def record(self, client: int, e: Entry, op: str, tier: str) -> None:
+        """One access (on the loop): log it and hand it to the predictor thread."""
+        a = Access(time.monotonic() - self._t0, client, e.key, op, tier, e.nbytes, tuple(e.tags))
+        self.log.append(a)
+        if op == "get":
+            self._gen[client] += 1
+        if self.predictor_name == "none" or self.placement.disk is None:
+            return
+        if self._backlog >= MAX_BACKLOG:
+            self.dropped_accesses += 1
+            return
+        self._backlog += 1
+        loop = asyncio.get_running_loop()
+        # puts and hints are observed too (a new key the predictor can relate to others), but only
+        # a get asks for predictions
+        fut = loop.run_in_executor(self._thread, self._predict if op == "get" else self._observe, a)
+        fut.add_done_callback(lambda f: self._on_prediction(a, f))
+        self._since_train += 1
+        if self._since_train >= TRAIN_EVERY and not self._training:
+            self._since_train = 0
+            self._maybe_train()
+
+    def hint(self, client: int, keys: list[str]) -> int:
+        """Client hints go ahead of predictions; returns how many are known entries."""
+        known = 0
+        for key in keys:
+            e = self.m.entries.get(key)
+            if e is None:
+                continue
+            known += 1
+            self.record(client, e, "hint", "-")
+            self._push((0, client, key, self._gen[client]), front=True)
+        return known
+
+    # ---- predictor thread ----------------------------------------------------------------------
+    def _predict(self, a: Access) -> list[tuple[str, float]]:
+        self.predictor.observe(a)
+        return self.predictor.predict(a, self.depth)
+
+    def _observe(self, a: Access) -> list[tuple[str, float]]:
+        self.predictor.observe(a)
+        return []
+
+    def _on_prediction(self, a: Access, fut: Any) -> None:
+        self._backlog -= 1
+        try:
+            preds = fut.result()
+        except Exception as ex:  # noqa: BLE001 - a broken predictor costs its predictions, nothing else
+            self.errors += 1
+            self.last_error = f"{type(ex).__name__}: {ex}"
+            if self.errors in (1, 10, 100, 1000):
+                log.warning(
+                    "predictor %s failed (%d times): %s", self.predictor_name, self.errors, self.last_error
+                )
+            return
+        gen = self._gen[a.client]
+        for key, conf in preds:
+            if conf >= self.min_confidence and key != a.key:
+                self._push((1, a.client, key, gen))
+
+    def _push(self, item: tuple[int, int, str, int], front: bool = False) -> None:
+        if front:
+            self._queue.appendleft(item)
+        else:
+            self._queue.append(item)
+        while len(self._queue) > MAX_QUEUE:
+            self._queue.pop() if front else self._queue.popleft()
+        self._wake.set()
+
+    def _maybe_train(self) -> None:
+        try:
+            wanted = self.predictor.wants_training()
+        except Exception:  # noqa: BLE001 - a predictor bug must not reach the loop
+            wanted = False
+        if not wanted:
+            return
+        self._training = True
+        history = self.log.snapshot()
+        loop = asyncio.get_running_loop()
+
+        def done(f: Any) -> None:
+            self._training = False
+            try:
+                model = f.result()
+            except Exception as ex:  # noqa: BLE001
+                self.errors += 1
+                self.last_error = f"training: {type(ex).__name__}: {ex}"
+                log.warning("predictor training failed: %s", self.last_error)
+                return
+            # install on the predictor thread: observe/predict never see a half-swapped model
+            loop.run_in_executor(self._thread, self.predictor.install, model)
+
+        # Training is seconds of pure Python: in a child process it cannot hold the loop's GIL. The
+        # child builds a fresh predictor with the same options; train() reads only those and history.
+        if self._trainer is None:
+            self._trainer = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        job = functools.partial(_train, self.predictor_name, self._opts, history)
+        loop.run_in_executor(self._trainer, job).add_done_callback(done)
+
+    # ---- worker --------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Take queued candidates one by one and promote them (a background task)."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                prio, client, key, gen = self._queue.popleft()
+                if prio and self._gen[client] - gen > STALE_AFTER:
+                    self.m.counters["prefetch_dropped"] += 1
+                    continue
+                e = self.m.entries.get(key)
+                if e is None or e.offset is not None or e.disk is None:
+                    continue
+                size = self.placement.ram.region_bytes(e.nbytes)
+                if prio and self.m.spec_bytes + size > self.budget:
+                    self.m.counters["prefetch_dropped"] += 1
+                    continue
+                await self._load(e, hinted=not prio)
+
+    async def _load(self, e: Entry, hinted: bool) -> None:
+        self.m.counters["prefetch_hinted" if hinted else "prefetch_issued"] += 1
+        try:
+            await self.placement.load(e, for_prefetch=True)
+        except TierdError as ex:  # full of leases / pins / unread prefetches: not worth forcing
+            self.m.counters["prefetch_dropped"] += 1
+            log.debug("prefetch of %s dropped: %s", e.key, ex)
+
+    def log_time(self) -> float:
+        """Now, on the access log's clock (seconds since the daemon started)."""
+        return time.monotonic() - self._t0
+
+    # ---- status --------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        try:
+            pstats = self.predictor.stats()
+        except Exception as ex:  # noqa: BLE001
+            pstats = {"error": f"{type(ex).__name__}: {ex}"}
+        return {
+            "predictor": self.predictor_name,
+            "recent_hit_rate": self.log.recent_hit_rate(1000),
+            "budget_bytes": self.budget,
+            "speculative_bytes": self.m.spec_bytes,
+            "depth": self.depth,
+            "min_confidence": self.min_confidence,
+            "queued": len(self._queue),
+            "predictor_errors": self.errors,
+            "last_error": self.last_error,
+            "dropped_accesses": self.dropped_accesses,
+            "accesses_logged": self.log.total,
+            "predictor_stats": pstats,
+        }
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
+        if self._trainer is not None:
+            self._trainer.shutdown(wait=False, cancel_futures=True)
+
+
+def _train(name: str, opts: dict[str, Any], history: list[Access]) -> object:
+    """In the trainer process: what ``install`` takes (a picklable model)."""
+    return make_predictor(name, **opts).train(history)
