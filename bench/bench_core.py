@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import psutil
 import torch
-from tierd_client import Client, NotFound
 
 from tierd import launch
+from tierd_client import Client, NotFound
 
 MIB = 1 << 20
 GIB = 1 << 30

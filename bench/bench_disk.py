@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 import torch
-from tierd_client import Client
 
 from tierd import launch
+from tierd_client import Client
 
 
 def drop_caches() -> bool:

@@ -7,10 +7,6 @@
 ...     c.release(t)
 """
 
-from tierd_client._core import Handle
-from tierd_client.aio import AsyncClient
-from tierd_client.client import Client
-
 from tierd.errors import (
     CorruptEntry,
     DaemonUnavailable,
@@ -23,6 +19,9 @@ from tierd.errors import (
     Unsupported,
     VersionMismatch,
 )
+from tierd_client._core import Handle
+from tierd_client.aio import AsyncClient
+from tierd_client.client import Client
 
 __all__ = [
     "AsyncClient",

@@ -11,12 +11,11 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tierd_client._core import Core, Handle
-
 from tierd import protocol
 from tierd.errors import DaemonUnavailable, ProtocolError, TierdError, from_wire
 from tierd.paths import default_socket_path
 from tierd.protocol import HEADER, HEADER_SIZE, MAX_REPLY_BYTES
+from tierd_client._core import Core, Handle
 
 if TYPE_CHECKING:
     import torch

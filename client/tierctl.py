@@ -212,11 +212,10 @@ def trace_record(args: argparse.Namespace) -> int:
 
 
 def trace_replay(args: argparse.Namespace) -> int:
+    from tierd.config import ConfigError, parse_size
     from tierd.predict import PREDICTOR_NAMES
     from tierd.predict.log import read_trace
     from tierd.predict.simulate import format_result, replay
-
-    from tierd.config import ConfigError, parse_size
 
     trace = read_trace(args.file)
     if not trace:

@@ -47,6 +47,7 @@ def sample_input():
 
 def writer() -> None:
     import torch
+
     from tierd_client import Client
 
     t0 = time.perf_counter()
@@ -69,6 +70,7 @@ def writer() -> None:
 def reader() -> None:
     import psutil
     import torch
+
     from tierd_client import Client
 
     model = build_model("meta")
@@ -109,11 +111,10 @@ def main() -> int:
         reader()
         return 0
 
-    from tierd_client import Client, DaemonUnavailable
-    from tierd_client.tierctl import main as tierctl
-
     from tierd import launch
     from tierd.paths import default_socket_path
+    from tierd_client import Client, DaemonUnavailable
+    from tierd_client.tierctl import main as tierctl
 
     daemon = None
     try:

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 import torch
-from tierd_client import AsyncClient, DaemonUnavailable, NotFound, TierFull
 
 from tierd.launch import Daemon
+from tierd_client import AsyncClient, DaemonUnavailable, NotFound, TierFull
 
 
 @pytest.mark.asyncio

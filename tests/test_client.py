@@ -15,11 +15,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from tierd_client import Client, Handle, InvalidRequest, NotFound, NotLeased, TierFull, Unsupported
 
 from tests.conftest import wait_until
 from tierd.launch import Daemon
 from tierd.protocol import DTYPE_SIZES
+from tierd_client import Client, Handle, InvalidRequest, NotFound, NotLeased, TierFull, Unsupported
 
 
 def test_put_get_is_a_zero_copy_view_of_the_arena(daemon: Daemon) -> None:

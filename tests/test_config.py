@@ -308,9 +308,8 @@ def test_daemon_disk_bytes_zero_is_accepted(start_daemon) -> None:
 
 
 def test_daemon_settings_from_file_and_env(short_tmp: Path) -> None:
-    from tierd_client import Client
-
     from tierd import launch
+    from tierd_client import Client
 
     f = write(short_tmp / "t.toml", '[tierd]\nram-bytes = "8MiB"\nlog_level = "debug"\n')
     env = {**os.environ, "TIERD_CONFIG": str(f), "TIERD_RAM_BYTES": "12MiB"}

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tierd_client import Client, CorruptEntry, InvalidRequest, NotFound, TierFull
 
 from tests.conftest import wait_until
+from tierd_client import Client, CorruptEntry, InvalidRequest, NotFound, TierFull
 
 MiB = 1 << 20
 

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tierd_client import Client
 
 from tierd import launch
+from tierd_client import Client
 
 
 def shm_tierd() -> set[str]:

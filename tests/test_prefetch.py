@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import torch
-from tierd_client import Client
 
 from tierd.manager import Manager
 from tierd.placement import Placement
@@ -18,6 +17,7 @@ from tierd.prefetch import Prefetcher
 from tierd.protocol import Put
 from tierd.tiers.disk import DiskTier
 from tierd.tiers.ram import RamTier
+from tierd_client import Client
 
 MiB = 1 << 20
 N, SIZE = 12, 4 * MiB  # 48 MiB of weights through a 32 MiB RAM tier: 1.5x

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tierd_client import Client
 
 from tests.conftest import wait_until
 from tierd import launch
+from tierd_client import Client
 
 CG_ROOT = Path("/sys/fs/cgroup/memory")
 MiB = 1 << 20

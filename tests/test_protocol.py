@@ -17,11 +17,11 @@ from pathlib import Path
 import msgspec
 import pytest
 import torch
-from tierd_client import Client
 
 from tierd import protocol
 from tierd.launch import Daemon
 from tierd.protocol import HEADER
+from tierd_client import Client
 
 _OPEN: list[socket.socket] = []
 

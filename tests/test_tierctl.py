@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import torch
-from tierd_client import Client
 
 from tierd.launch import Daemon
+from tierd_client import Client
 
 
 def tierctl(sock: Path | str, *args: str) -> subprocess.CompletedProcess[str]:
