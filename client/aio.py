@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tierd import protocol
-from tierd.errors import DaemonUnavailable, ProtocolError, TierdError, from_wire
+from tierd.errors import DaemonUnavailable, ProtocolError, TierdError, TierFull, Unsupported, from_wire
 from tierd.paths import default_socket_path
 from tierd.protocol import HEADER, HEADER_SIZE, MAX_REPLY_BYTES
 from tierd_client._core import Core, Handle
@@ -172,7 +172,11 @@ class AsyncClient(Core):
         except BaseException:
             await self._call(protocol.Abort(self._next_rid(), ready.put_id))
             raise
-        key_, version = await self._ok(protocol.Seal(self._next_rid(), ready.put_id))
+        try:
+            key_, version = await self._ok(protocol.Seal(self._next_rid(), ready.put_id))
+        except (TierFull, Unsupported):  # e.g. a durable put the disk cannot take: give the region back
+            await self._call(protocol.Abort(self._next_rid(), ready.put_id))
+            raise
         return Handle(key_, version)
 
     async def get(self, key: str | Handle) -> torch.Tensor:

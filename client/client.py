@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tierd import protocol
-from tierd.errors import DaemonUnavailable, ProtocolError
+from tierd.errors import DaemonUnavailable, ProtocolError, TierFull, Unsupported
 from tierd.paths import default_socket_path
 from tierd.protocol import HEADER, HEADER_SIZE, MAX_REPLY_BYTES
 from tierd_client._core import Core, Handle
@@ -239,7 +239,11 @@ class Client(Core):
         except BaseException:
             self._call(protocol.Abort(self._next_rid(), ready.put_id))
             raise
-        sealed = self._call(protocol.Seal(self._next_rid(), ready.put_id))
+        try:
+            sealed = self._call(protocol.Seal(self._next_rid(), ready.put_id))
+        except (TierFull, Unsupported):  # e.g. a durable put the disk cannot take: give the region back
+            self._call(protocol.Abort(self._next_rid(), ready.put_id))
+            raise
         assert isinstance(sealed, protocol.Ok)
         return Handle(sealed.value[0], sealed.value[1])
 

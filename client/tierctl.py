@@ -178,9 +178,39 @@ def build_parser() -> argparse.ArgumentParser:
     rep_.add_argument("--depth", type=int, default=2, help="keys prefetched after each read [2]")
     rep_.add_argument("--disk-gbps", type=float, default=1.5, help="disk read speed to simulate [1.5]")
     rep_.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    imp = sub.add_parser(
+        "import",
+        help="ingest a model checkpoint (safetensors) as durable weight entries",
+        description="Read a checkpoint folder's safetensors tensor by tensor and store each as a durable "
+        "entry NAMESPACE/<parameter name> tagged 'weight'; entries already there with the same bytes are "
+        "skipped.",
+    )
+    imp.add_argument("checkpoint", help="folder with config.json and *.safetensors")
+    imp.add_argument("--namespace", default=None, help="key prefix [the folder's name]")
+    imp.add_argument("--codec", default=None, help="disk codec for the weights (raw, zstd, int8, bf16, fp16)")
+    imp.add_argument("--json", action="store_true", help="print the counts as JSON")
     ver = cmd("verify", "read every entry's disk copy and check its checksums (durable ones first)")
     ver.add_argument("--prefix", default="", help="only keys starting with this")
     return p
+
+
+def import_checkpoint(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tierd_client import Client
+    from tierd_integration import ingest
+
+    folder = Path(args.checkpoint)
+    if not folder.is_dir() or not any(folder.glob("*.safetensors")):
+        print(f"tierctl: {folder} is not a checkpoint folder (no *.safetensors in it)", file=sys.stderr)
+        return 2
+    namespace = args.namespace or folder.resolve().name
+    with Client(args.socket) as c:
+        counts = ingest(c, folder, namespace, codec=args.codec, progress=not args.json)
+    if args.json:
+        json.dump(counts, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    return 0
 
 
 def trace_record(args: argparse.Namespace) -> int:
@@ -261,6 +291,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.cmd == "trace":
         return trace_record(args) if args.trace_cmd == "record" else trace_replay(args)
+    if args.cmd == "import":
+        return import_checkpoint(args)
 
     with Client(args.socket) as c:
         out: Any
