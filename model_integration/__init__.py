@@ -1,6 +1,30 @@
 """tierd_integration: model hooks that serve a model's weights, KV cache and vision features from tierd.
 
-This package is the import name of the ``model_integration/`` folder. It has no hooks yet; the
-demo in ``examples/demo.py`` shows the mechanism they build on (weights bound as zero-copy views
-with ``load_state_dict(assign=True)``).
+This package is the import name of the ``model_integration/`` folder.
+
+- weights: ``ingest`` a safetensors checkpoint tensor by tensor; ``from_pretrained`` builds a Qwen3-VL
+  on the meta device bound to tierd (resident views, or per-block streaming hooks with prefetch);
+  ``offload_model`` does the same for a model in memory; ``detach`` makes a bound model plain again.
+- checkpoint: ``make_random_checkpoint`` (a small random Qwen3-VL, offline) and ``sample_inputs``.
+- kvcache: ``TierdKVCache``, a transformers Cache that keeps a window of K/V in the process and
+  offloads older blocks to tierd (scope="client": gone when the client is).
+- vision: ``enable_vision_cache`` keys the vision tower's outputs (deepstack included) by the image;
+  on a hit the tower does not run. ``disable_vision_cache`` removes it.
 """
+
+from tierd_integration.checkpoint import make_random_checkpoint, sample_inputs
+from tierd_integration.kvcache import TierdKVCache
+from tierd_integration.vision import disable_vision_cache, enable_vision_cache
+from tierd_integration.weights import detach, from_pretrained, ingest, offload_model
+
+__all__ = [
+    "TierdKVCache",
+    "detach",
+    "disable_vision_cache",
+    "enable_vision_cache",
+    "from_pretrained",
+    "ingest",
+    "make_random_checkpoint",
+    "offload_model",
+    "sample_inputs",
+]

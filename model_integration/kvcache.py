@@ -1,0 +1,199 @@
+"""``TierdKVCache``: a transformers (5.x) KV cache that keeps a window of the newest tokens per layer in the
+process and offloads older blocks to tierd.
+
+Layout. Per attention layer the newest ``window`` tokens' K and V stay in the process (on the model's
+device). When more than ``window`` tokens are resident, the oldest full block of ``block`` tokens is put to
+tierd as one entry ``kv/<uuid>/<layer>/<block>`` holding ``stack([K, V])`` of shape
+``(2, batch, kv_heads, block, head_dim)``, tagged ``kv``, ``scope="client"`` (the daemon deletes it when this
+client disconnects, crash included), not durable. Blocks are offloaded oldest first, so the offloaded part
+is always a prefix of the sequence. When a put raises ``TierFull`` the block stays resident (the window
+grows past its bound until a later put succeeds) and ``put_failures`` counts it.
+
+Attention. Each ``update`` (one per layer per forward step) fetches that layer's offloaded blocks in one
+``get_many`` round trip, concatenates them with the resident tokens and the new ones, releases the views
+and returns the full K/V, as ``DynamicCache`` does.
+
+Trade-off. Memory: the process holds ``window`` tokens per layer plus, transiently, one layer's full K/V
+(the concatenation handed to attention, freed after that layer's attention); a ``DynamicCache`` holds every
+layer's full K/V all the time. So resident KV drops from ``layers * seq`` to about ``layers * window +
+seq`` tokens; the rest lives in the daemon's RAM tier (shared memory, under its budget and eviction
+policy). Latency: per layer per step one round trip (~60 us here) plus the copy of the offloaded blocks
+into the concatenation (``DynamicCache`` also copies its whole K/V per step in ``torch.cat``, so on CPU the
+extra cost is the round trip and the puts: one block copy per layer every ``block`` steps); on a GPU the
+offloaded part also crosses PCIe each step, which dominates for long contexts. Small blocks mean more
+entries and bigger ``get_many`` frames; ``block`` of 64-256 tokens keeps both small.
+
+Not supported: beam search reordering, batch re-indexing and cropping once blocks are offloaded
+(``NotImplementedError``); sliding-window / linear-attention layers (every layer is treated as full
+attention); ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from tierd_client import NotFound, TierFull
+
+
+class TierdKVLayer(DynamicLayer):
+    """One layer: resident ``keys`` / ``values`` (the newest tokens) plus offloaded blocks in tierd."""
+
+    is_croppable = False
+
+    def __init__(self, cache: TierdKVCache, layer_idx: int) -> None:
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.block_keys: list[str] = []
+
+    def _resident_len(self) -> int:
+        if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
+            return 0
+        return int(self.keys.shape[-2])
+
+    @property
+    def offloaded_len(self) -> int:
+        return len(self.block_keys) * self.cache.block
+
+    def get_seq_length(self) -> int:
+        return self.offloaded_len + self._resident_len()
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self._resident_len() == 0:
+            self.keys, self.values = key_states, value_states
+        else:
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+        if self.block_keys:
+            full_k, full_v = self._with_offloaded(self.keys, self.values)
+        else:
+            full_k, full_v = self.keys, self.values
+        self._offload()
+        return full_k, full_v
+
+    def _with_offloaded(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cache
+        views = c.client.get_many(self.block_keys)
+        c.round_trips += 1
+        c.fetched_blocks += len(views)
+        try:
+            dev = keys.device
+            full_k = torch.cat([*(v[0].to(dev) for v in views), keys], dim=-2)
+            full_v = torch.cat([*(v[1].to(dev) for v in views), values], dim=-2)
+        finally:
+            c.client.release(views)
+        return full_k, full_v
+
+    def _offload(self) -> None:
+        before = len(self.block_keys)
+        self._offload_blocks()
+        if len(self.block_keys) != before:
+            # the remaining slices keep their base alive: copy the window out so the offloaded bytes go
+            self.keys, self.values = self.keys.clone(), self.values.clone()
+
+    def _offload_blocks(self) -> None:
+        c = self.cache
+        while self._resident_len() > c.window:
+            k, v = self.keys[..., : c.block, :], self.values[..., : c.block, :]
+            key = f"{c.prefix}/{self.layer_idx}/{len(self.block_keys)}"
+            try:
+                c.client.put(key, torch.stack([k, v]), tags=["kv"], scope="client", durable=False)
+            except TierFull:
+                c.put_failures += 1
+                return
+            self.block_keys.append(key)
+            c.offloaded_blocks += 1
+            self.keys = self.keys[..., c.block :, :]
+            self.values = self.values[..., c.block :, :]
+
+    def drop_offloaded(self) -> None:
+        """Delete this layer's entries in tierd (a missing one is fine: it may have been evicted)."""
+        client = self.cache.client
+        for key in self.block_keys:
+            with contextlib.suppress(NotFound):
+                client.delete(key)
+        self.block_keys = []
+
+    def reset(self) -> None:
+        self.drop_offloaded()
+        super().reset()
+
+    def _refuse_if_offloaded(self, what: str) -> None:
+        if self.block_keys:
+            raise NotImplementedError(f"TierdKVCache: {what} after blocks were offloaded")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self._refuse_if_offloaded("crop")
+        super().crop(tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._refuse_if_offloaded("reorder_cache (beam search)")
+        super().reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._refuse_if_offloaded("batch_repeat_interleave")
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._refuse_if_offloaded("batch_select_indices")
+        super().batch_select_indices(indices)
+
+
+class TierdKVCache(Cache):
+    """A ``Cache`` for ``past_key_values=``: ``window`` newest tokens per layer in the process, older
+    blocks of ``block`` tokens in tierd under ``kv/<uuid>/<layer>/<block>`` (see the module docstring for
+    the memory / latency trade-off).
+
+    ``client`` is a ``tierd_client.Client`` that outlives the cache. ``close()`` (or ``with``) deletes the
+    entries; ``reset()`` deletes them and empties the cache for reuse. Counters: ``offloaded_blocks``,
+    ``fetched_blocks``, ``round_trips``, ``put_failures``.
+    """
+
+    def __init__(self, client: Any, *, window: int = 1024, block: int = 128, namespace: str = "kv") -> None:
+        if block < 1 or window < block:
+            raise ValueError(f"need 1 <= block <= window, got block={block}, window={window}")
+        super().__init__(layers=[])
+        self.client = client
+        self.window = window
+        self.block = block
+        self.uuid = uuid.uuid4().hex
+        self.prefix = f"{namespace.rstrip('/')}/{self.uuid}"
+        self.offloaded_blocks = 0
+        self.fetched_blocks = 0
+        self.round_trips = 0
+        self.put_failures = 0
+        self.closed = False
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.closed:
+            raise RuntimeError("TierdKVCache is closed")
+        while len(self.layers) <= layer_idx:
+            self.layers.append(TierdKVLayer(self, len(self.layers)))
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def offloaded_keys(self) -> list[str]:
+        return [k for layer in self.layers for k in layer.block_keys]
+
+    def close(self) -> None:
+        """Delete every entry of this cache in tierd and drop the resident tensors; idempotent."""
+        if self.closed:
+            return
+        self.reset()
+        self.closed = True
+
+    def __enter__(self) -> TierdKVCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,371 @@
+"""Weights in tierd: ingest a safetensors checkpoint, build a model bound to it, detach it again.
+
+Every tensor of a checkpoint is one durable entry ``NAMESPACE/<param name>`` tagged ``weight`` and
+``xxh3:<hex>`` (the xxh3-64 of its bytes), so a second ingest, or a second process, skips what is
+there already and every process maps the same arena bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tierd_client._core import DTYPE_SIZES, dtype_name
+from tierd_integration.hooks import (
+    Binding,
+    StreamBlockHook,
+    add_hook,
+    empty_parameters,
+    get_tensor,
+    remove_hook,
+    set_tensor,
+)
+
+CHECKSUM_TAG = "xxh3:"
+
+
+def checksum(t: torch.Tensor) -> str:
+    """xxh3-64 hex of a tensor's bytes (C order)."""
+    import xxhash
+
+    flat = t.detach().contiguous().reshape(-1)
+    return xxhash.xxh3_64_hexdigest(flat.view(torch.uint8).numpy().data)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * DTYPE_SIZES[dtype_name(t)]
+
+
+def _has_disk(client: Any) -> bool:
+    return any(t["name"] == "disk" for t in client.stats()["tiers"])
+
+
+def _same(entry: dict[str, Any] | None, t: torch.Tensor, digest: str) -> bool:
+    return (
+        entry is not None
+        and entry["dtype"] == dtype_name(t)
+        and list(entry["shape"]) == list(t.shape)
+        and entry["nbytes"] == _nbytes(t)
+        and CHECKSUM_TAG + digest in entry["tags"]
+    )
+
+
+class _Progress:
+    def __init__(self, what: str, enabled: bool) -> None:
+        self.what, self.enabled = what, enabled
+        self.t0 = self.last = time.perf_counter()
+        self.tensors = self.bytes = 0
+
+    def add(self, nbytes: int) -> None:
+        self.tensors += 1
+        self.bytes += nbytes
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= 0.5:
+            self.last = now
+            self._print("")
+
+    def _print(self, end: str) -> None:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        print(
+            f"{self.what}: {self.tensors} tensors, {self.bytes / 1e9:.3f} GB, "
+            f"{self.bytes / 1e9 / dt:.2f} GB/s{end}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def done(self, end: str) -> float:
+        if self.enabled:
+            self._print(end)
+        return time.perf_counter() - self.t0
+
+
+class _Putter:
+    """Puts tensors under a namespace, skipping entries already there with the same bytes."""
+
+    def __init__(self, client: Any, namespace: str, codec: str | None, durable: bool | None) -> None:
+        self.client = client
+        self.namespace = namespace.rstrip("/")
+        self.codec = codec
+        self.durable = _has_disk(client) if durable is None else durable
+        self.existing = {e["key"]: e for e in client.ls(self.namespace + "/")}
+        self.counts = {"put": 0, "skipped": 0, "bytes": 0, "tensors": 0}
+
+    def __call__(self, name: str, t: torch.Tensor) -> None:
+        key = f"{self.namespace}/{name}"
+        digest = checksum(t)
+        self.counts["tensors"] += 1
+        if _same(self.existing.get(key), t, digest):
+            self.counts["skipped"] += 1
+            return
+        self.client.put(
+            key, t, tags=["weight", CHECKSUM_TAG + digest], durable=self.durable, codec=self.codec
+        )
+        self.counts["put"] += 1
+        self.counts["bytes"] += _nbytes(t)
+
+
+def _shards(checkpoint_dir: Path) -> list[Path]:
+    files = sorted(checkpoint_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {checkpoint_dir}")
+    return files
+
+
+def checkpoint_names(checkpoint_dir: str | Path) -> dict[str, tuple[str, list[int]]]:
+    """name -> (dtype, shape) for every tensor in the checkpoint's shards, read from the headers."""
+    from safetensors import safe_open
+
+    out: dict[str, tuple[str, list[int]]] = {}
+    for f in _shards(Path(checkpoint_dir)):
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
+                sl = sf.get_slice(name)
+                out[name] = (sl.get_dtype(), list(sl.get_shape()))
+    return out
+
+
+def ingest(
+    client: Any,
+    checkpoint_dir: str | Path,
+    namespace: str,
+    *,
+    codec: str | None = None,
+    progress: bool = True,
+    durable: bool | None = None,
+) -> dict[str, Any]:
+    """Put every tensor of a safetensors checkpoint into tierd as ``namespace/<name>``, one at a time.
+
+    Entries already there with the same dtype, shape, size and xxh3-64 are skipped. ``durable=None``
+    means durable when the daemon has a disk tier (a durable put is refused without one). Returns
+    ``{"put", "skipped", "bytes" (put), "tensors", "seconds"}``; progress goes to stderr.
+    """
+    from safetensors import safe_open
+
+    putter = _Putter(client, namespace, codec, durable)
+    prog = _Progress(f"ingest {namespace}", progress)
+    for f in _shards(Path(checkpoint_dir)):
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
+                t = sf.get_tensor(name)
+                putter(name, t)
+                prog.add(_nbytes(t))
+                del t
+    c = putter.counts
+    seconds = prog.done(f" (put {c['put']}, skipped {c['skipped']})")
+    return {**c, "seconds": seconds}
+
+
+# -- binding ----------------------------------------------------------------------------------------
+def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The streamed blocks in forward order: vision blocks, then decoder layers."""
+    names = {id(m): n for n, m in model.named_modules()}
+    inner: Any = getattr(model, "model", model)
+    out: list[nn.Module] = []
+    visual = getattr(inner, "visual", None)
+    if visual is not None:
+        out += list(visual.blocks)
+    out += list(inner.language_model.layers)
+    return [(names[id(m)], m) for m in out]
+
+
+def _choose_mode(client: Any, total: int, ram_budget: int | None) -> str:
+    st = client.stats()
+    ram = next(t for t in st["tiers"] if t["name"] == "ram")
+    room = ram["capacity_bytes"] * float(st.get("placement", {}).get("ram_high_watermark", 0.9))
+    if ram_budget is not None:
+        room = min(room, ram_budget)
+    return "resident" if total <= room else "streaming"
+
+
+def bind(
+    model: nn.Module,
+    client: Any,
+    namespace: str,
+    names: list[str],
+    *,
+    mode: str,
+    prefetch_depth: int = 2,
+) -> nn.Module:
+    """Bind the tensors ``names`` of ``model`` to ``namespace/<name>`` in tierd.
+
+    ``resident``: one get_many, every tensor a view for the model's lifetime. ``streaming``: tensors
+    outside the blocks (embeddings, norms, merger, lm_head) resident, each block's bound per forward
+    by a StreamBlockHook. Parameters that share a tensor with a bound one (tied lm_head) share it again.
+    """
+    if mode not in ("resident", "streaming"):
+        raise ValueError(f"mode must be 'resident' or 'streaming', not {mode!r}")
+    if hasattr(model, "_tierd_binding"):
+        raise RuntimeError("model is bound to tierd already: detach(model) first")
+    ns = namespace.rstrip("/")
+    name_set = set(names)
+    # Tied tensors: every name under which a bound tensor object appears.
+    by_id: dict[int, list[str]] = {}
+    requires_grad: dict[str, bool] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(n)
+        requires_grad[n] = p.requires_grad
+    for n, b in model.named_buffers(remove_duplicate=False):
+        by_id.setdefault(id(b), []).append(n)
+    tied: dict[str, str] = {}
+    for group in by_id.values():
+        src = next((n for n in group if n in name_set), None)
+        if src is not None:
+            tied.update({n: src for n in group if n != src})
+    binding = Binding(client, ns, mode, list(names), tied, requires_grad)
+
+    block_names: set[str] = set()
+    if mode == "streaming":
+        order = []
+        for prefix, module in _blocks(model):
+            rel = [n[len(prefix) + 1 :] for n in names if n.startswith(prefix + ".")]
+            order.append((prefix, module, rel))
+            block_names.update(f"{prefix}.{r}" for r in rel)
+        text_start = next((i for i, (p, _, _) in enumerate(order) if ".language_model." in f".{p}."), 0)
+        for i, (prefix, module, rel) in enumerate(order):
+            nxt: list[str] = []
+            j = i
+            for _ in range(prefetch_depth):
+                j = j + 1 if j + 1 < len(order) else text_start  # decoding loops over the text layers
+                if j == i:
+                    break
+                nxt += [f"{ns}/{order[j][0]}.{r}" for r in order[j][2]]
+            hook = StreamBlockHook(client, rel, [f"{ns}/{prefix}.{r}" for r in rel], nxt)
+            add_hook(module, hook)
+            binding.blocks.append((module, [f"{prefix}.{r}" for r in rel]))
+
+    resident = [n for n in names if n not in block_names]
+    views = client.get_many([f"{ns}/{n}" for n in resident])
+    for n, v in zip(resident, views, strict=True):
+        set_tensor(model, n, v)
+    binding.resident_views = views
+    for n, src in tied.items():
+        module_path, _, attr = n.rpartition(".")
+        owner = model.get_submodule(module_path) if module_path else model
+        t = get_tensor(model, src)
+        if attr in owner._parameters:
+            owner._parameters[attr] = t  # the same Parameter object: tied again
+        else:
+            owner._buffers[attr] = t
+    model._tierd_binding = binding
+    left = [
+        n
+        for n, p in [*model.named_parameters(), *model.named_buffers()]
+        if p.is_meta and n not in block_names and tied.get(n) not in block_names
+    ]
+    if left:
+        detach(model)
+        raise ValueError(f"{len(left)} tensors of the model are not in {ns}/, e.g. {left[:5]}")
+    return model
+
+
+def from_pretrained(
+    checkpoint_dir: str | Path,
+    client: Any,
+    *,
+    namespace: str | None = None,
+    ram_budget: int | None = None,
+    prefetch_depth: int = 2,
+    mode: str | None = None,
+    progress: bool = False,
+    **ingest_kw: Any,
+) -> nn.Module:
+    """A Qwen3-VL built on the meta device whose weights are tierd views (ingested first if needed).
+
+    ``namespace`` defaults to the checkpoint folder's name. ``mode`` None chooses: resident when all
+    weights fit the RAM tier (below its high watermark) and ``ram_budget``, else streaming.
+    """
+    from transformers import AutoConfig, GenerationConfig, Qwen3VLForConditionalGeneration
+
+    ckpt = Path(checkpoint_dir)
+    ns = (namespace or ckpt.resolve().name).rstrip("/")
+    ingest(client, ckpt, ns, progress=progress, **ingest_kw)
+    meta = checkpoint_names(ckpt)
+    total = sum(math.prod(shape) * _st_dtype(dt).itemsize for dt, shape in meta.values())
+    config = AutoConfig.from_pretrained(ckpt)
+    with empty_parameters():
+        model = Qwen3VLForConditionalGeneration(config)
+    if (ckpt / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(ckpt)
+    model.eval()
+    bind(model, client, ns, list(meta), mode=mode or _choose_mode(client, total, ram_budget),
+         prefetch_depth=prefetch_depth)  # fmt: skip
+    return model
+
+
+def _st_dtype(name: str) -> torch.dtype:
+    return {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+        "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    }[name]  # fmt: skip
+
+
+def offload_model(
+    model: nn.Module,
+    client: Any,
+    namespace: str,
+    *,
+    durable: bool | None = True,
+    ram_budget: int | None = None,
+    prefetch_depth: int = 2,
+    mode: str | None = None,
+    codec: str | None = None,
+) -> nn.Module:
+    """Put a model's state_dict into tierd (tied tensors once), then bind the model to it (see bind)."""
+    putter = _Putter(client, namespace, codec, durable)
+    seen: set[int] = set()
+    names: list[str] = []
+    total = 0
+    for n, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        names.append(n)
+        putter(n, t.detach().cpu())
+        total += _nbytes(t)
+    return bind(model, client, namespace, names, mode=mode or _choose_mode(client, total, ram_budget),
+                prefetch_depth=prefetch_depth)  # fmt: skip
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove every hook, restore the original forwards, and copy every bound tensor into ordinary
+    CPU memory (leases released), so the model works without tierd and gives identical outputs."""
+    binding: Binding | None = model.__dict__.pop("_tierd_binding", None)
+    if binding is None:
+        return model
+    for module in model.modules():
+        remove_hook(module)
+    client = binding.client
+    block_names = {n for _, ns in binding.blocks for n in ns}
+    need = [n for n in binding.names if n in block_names]
+    fetched = client.get_many([binding.key(n) for n in need]) if need else []
+    rg = binding.requires_grad
+    for n, v in [*zip(need, fetched, strict=True), *[(n, get_tensor(model, n)) for n in binding.names
+                                                      if n not in block_names]]:  # fmt: skip
+        module_path, _, attr = n.rpartition(".")
+        owner = model.get_submodule(module_path) if module_path else model
+        plain = v.detach().clone()
+        if attr in owner._parameters:
+            owner._parameters[attr] = nn.Parameter(plain, requires_grad=rg.get(n, True))
+        else:
+            owner._buffers[attr] = plain
+    for n, src in binding.tied.items():
+        module_path, _, attr = n.rpartition(".")
+        owner = model.get_submodule(module_path) if module_path else model
+        t = get_tensor(model, src)
+        if attr in owner._parameters:
+            owner._parameters[attr] = t  # the same Parameter object: tied again
+        else:
+            owner._buffers[attr] = t
+    if not getattr(client, "closed", False):
+        held = [*fetched, *binding.resident_views]
+        if held:
+            client.release(held)
+    binding.resident_views = []
+    return model

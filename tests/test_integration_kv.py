@@ -1,0 +1,117 @@
+"""TierdKVCache on a tiny random Qwen3-VL (built from a config: no downloads), against a real daemon."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from model_integration.kvcache import TierdKVCache
+from tests.conftest import wait_until
+from tests.test_integration_vision import build_tiny_qwen3vl, image_inputs
+from tierd_client import Client
+
+GEN = dict(max_new_tokens=24, do_sample=False)
+N_LAYERS = 2
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return build_tiny_qwen3vl()
+
+
+def _text(n: int = 12, seed: int = 2) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 200, (1, n), generator=gen)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+@torch.no_grad()
+def test_greedy_tokens_equal_dynamic_cache_and_blocks_are_offloaded(daemon, model) -> None:
+    inputs = _text(12)
+    ref = model.generate(**inputs, past_key_values=DynamicCache(), **GEN)
+    with Client(daemon.socket) as c:
+        kv = TierdKVCache(c, window=8, block=4)
+        out = model.generate(**inputs, past_key_values=kv, **GEN)
+        total = 12 + GEN["max_new_tokens"] - 1  # the last token's K/V is never computed
+        assert kv.get_seq_length() == total
+        for layer in kv.layers:
+            assert layer._resident_len() <= 8
+            assert layer.offloaded_len + layer._resident_len() == total
+        expected_blocks = (total - 8 + 3) // 4
+        assert kv.offloaded_blocks == N_LAYERS * expected_blocks
+        assert kv.round_trips > 0 and kv.put_failures == 0
+        entries = c.ls(f"kv/{kv.uuid}/")
+        assert sorted(e["key"] for e in entries) == sorted(kv.offloaded_keys())
+        assert all("kv" in e["tags"] for e in entries)
+        layer0 = c.get(f"kv/{kv.uuid}/0/0")
+        assert tuple(layer0.shape) == (2, 1, 2, 4, 16)  # K/V, batch, kv heads, block, head_dim
+        c.release(layer0)
+        kv.close()
+        assert c.ls("kv/") == []
+        assert kv.offloaded_keys() == []
+        kv.close()  # idempotent
+        with pytest.raises(RuntimeError):
+            kv.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16), 0)
+    assert torch.equal(out, ref)
+
+
+@torch.no_grad()
+def test_entries_exist_during_generation(daemon, model) -> None:
+    seen: list[int] = []
+    with Client(daemon.socket) as c, Client(daemon.socket) as observer:
+        kv = TierdKVCache(c, window=8, block=4)
+
+        def look(*_: object) -> None:
+            seen.append(len([e for e in observer.ls("kv/") if "kv" in e["tags"]]))
+
+        hook = model.model.language_model.layers[0].register_forward_pre_hook(look)
+        try:
+            model.generate(**_text(10), past_key_values=kv, max_new_tokens=10, do_sample=False)
+        finally:
+            hook.remove()
+            kv.close()
+        assert seen[0] == 0 and max(seen) > 0
+        assert observer.ls("kv/") == []
+
+
+@torch.no_grad()
+def test_image_prompt_equal_dynamic_cache(daemon, model) -> None:
+    inputs = image_inputs(seed=7)
+    ref = model.generate(**inputs, past_key_values=DynamicCache(), max_new_tokens=12, do_sample=False)
+    with Client(daemon.socket) as c, TierdKVCache(c, window=8, block=4) as kv:
+        out = model.generate(**inputs, past_key_values=kv, max_new_tokens=12, do_sample=False)
+        assert kv.offloaded_blocks > 0
+    assert torch.equal(out, ref)
+
+
+@torch.no_grad()
+def test_a_closed_clients_entries_are_gone(daemon, model) -> None:
+    with Client(daemon.socket) as observer:
+        c = Client(daemon.socket)
+        kv = TierdKVCache(c, window=8, block=4)
+        model.generate(**_text(16), past_key_values=kv, max_new_tokens=4, do_sample=False)
+        assert len(observer.ls(f"kv/{kv.uuid}/")) == N_LAYERS * 3  # 19 tokens: 3 blocks per layer out
+        c.close()  # no kv.close(): scope="client" entries go with the connection
+        wait_until(lambda: observer.ls("kv/") == [], what="client-scope kv entries to go")
+
+
+@torch.no_grad()
+def test_reset_deletes_and_the_cache_is_reusable(daemon, model) -> None:
+    inputs = _text(12, seed=5)
+    ref = model.generate(**inputs, past_key_values=DynamicCache(), max_new_tokens=8, do_sample=False)
+    with Client(daemon.socket) as c, TierdKVCache(c, window=4, block=4) as kv:
+        model.generate(**inputs, past_key_values=kv, max_new_tokens=8, do_sample=False)
+        assert c.ls("kv/")
+        kv.reset()
+        assert c.ls("kv/") == [] and kv.get_seq_length() == 0
+        out = model.generate(**inputs, past_key_values=kv, max_new_tokens=8, do_sample=False)
+    assert torch.equal(out, ref)
+
+
+def test_bad_sizes_are_refused(daemon) -> None:
+    with Client(daemon.socket) as c:
+        with pytest.raises(ValueError):
+            TierdKVCache(c, window=2, block=4)
+        with pytest.raises(ValueError):
+            TierdKVCache(c, window=8, block=0)

@@ -1,0 +1,232 @@
+"""Weights served by a real tierd to a tiny random Qwen3-VL (CPU): resident, streaming, detach,
+shared between processes, and no leases left behind by a killed model process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import wait_until
+from tierd_client import Client
+from tierd_integration import (
+    detach,
+    from_pretrained,
+    ingest,
+    make_random_checkpoint,
+    offload_model,
+    sample_inputs,
+)
+from tierd_integration.hooks import StreamBlockHook
+
+NEW_TOKENS = 6
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-vl", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def plain(ckpt: Path):
+    from transformers import Qwen3VLForConditionalGeneration
+
+    return Qwen3VLForConditionalGeneration.from_pretrained(ckpt).eval()
+
+
+@pytest.fixture(scope="module")
+def inputs(plain) -> dict:
+    return sample_inputs(plain, seed=1)
+
+
+@pytest.fixture(scope="module")
+def reference(plain, inputs) -> torch.Tensor:
+    return generate(plain, inputs)
+
+
+def generate(model, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+def weight_bytes(ckpt: Path) -> int:
+    from tierd_integration.weights import checkpoint_names
+
+    return sum(
+        torch.empty(shape, dtype=torch.float32, device="meta").numel() * 4
+        for _, shape in checkpoint_names(ckpt).values()
+    )
+
+
+def test_make_random_checkpoint_and_inputs(ckpt: Path, plain, inputs: dict, reference) -> None:
+    assert (ckpt / "config.json").exists()
+    assert len(list(ckpt.glob("*.safetensors"))) > 1  # sharded
+    assert plain.config.vision_config.deepstack_visual_indexes
+    n_image = int((inputs["input_ids"] == plain.config.image_token_id).sum())
+    assert n_image == inputs["pixel_values"].shape[0] // 4
+    assert inputs["pixel_values"].shape[1] == 3 * 2 * 16 * 16
+    assert reference.shape[1] == inputs["input_ids"].shape[1] + NEW_TOKENS
+    # the same seed makes the same checkpoint
+    assert torch.equal(sample_inputs(plain, seed=1)["pixel_values"], inputs["pixel_values"])
+
+
+def test_resident_and_streaming_generate_identical_tokens(daemon, ckpt, inputs, reference) -> None:
+    with Client(socket=daemon.socket) as c:
+        resident = from_pretrained(ckpt, c)
+        assert resident._tierd_binding.mode == "resident"
+        assert all(c.arena.contains(p) for p in resident.parameters())
+        assert resident.lm_head.weight is resident.model.language_model.embed_tokens.weight
+        assert torch.equal(generate(resident, inputs), reference)
+
+        streaming = from_pretrained(ckpt, c, ram_budget=weight_bytes(ckpt) // 2)
+        assert streaming._tierd_binding.mode == "streaming"
+        layer = streaming.model.language_model.layers[0]
+        hook = layer._tierd_hook
+        assert isinstance(hook, StreamBlockHook)
+        assert all(p.is_meta for p in layer.parameters())  # a block holds nothing between forwards
+        before = c.stats()
+        assert torch.equal(generate(streaming, inputs), reference)
+        after = c.stats()
+        assert hook.calls == NEW_TOKENS  # prefill + one forward per further token
+        assert streaming.model.visual.blocks[0]._tierd_hook.calls == 1
+        assert all(p.is_meta for p in layer.parameters())
+        assert after["leases"] == before["leases"]  # every block lease released after its forward
+        assert after["counters"]["prefetch_hints"] > before["counters"]["prefetch_hints"]
+        assert c.stats()["counters"]["puts"] == 69  # the second from_pretrained ingested nothing
+        detach(streaming)
+        detach(resident)
+        assert c.stats()["leases"] == 0
+
+
+def test_ingest_twice_skips_everything(start_daemon, ckpt, capsys) -> None:
+    d = start_daemon(disk_bytes="64MiB")
+    with Client(socket=d.socket) as c:
+        first = ingest(c, ckpt, "tiny", progress=True)
+        assert "GB/s" in capsys.readouterr().err
+        assert first["put"] == first["tensors"] == 69 and first["skipped"] == 0
+        assert first["bytes"] == weight_bytes(ckpt)
+        entries = c.ls("tiny/")
+        assert all(e["durable"] and "weight" in e["tags"] for e in entries)
+        assert all(any(t.startswith("xxh3:") for t in e["tags"]) for e in entries)
+        second = ingest(c, ckpt, "tiny", progress=False)
+        assert second["put"] == 0 and second["skipped"] == 69 and second["bytes"] == 0
+        assert [e["version"] for e in c.ls("tiny/")] == [e["version"] for e in entries]
+
+
+def test_ingest_replaces_changed_tensor(daemon, ckpt, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for f in ckpt.glob("*.safetensors"):
+        sd = load_file(f)
+        if "model.language_model.norm.weight" in sd:
+            sd["model.language_model.norm.weight"] = sd["model.language_model.norm.weight"] + 1
+        save_file(sd, changed / f.name, metadata={"format": "pt"})
+    with Client(socket=daemon.socket) as c:
+        ingest(c, ckpt, "tiny", progress=False)
+        old = {e["key"]: e["version"] for e in c.ls("tiny/")}
+        again = ingest(c, changed, "tiny", progress=False)
+        assert again["put"] == 1 and again["skipped"] == 68
+        new = {e["key"]: e["version"] for e in c.ls("tiny/")}
+        assert {k for k in old if old[k] != new[k]} == {"tiny/model.language_model.norm.weight"}
+
+
+def test_detach_restores_plain_model(daemon, ckpt, inputs, reference) -> None:
+    c = Client(socket=daemon.socket)
+    model = from_pretrained(ckpt, c, ram_budget=0)  # streaming
+    layer = model.model.language_model.layers[1]
+    assert "forward" in layer.__dict__
+    detach(model)
+    assert "forward" not in layer.__dict__ and not hasattr(layer, "_tierd_hook")
+    assert not hasattr(model, "_tierd_binding")
+    assert c.stats()["leases"] == 0
+    c.close()  # the model no longer needs tierd
+    assert not any(p.is_meta for p in model.parameters())
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    assert torch.equal(generate(model, inputs), reference)
+
+
+def test_offload_model_in_memory(daemon, ckpt, plain, inputs, reference) -> None:
+    from transformers import Qwen3VLForConditionalGeneration
+
+    model = Qwen3VLForConditionalGeneration.from_pretrained(ckpt).eval()
+    with Client(socket=daemon.socket) as c:
+        offload_model(model, c, "mem", durable=False, mode="streaming")
+        assert len(c.ls("mem/")) == 69  # the tied lm_head is stored once
+        assert torch.equal(generate(model, inputs), reference)
+        detach(model)
+    assert torch.equal(generate(model, inputs), reference)
+
+
+WORKER = r"""
+import json, sys, torch
+from tierd_client import Client
+from tierd_integration import from_pretrained, sample_inputs
+c = Client(socket=sys.argv[1])
+model = from_pretrained(sys.argv[2], c, namespace="shared")
+base = c.arena.ro.ctypes.data
+offsets = {n: p.untyped_storage().data_ptr() - base for n, p in model.named_parameters()}
+with torch.no_grad():
+    out = model.generate(**sample_inputs(model, seed=1), max_new_tokens=int(sys.argv[3]), do_sample=False)
+print(json.dumps({
+    "in_arena": all(c.arena.contains(p) for p in model.parameters()),
+    "offsets": offsets, "tokens": out.tolist(), "leases": c.lease_count,
+}), flush=True)
+sys.stdin.read()  # hold the model (and its leases) until told to go, or killed
+"""
+
+
+def spawn(daemon, ckpt: Path) -> tuple[subprocess.Popen, dict]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(daemon.socket), str(ckpt), str(NEW_TOKENS)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError(f"worker died: rc={proc.returncode}")
+    return proc, json.loads(line)
+
+
+def test_two_processes_share_the_same_arena_bytes(daemon, ckpt, reference) -> None:
+    with Client(socket=daemon.socket) as c:
+        a, ra = spawn(daemon, ckpt)
+        puts = c.stats()["counters"]["puts"]
+        entries = len(c.ls("shared/"))
+        b, rb = spawn(daemon, ckpt)
+        try:
+            assert c.stats()["counters"]["puts"] == puts  # the second process added nothing
+            assert len(c.ls("shared/")) == entries == 69
+            assert ra["in_arena"] and rb["in_arena"]
+            assert ra["offsets"] == rb["offsets"]  # the same bytes of the one arena
+            assert ra["tokens"] == rb["tokens"] == reference.tolist()
+            assert c.stats()["leases"] == ra["leases"] + rb["leases"] == 2 * 69
+        finally:
+            for p in (a, b):
+                p.communicate("")
+        assert a.returncode == b.returncode == 0
+        wait_until(lambda: c.stats()["leases"] == 0, what="leases released at exit")
+
+
+def test_killed_model_process_leaves_no_leases(daemon, ckpt) -> None:
+    with Client(socket=daemon.socket) as c:
+        baseline = c.stats()["leases"]
+        proc, r = spawn(daemon, ckpt)
+        assert r["leases"] == 69
+        assert c.stats()["leases"] == baseline + 69
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()  # waits, and closes our ends of its pipes
+        assert proc.returncode == -signal.SIGKILL
+        wait_until(lambda: c.stats()["leases"] == baseline, what="leases of the killed process dropped")
+        assert len(c.ls("shared/")) == 69  # the weights stay for the next process
