@@ -12,7 +12,7 @@ $(VENV)/.setup-done: pyproject.toml scripts/setup.sh
 	touch $@
 
 demo: setup
-	$(PY) examples/demo.py
+	$(PY) examples/qwen3vl.py
 
 lint: setup
 	$(PY) -m ruff check .

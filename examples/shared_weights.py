@@ -1,6 +1,6 @@
 """tierd end to end: a daemon on its defaults, and model processes that share weights through it.
 
-    python examples/demo.py            (or: make demo)
+    python examples/shared_weights.py
 
 1. Starts `tierd` with no flags and no config file (or uses the one already serving the default
    socket): a shared-memory RAM tier of 25% of RAM, on $XDG_RUNTIME_DIR/tierd/tierd.sock or

@@ -28,6 +28,7 @@ import collections
 import functools
 import logging
 import multiprocessing
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -183,7 +184,10 @@ class Prefetcher:
         # Training is seconds of pure Python: in a child process it cannot hold the loop's GIL. The
         # child builds a fresh predictor with the same options; train() reads only those and history.
         if self._trainer is None:
-            self._trainer = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            # niced: on a small machine the model process needs the cores more than the predictor does
+            self._trainer = ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn"), initializer=os.nice, initargs=(19,)
+            )
         job = functools.partial(_train, self.predictor_name, self._opts, history)
         loop.run_in_executor(self._trainer, job).add_done_callback(done)
 
