@@ -230,3 +230,23 @@ def test_killed_model_process_leaves_no_leases(daemon, ckpt) -> None:
         assert proc.returncode == -signal.SIGKILL
         wait_until(lambda: c.stats()["leases"] == baseline, what="leases of the killed process dropped")
         assert len(c.ls("shared/")) == 69  # the weights stay for the next process
+
+
+def test_tierctl_import(start_daemon, short_tmp: Path) -> None:
+    from tierd_integration import make_random_checkpoint
+
+    ckpt = make_random_checkpoint(short_tmp / "ckpt", size="tiny", seed=0)
+    d = start_daemon(disk_bytes="256MiB")
+    cmd = [sys.executable, "-m", "tierd_client.tierctl", "--socket", str(d.socket), "import", str(ckpt)]
+    first = subprocess.run([*cmd, "--namespace", "tiny"], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert "tensors" in first.stderr  # progress
+    again = subprocess.run([*cmd, "--namespace", "tiny", "--json"], capture_output=True, text=True)
+    counts = json.loads(again.stdout)
+    assert counts["put"] == 0 and counts["skipped"] > 0
+    with Client(d.socket) as c:
+        weights = c.ls("tiny/")
+        assert len(weights) == counts["skipped"]
+        assert all("weight" in e["tags"] and e["durable"] for e in weights)
+    bad = subprocess.run([*cmd[:-1], str(short_tmp)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "not a checkpoint folder" in bad.stderr
