@@ -144,6 +144,7 @@ class Binding:
     requires_grad: dict[str, bool] = field(default_factory=dict)  # parameters' flags before binding
     resident_views: list[torch.Tensor] = field(default_factory=list)
     blocks: list[tuple[nn.Module, list[str]]] = field(default_factory=list)
+    kept_blocks: int = 0  # streaming: decoder layers kept resident (leased) instead of streamed
 
     def key(self, name: str) -> str:
         return f"{self.namespace}/{name}"

@@ -174,13 +174,18 @@ def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(names[id(m)], m) for m in out]
 
 
-def _choose_mode(client: Any, total: int, ram_budget: int | None) -> str:
+def _room(client: Any, ram_budget: int | None) -> int:
+    """Bytes of weights this model may keep in RAM: the tier below its high watermark, or the budget."""
     st = client.stats()
     ram = next(t for t in st["tiers"] if t["name"] == "ram")
     room = ram["capacity_bytes"] * float(st.get("placement", {}).get("ram_high_watermark", 0.9))
     if ram_budget is not None:
         room = min(room, ram_budget)
-    return "resident" if total <= room else "streaming"
+    return int(room)
+
+
+def _choose_mode(client: Any, total: int, ram_budget: int | None) -> str:
+    return "resident" if total <= _room(client, ram_budget) else "streaming"
 
 
 def bind(
@@ -191,12 +196,19 @@ def bind(
     *,
     mode: str,
     prefetch_depth: int = 2,
+    room: int | None = None,
 ) -> nn.Module:
     """Bind the tensors ``names`` of ``model`` to ``namespace/<name>`` in tierd.
 
     ``resident``: one get_many, every tensor a view for the model's lifetime. ``streaming``: tensors
     outside the blocks (embeddings, norms, merger, lm_head) resident, each block's bound per forward
     by a StreamBlockHook. Parameters that share a tensor with a bound one (tied lm_head) share it again.
+
+    ``room`` (streaming): bytes of RAM this model may hold. What the resident tensors and a window of
+    ``prefetch_depth + 2`` streamed blocks leave of it keeps the first decoder layers resident for
+    good (leased, so never demoted): decoding reads the layers in a cycle, and a cycle longer than
+    the cache is exactly what LRU eviction handles worst, so a fixed resident part is read from disk
+    never, and only the rest streams.
     """
     if mode not in ("resident", "streaming"):
         raise ValueError(f"mode must be 'resident' or 'streaming', not {mode!r}")
@@ -225,6 +237,21 @@ def bind(
         for prefix, module in _blocks(model):
             rel = [n[len(prefix) + 1 :] for n in names if n.startswith(prefix + ".")]
             order.append((prefix, module, rel))
+        sizes = [sum(_nbytes(get_tensor(model, f"{p}.{r}")) for r in rel) for p, _, rel in order]
+        if room is not None and order:
+            in_blocks = {f"{p}.{r}" for p, _, rel in order for r in rel}
+            outside = sum(_nbytes(get_tensor(model, n)) for n in names if n not in in_blocks)
+            keep = room - outside - (prefetch_depth + 2) * max(sizes)
+            kept = []
+            for i, (p, _, _) in enumerate(order):
+                if ".language_model." in f".{p}." and sizes[i] <= keep:
+                    kept.append(i)
+                    keep -= sizes[i]
+                elif kept:
+                    break
+            binding.kept_blocks = len(kept)
+            order = [b for i, b in enumerate(order) if i not in set(kept)]
+        for prefix, _, rel in order:
             block_names.update(f"{prefix}.{r}" for r in rel)
         text_start = next((i for i, (p, _, _) in enumerate(order) if ".language_model." in f".{p}."), 0)
         for i, (prefix, module, rel) in enumerate(order):
@@ -294,7 +321,7 @@ def from_pretrained(
         model.generation_config = GenerationConfig.from_pretrained(ckpt)
     model.eval()
     bind(model, client, ns, list(meta), mode=mode or _choose_mode(client, total, ram_budget),
-         prefetch_depth=prefetch_depth)  # fmt: skip
+         prefetch_depth=prefetch_depth, room=_room(client, ram_budget))  # fmt: skip
     return model
 
 
@@ -343,11 +370,9 @@ def detach(model: nn.Module) -> nn.Module:
         remove_hook(module)
     client = binding.client
     block_names = {n for _, ns in binding.blocks for n in ns}
-    need = [n for n in binding.names if n in block_names]
-    fetched = client.get_many([binding.key(n) for n in need]) if need else []
     rg = binding.requires_grad
-    for n, v in [*zip(need, fetched, strict=True), *[(n, get_tensor(model, n)) for n in binding.names
-                                                      if n not in block_names]]:  # fmt: skip
+
+    def make_plain(n: str, v: torch.Tensor) -> None:
         module_path, _, attr = n.rpartition(".")
         owner = model.get_submodule(module_path) if module_path else model
         plain = v.detach().clone()
@@ -355,6 +380,20 @@ def detach(model: nn.Module) -> nn.Module:
             owner._parameters[attr] = nn.Parameter(plain, requires_grad=rg.get(n, True))
         else:
             owner._buffers[attr] = plain
+
+    # streamed blocks one at a time, each released before the next: the RAM tier may be far smaller
+    # than the model, and only one block's bytes need to be there at once
+    for _, names in binding.blocks:
+        need = [n for n in binding.names if n in set(names)]
+        if not need:
+            continue
+        fetched = client.get_many([binding.key(n) for n in need])
+        for n, v in zip(need, fetched, strict=True):
+            make_plain(n, v)
+        client.release(fetched)
+    for n in binding.names:
+        if n not in block_names:
+            make_plain(n, get_tensor(model, n))
     for n, src in binding.tied.items():
         module_path, _, attr = n.rpartition(".")
         owner = model.get_submodule(module_path) if module_path else model
@@ -364,7 +403,7 @@ def detach(model: nn.Module) -> nn.Module:
         else:
             owner._buffers[attr] = t
     if not getattr(client, "closed", False):
-        held = [*fetched, *binding.resident_views]
+        held = list(binding.resident_views)
         if held:
             client.release(held)
     binding.resident_views = []

@@ -250,3 +250,23 @@ def test_tierctl_import(start_daemon, short_tmp: Path) -> None:
         assert all("weight" in e["tags"] and e["durable"] for e in weights)
     bad = subprocess.run([*cmd[:-1], str(short_tmp)], capture_output=True, text=True)
     assert bad.returncode == 2 and "not a checkpoint folder" in bad.stderr
+
+
+def test_streaming_keeps_the_first_layers_resident_when_there_is_room(
+    daemon, ckpt, inputs, reference
+) -> None:
+    with Client(socket=daemon.socket) as c:
+        model = from_pretrained(ckpt, c, mode="streaming")  # forced: the tier could hold it all
+        binding = model._tierd_binding
+        layers = model.model.language_model.layers
+        assert binding.kept_blocks == len(layers)  # room for every decoder layer: none streams
+        assert all(not hasattr(layer, "_tierd_hook") for layer in layers)
+        assert all(c.arena.contains(p) for p in layers[0].parameters())
+        assert isinstance(model.model.visual.blocks[0]._tierd_hook, StreamBlockHook)  # prefill only
+        before = c.stats()["counters"]["gets"]
+        assert torch.equal(generate(model, inputs), reference)
+        # decoding fetched nothing for the kept layers: only the vision blocks, once, at prefill
+        assert c.stats()["counters"]["gets"] - before == sum(
+            len(list(b.parameters())) for b in model.model.visual.blocks
+        )
+        detach(model)

@@ -1,0 +1,555 @@
+"""A Qwen3-VL-shaped random bf16 model (~0.5B params) decoded four ways, on one machine, in one run.
+
+    python bench/bench_qwen3vl.py [--size-mb 1000] [--tokens 24] [--json OUT]
+
+Runs (each model in its own process; greedy, the same inputs for all):
+ 1. plain: transformers from_pretrained, weights in process memory (no tierd);
+ 2. tierd resident: tierd_integration.from_pretrained(mode="resident") on a daemon whose RAM tier holds all;
+ 3. tierd budgeted: a daemon with a RAM tier of 40% of the weights and a disk tier (weights ingested
+    durable beforehand, page cache dropped), streaming mode; the daemon AND the model process run in a
+    cgroup-v1 memory group limited to 40% of the weights + the plain process's non-weight memory + the
+    daemon's own overhead + a margin;
+ 4. accelerate disk_offload (offload_state_dict once, init_empty_weights, disk_offload) in a cgroup with
+    the same limit (an OOM kill is reported as the result).
+Also: three processes sharing one model through tierd vs three plain ones (USS), and time to first token
+with a vision-cache hit vs a miss. Needs root for the cgroups and drop_caches (skipped otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CG_ROOT = Path("/sys/fs/cgroup/memory")
+NS = "bench"
+GRID = (16, 16)  # 256 patches -> 64 image tokens
+
+
+# -- model ------------------------------------------------------------------------------------------
+def make_config(size_mb: int):
+    """Qwen3-VL-shaped: text hidden 1024, head_dim 128, GQA 8/4, vocab 32k tied; vision 768 x 12 blocks
+    with 3 deepstack layers; the number of text layers is chosen to reach ~size_mb of bf16 weights."""
+    from transformers import Qwen3VLConfig
+
+    hidden, inter, heads, kv, hd, vocab = 1024, 3072, 8, 4, 128, 32768
+    vh, vdepth = 768, 12
+    per_layer = hidden * hd * (2 * heads + 2 * kv) + 3 * hidden * inter + 2 * hidden + 2 * hd
+    vblock = 4 * vh * vh + 2 * vh * (4 * vh) + 10 * vh
+    merger = (vh * 4) ** 2 + vh * 4 * hidden
+    fixed = vocab * hidden + vdepth * vblock + 4 * merger + 3 * 2 * 16 * 16 * vh + 256 * vh
+    layers = max(4, round((size_mb * 1e6 / 2 - fixed) / per_layer))
+    return Qwen3VLConfig(
+        text_config={
+            "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hd,
+            "vocab_size": vocab, "max_position_embeddings": 4096, "dtype": "bfloat16",
+            "rope_scaling": {"rope_type": "default", "mrope_section": [24, 20, 20],
+                             "mrope_interleaved": True},
+        },
+        vision_config={
+            "depth": vdepth, "hidden_size": vh, "intermediate_size": 4 * vh, "num_heads": vh // 64,
+            "out_hidden_size": hidden, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+            "deepstack_visual_indexes": [3, 7, 11], "num_position_embeddings": 256,
+        },
+        image_token_id=vocab - 4, video_token_id=vocab - 3,
+        vision_start_token_id=vocab - 2, vision_end_token_id=vocab - 1,
+        tie_word_embeddings=True, dtype="bfloat16",
+    )  # fmt: skip
+
+
+def make_checkpoint(out: Path, size_mb: int) -> tuple[int, int]:
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = make_config(size_mb)
+    model = Qwen3VLForConditionalGeneration(cfg).to(torch.bfloat16).eval()
+    model.save_pretrained(out)
+    sd = {k: v for k, v in model.state_dict().items()}
+    seen, nbytes, nparams = set(), 0, 0
+    for v in sd.values():
+        if v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
+        nbytes += v.numel() * v.element_size()
+        nparams += v.numel()
+    return nbytes, nparams
+
+
+def inputs_for(config, seed: int = 0):
+    import tierd_integration as ti
+
+    return ti.sample_inputs(config, seed=seed, grid=GRID)
+
+
+# -- measuring inside a worker --------------------------------------------------------------------
+class Stamps:
+    """A generate() streamer that only records when each put happens (the prompt first, then tokens)."""
+
+    def __init__(self) -> None:
+        self.t: list[float] = []
+
+    def put(self, value) -> None:
+        self.t.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def reset_hwm() -> None:
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS)
+
+
+def uss() -> int:
+    import psutil
+
+    return psutil.Process().memory_full_info().uss
+
+
+def timed_generate(model, inputs, n: int) -> dict:
+    import torch
+
+    s = Stamps()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=s)
+    t_end = time.perf_counter()
+    toks = out[0, inputs["input_ids"].shape[1]:].tolist()
+    tt = s.t[1:]  # token stamps
+    decode = (len(tt) - 1) / (tt[-1] - tt[0]) if len(tt) > 1 else float("nan")
+    return {"tokens": toks, "ttft_s": tt[0] - t0 if tt else float("nan"), "total_s": t_end - t0,
+            "decode_tok_s": decode, "n": len(toks)}  # fmt: skip
+
+
+def worker(a: argparse.Namespace) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    ckpt = Path(a.ckpt)
+    res: dict = {"rss_after_imports": status_kb("VmRSS")}
+    from transformers import AutoConfig
+
+    import tierd_integration as ti
+
+    cfg = AutoConfig.from_pretrained(ckpt)
+    inputs = inputs_for(cfg)
+    client = None
+    if a.role == "plain":
+        from transformers import Qwen3VLForConditionalGeneration
+
+        model = Qwen3VLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.bfloat16).eval()
+    elif a.role == "accel":
+        from accelerate import disk_offload, init_empty_weights
+        from transformers import Qwen3VLForConditionalGeneration
+
+        with init_empty_weights():
+            model = Qwen3VLForConditionalGeneration(cfg)
+        model.tie_weights()
+        model.eval()
+        disk_offload(model, a.offload_dir, execution_device=torch.device("cpu"))
+    else:
+        from tierd_client import Client
+
+        client = Client(a.socket)
+        mode = "resident" if a.role in ("resident", "share") else "streaming"
+        model = ti.from_pretrained(ckpt, client, namespace=NS, mode=mode, prefetch_depth=a.prefetch_depth)
+    res["rss_loaded"] = status_kb("VmRSS")
+    if a.role == "share":
+        timed_generate(model, inputs, 2)
+        import gc
+
+        gc.collect()
+        print(json.dumps({"uss": uss(), "rss": status_kb("VmRSS")}), flush=True)
+        sys.stdin.readline()
+        ti.detach(model)
+        client.close()
+        return
+    timed_generate(model, inputs, 1)  # warm-up (one prefill, one token), not timed
+    if a.ready_file:  # the parent resets the cgroup's peak now
+        Path(a.ready_file).write_text("1")
+        while Path(a.ready_file).exists():
+            time.sleep(0.01)
+    reset_hwm()
+    res.update(timed_generate(model, inputs, a.tokens))
+    res["vm_hwm_gen"] = status_kb("VmHWM")
+    res["ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    res["uss"] = uss()
+    if a.role == "resident":  # vision cache: warm with another image, then a miss, then a hit
+        cache = ti.enable_vision_cache(model, client)
+        timed_generate(model, inputs_for(cfg, seed=1), 1)
+        miss = timed_generate(model, inputs, 1)
+        hit = timed_generate(model, inputs, 1)
+        res["vision"] = {"miss_ttft_s": miss["ttft_s"], "hit_ttft_s": hit["ttft_s"], "hits": cache.hits,
+                         "misses": cache.misses, "same_token": miss["tokens"] == hit["tokens"]}  # fmt: skip
+        ti.disable_vision_cache(model)
+    Path(a.out).write_text(json.dumps(res))
+    if client is not None:
+        # detach() of a streaming model get_many()s every block at once: with a RAM tier smaller than
+        # the weights that is refused (TierFull), so the streaming model is just dropped with its client.
+        if a.role != "streaming":
+            ti.detach(model)
+        client.close()
+
+
+# -- the parent -----------------------------------------------------------------------------------
+class Cgroup:
+    def __init__(self, name: str) -> None:
+        self.path = CG_ROOT / name
+        self.path.mkdir()
+
+    def set(self, f: str, v: int | str) -> None:
+        (self.path / f).write_text(str(v))
+
+    def get(self, f: str) -> str:
+        return (self.path / f).read_text()
+
+    def prefix(self) -> list[str]:
+        return ["sh", "-c", f'echo $$ > {self.path}/cgroup.procs && exec "$@"', "sh"]
+
+    def oom_kills(self) -> int:
+        for line in self.get("memory.oom_control").splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+        return 0
+
+    def remove(self) -> None:
+        for _ in range(50):
+            procs = self.get("cgroup.procs").split()
+            for p in procs:  # only our own children are ever put here
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(p), 9)
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+def drop_caches() -> None:
+    subprocess.run(["sync"], check=False)
+    with contextlib.suppress(OSError):
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+
+
+def run_worker(tmp: Path, role: str, a: argparse.Namespace, *, tokens: int, socket: str = "",
+               offload_dir: str = "", cg: Cgroup | None = None, timeout: float = 300) -> dict:  # fmt: skip
+    out = tmp / f"{role}.json"
+    ready = tmp / f"{role}.ready"
+    cmd = [sys.executable, __file__, "--role", role, "--ckpt", str(tmp / "ckpt"), "--out", str(out),
+           "--tokens", str(tokens), "--socket", socket, "--offload-dir", offload_dir,
+           "--prefetch-depth", str(a.prefetch_depth)]  # fmt: skip
+    if cg is not None:
+        cmd = [*cg.prefix(), *cmd, "--ready-file", str(ready)]
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd)
+    res: dict = {}
+    try:
+        while p.poll() is None and time.perf_counter() - t0 < timeout:
+            if cg is not None and ready.exists():
+                cg.set("memory.max_usage_in_bytes", 0)  # peak from here on (decode)
+                res["cg_usage_at_start"] = int(cg.get("memory.usage_in_bytes"))
+                ready.unlink()
+            time.sleep(0.01)
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+            res["error"] = f"timed out after {timeout:.0f}s"
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    res["rc"] = p.returncode
+    res["wall_s"] = time.perf_counter() - t0
+    if cg is not None:
+        res["cg_max_usage"] = int(cg.get("memory.max_usage_in_bytes"))
+        res["cg_limit"] = int(cg.get("memory.limit_in_bytes"))
+        res["cg_oom_kills"] = cg.oom_kills()
+    if out.exists():
+        res.update(json.loads(out.read_text()))
+    elif "error" not in res:
+        res["error"] = f"exited with {p.returncode}" + (" (OOM-killed)" if res.get("cg_oom_kills") else "")
+    return res
+
+
+def disk_read_gbps(tmp: Path) -> float:
+    f = tmp / "dd.bin"
+    subprocess.run(["dd", "if=/dev/zero", f"of={f}", "bs=4M", "count=256", "oflag=direct"],
+                   check=True, capture_output=True)  # fmt: skip
+    drop_caches()
+    t0 = time.perf_counter()
+    subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=4M"], check=True, capture_output=True)
+    dt = time.perf_counter() - t0
+    f.unlink()
+    return (1 << 30) / dt / 1e9
+
+
+def io_read_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mb", type=int, default=1000, help="bf16 weight bytes to aim for [1000 ~ 0.5B]")
+    ap.add_argument("--tokens", type=int, default=24, help="tokens for plain/resident/budgeted [24]")
+    ap.add_argument("--accel-tokens", type=int, default=6, help="tokens for accelerate [6]")
+    ap.add_argument("--json", help="write every number here")
+    ap.add_argument("--prefetch-depth", type=int, default=2)
+    ap.add_argument("--margin-mb", type=int, default=160, help="cgroup limit margin [160]")
+    # worker arguments
+    ap.add_argument("--role", help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--socket", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--offload-dir", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--ready-file", default="", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.role:
+        worker(a)
+        return 0
+
+    import psutil
+
+    from tierd import launch
+    from tierd_client import Client
+
+    T0 = time.perf_counter()
+    use_cg = os.geteuid() == 0 and CG_ROOT.is_dir()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-qwen3vl-"))
+    daemons: list = []
+    cgroups: list[Cgroup] = []
+    R: dict = {"machine": {"cpus": os.cpu_count(), "load_start": os.getloadavg()[0]}}
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+    try:
+        log(f"building a random Qwen3-VL checkpoint (~{a.size_mb} MB bf16) in {tmp}")
+        W, nparams = make_checkpoint(tmp / "ckpt", a.size_mb)
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(tmp / "ckpt")
+        R["model"] = {"params": nparams, "weight_bytes": W, "text_layers": cfg.text_config.num_hidden_layers,
+                      "vision_blocks": cfg.vision_config.depth,
+                      "prompt_tokens": int(inputs_for(cfg)["input_ids"].shape[1])}  # fmt: skip
+        log(f"model: {nparams / 1e9:.3f}B params, {W / 2**20:.0f} MiB, {R['model']}")
+        R["disk_read_gbps"] = disk_read_gbps(tmp)
+        log(f"disk: cold buffered read {R['disk_read_gbps']:.2f} GB/s (dd 1 GiB)")
+
+        # (1) plain
+        log("(1) plain")
+        plain = run_worker(tmp, "plain", a, tokens=a.tokens)
+        R["plain"] = plain
+        nonweight = max(plain["vm_hwm_gen"] - W, 0)
+        R["plain_nonweight_bytes"] = nonweight
+
+        # (2) resident, on daemon A (RAM tier holds everything; no disk tier)
+        sockA = str(tmp / "a.sock")
+        dA = launch.start(sockA, "--state-dir", str(tmp / "stateA"), "--disk-bytes", "0",
+                          ram_bytes=str(int(W * 1.5) + (256 << 20)), log_path=tmp / "a.log")  # fmt: skip
+        daemons.append(dA)
+        ramA = int(W * 1.5) + (256 << 20)
+        daemon_overhead = max(psutil.Process(dA.pid).memory_info().rss - ramA, 64 << 20)
+        R["daemon_overhead_bytes"] = daemon_overhead
+        with Client(sockA) as c:
+            import tierd_integration as ti
+
+            ti.ingest(c, tmp / "ckpt", NS, progress=False)
+        log("(2) tierd resident")
+        R["resident"] = run_worker(tmp, "resident", a, tokens=a.tokens, socket=sockA)
+
+        # three processes sharing the model through daemon A vs three plain ones
+        log("three processes sharing one model")
+        procs = [subprocess.Popen([sys.executable, __file__, "--role", "share", "--ckpt", str(tmp / "ckpt"),
+                                   "--out", "-", "--socket", sockA], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True) for _ in range(3)]  # fmt: skip
+        try:
+            shares = [json.loads(p.stdout.readline()) for p in procs]
+            with Client(sockA) as c:
+                arena_used = next(t for t in c.stats()["tiers"] if t["name"] == "ram")["used_bytes"]
+        finally:
+            for p in procs:
+                try:
+                    p.stdin.write("\n")
+                    p.stdin.flush()
+                except OSError:
+                    pass
+            for p in procs:
+                try:
+                    p.wait(60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        R["share"] = {"uss": [s["uss"] for s in shares], "arena_used": arena_used,
+                      "tierd_total": sum(s["uss"] for s in shares) + arena_used,
+                      "plain_total": 3 * plain["uss"]}  # fmt: skip
+        dA.stop()
+        daemons.remove(dA)
+
+        # (3) budgeted: daemon B (RAM tier 40% of weights, disk tier) + model process in one cgroup
+        ramB = int(0.4 * W)
+        limit = ramB + nonweight + daemon_overhead + (a.margin_mb << 20)
+        R["budget"] = {"ram_tier_bytes": ramB, "cg_limit_bytes": limit, "cgroup": use_cg}
+        log(f"(3) tierd budgeted: RAM tier {ramB / 2**20:.0f} MiB, cgroup limit {limit / 2**20:.0f} MiB "
+            f"(= tier + plain non-weight {nonweight / 2**20:.0f} + daemon {daemon_overhead / 2**20:.0f} + "
+            f"margin {a.margin_mb} MiB)")  # fmt: skip
+        cgB = Cgroup(f"bench-qwen3vl-{os.getpid()}-b") if use_cg else None
+        if cgB:
+            cgroups.append(cgB)
+        sockB = str(tmp / "b.sock")
+        dB = launch.start(sockB, "--state-dir", str(tmp / "stateB"), "--disk-bytes", str(3 * W + (512 << 20)),
+                          ram_bytes=str(ramB), log_path=tmp / "b.log",
+                          prefix=cgB.prefix() if cgB else ())  # fmt: skip
+        daemons.append(dB)
+        with Client(sockB) as c:
+            t = time.perf_counter()
+            ing = ti.ingest(c, tmp / "ckpt", NS, progress=False, durable=True)
+            R["budget"]["ingest_s"] = time.perf_counter() - t
+            R["budget"]["ingest"] = ing
+            st = c.stats()
+        R["budget"]["tiers_after_ingest"] = {t["name"]: t["used_bytes"] for t in st["tiers"]}
+        drop_caches()
+        if cgB:
+            cgB.set("memory.limit_in_bytes", limit)
+        io0 = io_read_bytes(dB.pid)
+        with Client(sockB) as c:
+            c0 = c.stats()["counters"]
+        bud = run_worker(tmp, "streaming", a, tokens=a.tokens, socket=sockB, cg=cgB)
+        with Client(sockB) as c:
+            c1 = c.stats()["counters"]
+        io1 = io_read_bytes(dB.pid)
+        bud["daemon_disk_read_bytes"] = io1 - io0
+        bud["counters_delta"] = {k: c1[k] - c0[k] for k in c1 if isinstance(c1[k], int) and c1[k] != c0[k]}
+        R["budgeted"] = bud
+        dB.stop()
+        daemons.remove(dB)
+        if cgB:
+            cgB.remove()
+            cgroups.remove(cgB)
+
+        # (4) accelerate disk_offload under the same limit
+        log("(4) accelerate disk_offload")
+        off = tmp / "offload"
+        from accelerate.utils import offload_state_dict
+        from safetensors.torch import load_file
+
+        sd = {}
+        for f in sorted((tmp / "ckpt").glob("*.safetensors")):
+            sd.update(load_file(f))
+        if "lm_head.weight" not in sd:  # tied: accelerate's hook looks it up under its own name
+            sd["lm_head.weight"] = sd["model.language_model.embed_tokens.weight"]
+        offload_state_dict(str(off), sd)
+        del sd
+        drop_caches()
+        cgC = Cgroup(f"bench-qwen3vl-{os.getpid()}-c") if use_cg else None
+        if cgC:
+            cgroups.append(cgC)
+            cgC.set("memory.limit_in_bytes", limit)
+        R["accelerate"] = run_worker(tmp, "accel", a, tokens=a.accel_tokens, offload_dir=str(off), cg=cgC,
+                                     timeout=240)  # fmt: skip
+        if cgC:
+            cgC.remove()
+            cgroups.remove(cgC)
+    finally:
+        for d in daemons:
+            d.stop()
+        for cg in cgroups:
+            cg.remove()
+        shutil.rmtree(tmp, ignore_errors=True)
+    R["machine"]["load_end"] = os.getloadavg()[0]
+    R["total_s"] = time.perf_counter() - T0
+    report(R)
+    if a.json:
+        Path(a.json).write_text(json.dumps(R, indent=1))
+    return 0
+
+
+def report(R: dict) -> None:
+    M = 2**20
+    W = R["model"]["weight_bytes"]
+    p, r, b, x = R["plain"], R["resident"], R["budgeted"], R["accelerate"]
+
+    def tps(d: dict) -> str:
+        return f"{d['decode_tok_s']:.2f}" if "decode_tok_s" in d else "-"
+
+    def mem(d: dict) -> str:
+        if "cg_max_usage" in d:
+            return f"{d['cg_max_usage'] / M:.0f} MiB (cgroup peak, limit {d['cg_limit'] / M:.0f})"
+        if "vm_hwm_gen" in d:
+            return f"{d['vm_hwm_gen'] / M:.0f} MiB (VmHWM in decode), USS {d['uss'] / M:.0f}"
+        return "-"
+
+    def note(d: dict) -> str:
+        n = f"{d.get('n', 0)} tok, TTFT {d['ttft_s']:.2f}s" if "ttft_s" in d else ""
+        return (n + " " + d.get("error", "")).strip()
+
+    print(f"\nQwen3-VL-shaped random bf16: {R['model']['params'] / 1e9:.3f}B params, {W / M:.0f} MiB "
+          "weights, "
+          f"{R['model']['text_layers']} text layers, prompt {R['model']['prompt_tokens']} tokens (one image)")
+    print(f"{'case':<28} {'decode tok/s':>12}  {'peak memory':<48} notes")
+    rows = [("(1) plain (torch)", p), ("(2) tierd resident", r), ("(3) tierd 40% RAM, streaming", b),
+            ("(4) accelerate disk_offload", x)]  # fmt: skip
+    for name, d in rows:
+        print(f"{name:<28} {tps(d):>12}  {mem(d):<48} {note(d)}")
+    ratios: dict = {}
+    ratios["resident_vs_plain"] = r["decode_tok_s"] / p["decode_tok_s"]
+    n = min(len(p["tokens"]), len(r.get("tokens", [])), len(b.get("tokens", [])))
+    ratios["tokens_identical_1_2_3"] = (
+        p["tokens"] == r.get("tokens") and b.get("tokens") == p["tokens"][: len(b.get("tokens", []))]
+    ) and n > 0
+    if "decode_tok_s" in b:
+        per_tok = b["daemon_disk_read_bytes"] / max(b["n"] + 1, 1)  # warm-up token included
+        streamed = b["counters_delta"]
+        ratios["budgeted_disk_bytes_per_token"] = per_tok
+        bound = R["disk_read_gbps"] * 1e9 / per_tok if per_tok > 0 else float("inf")
+        ratios["io_bound_tok_s"] = bound
+        ratios["budgeted_vs_io_bound"] = b["decode_tok_s"] / bound if bound != float("inf") else None
+        ratios["budgeted_counters"] = streamed
+    if "decode_tok_s" in x and "decode_tok_s" in b:
+        ratios["budgeted_vs_accelerate"] = b["decode_tok_s"] / x["decode_tok_s"]
+    elif "decode_tok_s" in b:
+        ratios["budgeted_vs_accelerate"] = f"accelerate did not finish: {x.get('error')}"
+    R["ratios"] = ratios
+    print(f"\nresident / plain tok/s: {ratios['resident_vs_plain']:.3f} (target >= 0.95)")
+    if "budgeted_vs_accelerate" in ratios:
+        v = ratios["budgeted_vs_accelerate"]
+        print(f"budgeted / accelerate tok/s: {v if isinstance(v, str) else f'{v:.2f}x'} (target >= 2x)")
+    if "io_bound_tok_s" in ratios:
+        print(f"budgeted: daemon disk reads {ratios['budgeted_disk_bytes_per_token'] / M:.0f} MiB/token; "
+              f"disk {R['disk_read_gbps']:.2f} GB/s -> I/O bound {ratios['io_bound_tok_s']:.2f} tok/s; "
+              f"budgeted is {ratios['budgeted_vs_io_bound'] or float('nan'):.2f} of it")
+        print(f"budgeted counters delta: {ratios['budgeted_counters']}")
+    print(f"tokens of (1), (2), (3) identical: {ratios['tokens_identical_1_2_3']}")
+    s = R["share"]
+    print(f"3 processes, one model via tierd: USS {' + '.join(f'{u / M:.0f}' for u in s['uss'])} + arena "
+          f"{s['arena_used'] / M:.0f} = {s['tierd_total'] / M:.0f} MiB; 3 plain: 3 x {p['uss'] / M:.0f} = "
+          f"{s['plain_total'] / M:.0f} MiB ({s['tierd_total'] / s['plain_total']:.2f}x)")
+    v = r.get("vision")
+    if v:
+        print(f"TTFT vision cache: miss {v['miss_ttft_s'] * 1e3:.0f} ms, hit {v['hit_ttft_s'] * 1e3:.0f} ms "
+              f"(hits {v['hits']}, misses {v['misses']}, same token {v['same_token']})")
+    print(f"load average {R['machine']['load_start']:.2f} -> {R['machine']['load_end']:.2f} on "
+          f"{R['machine']['cpus']} CPUs; total {R['total_s']:.0f}s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
