@@ -131,7 +131,7 @@ def timed_generate(model, inputs, n: int) -> dict:
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=s)
     t_end = time.perf_counter()
-    toks = out[0, inputs["input_ids"].shape[1]:].tolist()
+    toks = out[0, inputs["input_ids"].shape[1] :].tolist()
     tt = s.t[1:]  # token stamps
     decode = (len(tt) - 1) / (tt[-1] - tt[0]) if len(tt) > 1 else float("nan")
     return {"tokens": toks, "ttft_s": tt[0] - t0 if tt else float("nan"), "total_s": t_end - t0,
@@ -502,9 +502,11 @@ def report(R: dict) -> None:
         n = f"{d.get('n', 0)} tok, TTFT {d['ttft_s']:.2f}s" if "ttft_s" in d else ""
         return (n + " " + d.get("error", "")).strip()
 
-    print(f"\nQwen3-VL-shaped random bf16: {R['model']['params'] / 1e9:.3f}B params, {W / M:.0f} MiB "
-          "weights, "
-          f"{R['model']['text_layers']} text layers, prompt {R['model']['prompt_tokens']} tokens (one image)")
+    print(
+        f"\nQwen3-VL-shaped random bf16: {R['model']['params'] / 1e9:.3f}B params, {W / M:.0f} MiB "
+        "weights, "
+        f"{R['model']['text_layers']} text layers, prompt {R['model']['prompt_tokens']} tokens (one image)"
+    )
     print(f"{'case':<28} {'decode tok/s':>12}  {'peak memory':<48} notes")
     rows = [("(1) plain (torch)", p), ("(2) tierd resident", r), ("(3) tierd 40% RAM, streaming", b),
             ("(4) accelerate disk_offload", x)]  # fmt: skip
@@ -534,21 +536,29 @@ def report(R: dict) -> None:
         v = ratios["budgeted_vs_accelerate"]
         print(f"budgeted / accelerate tok/s: {v if isinstance(v, str) else f'{v:.2f}x'} (target >= 2x)")
     if "io_bound_tok_s" in ratios:
-        print(f"budgeted: daemon disk reads {ratios['budgeted_disk_bytes_per_token'] / M:.0f} MiB/token; "
-              f"disk {R['disk_read_gbps']:.2f} GB/s -> I/O bound {ratios['io_bound_tok_s']:.2f} tok/s; "
-              f"budgeted is {ratios['budgeted_vs_io_bound'] or float('nan'):.2f} of it")
+        print(
+            f"budgeted: daemon disk reads {ratios['budgeted_disk_bytes_per_token'] / M:.0f} MiB/token; "
+            f"disk {R['disk_read_gbps']:.2f} GB/s -> I/O bound {ratios['io_bound_tok_s']:.2f} tok/s; "
+            f"budgeted is {ratios['budgeted_vs_io_bound'] or float('nan'):.2f} of it"
+        )
         print(f"budgeted counters delta: {ratios['budgeted_counters']}")
     print(f"tokens of (1), (2), (3) identical: {ratios['tokens_identical_1_2_3']}")
     s = R["share"]
-    print(f"3 processes, one model via tierd: USS {' + '.join(f'{u / M:.0f}' for u in s['uss'])} + arena "
-          f"{s['arena_used'] / M:.0f} = {s['tierd_total'] / M:.0f} MiB; 3 plain: 3 x {p['uss'] / M:.0f} = "
-          f"{s['plain_total'] / M:.0f} MiB ({s['tierd_total'] / s['plain_total']:.2f}x)")
+    print(
+        f"3 processes, one model via tierd: USS {' + '.join(f'{u / M:.0f}' for u in s['uss'])} + arena "
+        f"{s['arena_used'] / M:.0f} = {s['tierd_total'] / M:.0f} MiB; 3 plain: 3 x {p['uss'] / M:.0f} = "
+        f"{s['plain_total'] / M:.0f} MiB ({s['tierd_total'] / s['plain_total']:.2f}x)"
+    )
     v = r.get("vision")
     if v:
-        print(f"TTFT vision cache: miss {v['miss_ttft_s'] * 1e3:.0f} ms, hit {v['hit_ttft_s'] * 1e3:.0f} ms "
-              f"(hits {v['hits']}, misses {v['misses']}, same token {v['same_token']})")
-    print(f"load average {R['machine']['load_start']:.2f} -> {R['machine']['load_end']:.2f} on "
-          f"{R['machine']['cpus']} CPUs; total {R['total_s']:.0f}s")
+        print(
+            f"TTFT vision cache: miss {v['miss_ttft_s'] * 1e3:.0f} ms, hit {v['hit_ttft_s'] * 1e3:.0f} ms "
+            f"(hits {v['hits']}, misses {v['misses']}, same token {v['same_token']})"
+        )
+    print(
+        f"load average {R['machine']['load_start']:.2f} -> {R['machine']['load_end']:.2f} on "
+        f"{R['machine']['cpus']} CPUs; total {R['total_s']:.0f}s"
+    )
 
 
 if __name__ == "__main__":
