@@ -69,8 +69,6 @@ def main() -> int:
         return 0
 
     from tierd import launch
-    from tierd.paths import default_socket_path
-    from tierd_client import Client, DaemonUnavailable
     from tierd_client.tierctl import main as tierctl
 
     if args.checkpoint:
@@ -85,14 +83,7 @@ def main() -> int:
                 flush=True,
             )
             ti.make_random_checkpoint(checkpoint, size="small", seed=0)
-    daemon = None
-    try:
-        Client().close()
-        print(f"using the tierd already serving {default_socket_path()}")
-    except DaemonUnavailable:
-        print("starting tierd on its defaults (no flags, no config file)...", flush=True)
-        daemon = launch.start(None, ram_bytes=None)
-        print(f"tierd pid {daemon.pid} ready on {daemon.socket}")
+    daemon = launch.serving_or_start()
     try:
         for label in ("model process A", "model process B"):
             subprocess.run([sys.executable, __file__, str(checkpoint), "--role", label], check=True)

@@ -112,18 +112,10 @@ def main() -> int:
         return 0
 
     from tierd import launch
-    from tierd.paths import default_socket_path
-    from tierd_client import Client, DaemonUnavailable
+    from tierd_client import Client
     from tierd_client.tierctl import main as tierctl
 
-    daemon = None
-    try:
-        Client().close()
-        print(f"using the tierd already serving {default_socket_path()}")
-    except DaemonUnavailable:
-        print("starting tierd on its defaults (no flags, no config file)...", flush=True)
-        daemon = launch.start(None, ram_bytes=None)
-        print(f"tierd pid {daemon.pid} ready on {daemon.socket}; log: {daemon.log_path}")
+    daemon = launch.serving_or_start()
     try:
         for role in ("writer", "reader", "reader"):
             subprocess.run([sys.executable, __file__, "--role", role], check=True)

@@ -174,6 +174,18 @@ def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(names[id(m)], m) for m in out]
 
 
+def _retie(model: nn.Module, tied: dict[str, str]) -> None:
+    """Point every tied name at its source tensor again (the same Parameter object)."""
+    for n, src in tied.items():
+        module_path, _, attr = n.rpartition(".")
+        owner = model.get_submodule(module_path) if module_path else model
+        t = get_tensor(model, src)
+        if attr in owner._parameters:
+            owner._parameters[attr] = t
+        else:
+            owner._buffers[attr] = t
+
+
 def _room(client: Any, ram_budget: int | None) -> int:
     """Bytes of weights this model may keep in RAM: the tier below its high watermark, or the budget."""
     st = client.stats()
@@ -271,14 +283,7 @@ def bind(
     for n, v in zip(resident, views, strict=True):
         set_tensor(model, n, v)
     binding.resident_views = views
-    for n, src in tied.items():
-        module_path, _, attr = n.rpartition(".")
-        owner = model.get_submodule(module_path) if module_path else model
-        t = get_tensor(model, src)
-        if attr in owner._parameters:
-            owner._parameters[attr] = t  # the same Parameter object: tied again
-        else:
-            owner._buffers[attr] = t
+    _retie(model, tied)
     model._tierd_binding = binding
     left = [
         n
@@ -394,14 +399,7 @@ def detach(model: nn.Module) -> nn.Module:
     for n in binding.names:
         if n not in block_names:
             make_plain(n, get_tensor(model, n))
-    for n, src in binding.tied.items():
-        module_path, _, attr = n.rpartition(".")
-        owner = model.get_submodule(module_path) if module_path else model
-        t = get_tensor(model, src)
-        if attr in owner._parameters:
-            owner._parameters[attr] = t  # the same Parameter object: tied again
-        else:
-            owner._buffers[attr] = t
+    _retie(model, binding.tied)
     if not getattr(client, "closed", False):
         held = list(binding.resident_views)
         if held:

@@ -135,3 +135,20 @@ def start(
         d.kill()
         raise
     return d
+
+
+def serving_or_start(**kw: object) -> Daemon | None:
+    """None when a tierd already answers on the default socket; else one started on its defaults
+    (``kw`` go to :func:`start`), which the caller stops."""
+    from tierd.paths import default_socket_path
+    from tierd_client import Client, DaemonUnavailable
+
+    try:
+        Client().close()
+    except DaemonUnavailable:
+        print("starting tierd on its defaults (no flags, no config file)...", flush=True)
+        d = start(None, ram_bytes=None, **kw)  # type: ignore[arg-type]
+        print(f"tierd pid {d.pid} ready on {d.socket}; log: {d.log_path}", flush=True)
+        return d
+    print(f"using the tierd already serving {default_socket_path()}")
+    return None
