@@ -113,15 +113,17 @@ class Prefetcher:
 
     def hint(self, client: int, keys: list[str]) -> int:
         """Client hints go ahead of predictions; returns how many are known entries."""
-        known = 0
+        known: list[tuple[int, int, str, int]] = []
         for key in keys:
             e = self.m.entries.get(key)
             if e is None:
                 continue
-            known += 1
+            known.append((0, client, key, self._gen[client]))
             self.record(client, e, "hint", "-")
-            self._push((0, client, key, self._gen[client]), front=True)
-        return known
+        # ahead of everything queued, in the order given: the first hinted key is loaded first
+        for item in reversed(known):
+            self._push(item, front=True)
+        return len(known)
 
     # ---- predictor thread ----------------------------------------------------------------------
     def _predict(self, a: Access) -> list[tuple[str, float]]:
