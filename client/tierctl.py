@@ -80,6 +80,10 @@ def print_status(s: dict[str, Any]) -> None:
             f"placement: {pl['policy']} eviction, demote above {pl['ram_high_watermark']:.0%} of RAM "
             f"down to {pl['ram_low_watermark']:.0%}; tag codecs {pl['tag_codecs'] or 'none'}"
         )
+        ram_cap = next((t["capacity_bytes"] for t in s.get("tiers", []) if t["name"] == "ram"), None)
+        ceiling = pl.get("ram_ceiling_bytes")
+        if ceiling is not None and ram_cap and ceiling < ram_cap:
+            print(f"memory pressure: RAM tier held at {ceiling / 2**20:.0f} of {ram_cap / 2**20:.0f} MiB")
         cal = pl.get("calibration")
         if cal:
             z = ", ".join(f"{dt} {r['ratio']:.2f}x dec {r['decode_gbps']:.2f} GB/s"

@@ -106,7 +106,7 @@ def test_critical_and_low_levels() -> None:
     assert p.level == "low" and p.shrink_bytes == 0  # low: stop growing, give nothing back yet
 
 
-def test_floors_apply_on_small_machines_but_are_capped_on_tiny_cgroups() -> None:
+def test_floors_apply_on_small_machines_but_are_capped_on_tiny_ones() -> None:
     # 4 GiB: 10% = 410 MiB < the 512 MiB floor, which applies
     p = Machine(available=3 * GiB, total=4 * GiB).monitor().poll(0)
     assert (p.critical_bytes, p.high_bytes, p.low_bytes) == (256 * MiB, 512 * MiB, 1 * GiB)
@@ -263,16 +263,17 @@ def test_cgroup_v1_limit_sets_total_and_available() -> None:
     m.files[SELF_CGROUP] = V1_SELF
     v1_group(m, "/", 9223372036854771712)
     v1_group(m, "/jobs", 9223372036854771712)
-    # 2 GiB limit, 1900 MiB charged of which 100 MiB is inactive page cache: working set 1800 MiB
-    v1_group(m, "/jobs/tierd", 2 * GiB, usage=1900 * MiB, inactive_file=100 * MiB)
+    # 2 GiB limit, 1950 MiB charged of which 100 MiB is inactive page cache: working set 1850 MiB
+    v1_group(m, "/jobs/tierd", 2 * GiB, usage=1950 * MiB, inactive_file=100 * MiB)
     mon = m.monitor()
     p = mon.poll(tier_used_bytes=1 * GiB)
     assert p.cgroup_limit_bytes == 2 * GiB
-    assert p.cgroup_usage_bytes == 1900 * MiB and p.cgroup_reclaimable_bytes == 100 * MiB
-    assert p.total_bytes == 2 * GiB and p.available_bytes == 248 * MiB
+    assert p.cgroup_usage_bytes == 1950 * MiB and p.cgroup_reclaimable_bytes == 100 * MiB
+    assert p.total_bytes == 2 * GiB and p.available_bytes == 198 * MiB
     assert p.system_available_bytes == 20 * GiB and p.system_total_bytes == 24 * GiB
-    # 2 GiB: high = 10% (204.8 MiB) with its 512 MiB floor capped at 2x = 409.6 MiB
-    assert p.high_bytes == round(0.2 * 2 * GiB)
+    # a cgroup's limit: plain shares of it, no byte floors (on a 2 GiB machine "high" would be
+    # its 512 MiB floor capped at 2 x 10%)
+    assert p.high_bytes == round(0.1 * 2 * GiB) and p.low_bytes == round(0.15 * 2 * GiB)
     assert p.level == "high"
     assert abs(p.target_bytes - 1.3 * p.high_bytes) <= 1
     assert p.shrink_bytes == p.target_bytes - p.available_bytes
@@ -287,6 +288,33 @@ def test_cgroup_v1_page_cache_counts_unless_inactive() -> None:
     v1_group(m, "/jobs/tierd", 2 * GiB, usage=1900 * MiB, inactive_file=100 * MiB)
     p = m.monitor(MonitorConfig(subtract_inactive_file=False)).poll(0)
     assert p.available_bytes == 148 * MiB and p.cgroup_reclaimable_bytes is None
+
+
+def test_cgroup_unmapped_page_cache_is_reclaimable_mapped_files_are_not() -> None:
+    m = Machine(available=20 * GiB, total=24 * GiB)
+    m.files[SELF_CGROUP] = V1_SELF
+    d = "/sys/fs/cgroup/memory/jobs/tierd"
+    m.files[d + "/memory.limit_in_bytes"] = f"{2 * GiB}\n"
+    m.files[d + "/memory.usage_in_bytes"] = f"{1900 * MiB}\n"
+    # 300 MiB of file pages (100 inactive, 200 active: a file just read twice); 80 MiB mapped of
+    # which 50 MiB is our shmem arena (on neither file list), so 30 MiB of mapped libraries stay
+    m.files[d + "/memory.stat"] = (
+        f"total_inactive_file {100 * MiB}\ntotal_active_file {200 * MiB}\n"
+        f"total_mapped_file {80 * MiB}\ntotal_shmem {50 * MiB}\n"
+    )
+    p = m.monitor().poll(0)
+    assert p.cgroup_reclaimable_bytes == 270 * MiB
+    assert p.available_bytes == 2 * GiB - (1900 - 270) * MiB
+    m.files[d + "/memory.stat"] = f"total_inactive_file {100 * MiB}\ntotal_active_file {200 * MiB}\n"
+    assert m.monitor().poll(0).cgroup_reclaimable_bytes == 300 * MiB  # nothing mapped
+    v2 = "0::/svc\n"
+    m.files[SELF_CGROUP] = v2
+    m.files["/sys/fs/cgroup/svc/memory.max"] = f"{2 * GiB}\n"
+    m.files["/sys/fs/cgroup/svc/memory.current"] = f"{1900 * MiB}\n"
+    m.files["/sys/fs/cgroup/svc/memory.stat"] = (
+        f"inactive_file {100 * MiB}\nactive_file {200 * MiB}\nfile_mapped {80 * MiB}\nshmem {50 * MiB}\n"
+    )
+    assert m.monitor().poll(0).cgroup_reclaimable_bytes == 270 * MiB
 
 
 def test_cgroup_v1_unlimited_falls_back_to_the_machine() -> None:
@@ -325,14 +353,14 @@ def test_cgroup_v2_limit_and_own_psi() -> None:
     d = "/sys/fs/cgroup/user.slice/tierd.service"
     m.files[d + "/memory.max"] = "4294967296\n"
     m.files[d + "/memory.current"] = f"{3900 * MiB}\n"
-    m.files[d + "/memory.stat"] = "anon 1\nfile 2\nactive_file 3\ninactive_file 0\nshmem 4\n"
+    m.files[d + "/memory.stat"] = "anon 1\nfile 2\nactive_file 0\ninactive_file 0\nshmem 4\n"
     m.files[d + "/memory.pressure"] = psi(7.0, 1.0)
     m.files[PSI_PATH] = psi(0.0)  # the host is calm; our group is not
     mon = m.monitor()
     p = mon.poll(GiB)
     assert p.cgroup_limit_bytes == 4 * GiB and p.available_bytes == 196 * MiB
     assert p.psi_some_avg10 == 7.0
-    assert p.level == "critical"  # 196 MiB < 5% floor (256 MiB, within 2x of 204.8)
+    assert p.level == "critical"  # 196 MiB < 5% of the 4 GiB limit (204.8 MiB; no floors in a cgroup)
     assert mon.readings()["sources"] == {"psi": d + "/memory.pressure", "cgroup": {"version": 2, "dir": d}}
     assert set(m.reads[-5:]) == {
         d + "/memory.pressure",

@@ -17,16 +17,24 @@ cgroup's limit, usage and ``memory.stat``), found once at start (:meth:`Monitor.
 - The memory cgroup the daemon runs in (v1 ``memory.limit_in_bytes`` / ``memory.usage_in_bytes``,
   v2 ``memory.max`` / ``memory.current``), at the level of the hierarchy with the tightest limit.
   ``max`` and values >= :attr:`MonitorConfig.unlimited_bytes` mean no limit. Page cache counts in a
-  cgroup's usage, but the kernel reclaims inactive file pages before it OOM-kills anyone, so the
-  working set is ``usage - inactive_file`` (as kubelet computes it). Our memfd arena is shmem: it
-  sits on the anon LRU, is never in ``inactive_file``, and so always counts.
+  cgroup's usage, but the kernel reclaims page cache that no process maps before it OOM-kills
+  anyone, so the working set is ``usage - (inactive_file + active_file - mapped file pages)``.
+  (kubelet leaves out only ``inactive_file``; that counted the pages of the disk tier and of a
+  checkpoint just read, recently touched and so "active", as memory the daemon had to give back,
+  and in a tight cgroup it demoted its tier over and over for page cache the kernel would have
+  dropped anyway. Thrashing on hot file pages shows up in PSI, which is read too.) Our memfd arena
+  is shmem: it sits on the anon LRU, is in neither file list, and so always counts.
 
 Effective numbers: ``total = min(system total, cgroup limit)`` and ``available = min(MemAvailable,
 limit - working set)``.
 
 Levels (defaults; every number is a :class:`MonitorConfig` field). A byte threshold is
 ``max(fraction * total, min(floor, floor_cap_multiple * fraction * total))``: a fraction of total with
-a floor in bytes, the floor capped so that a small cgroup is not "under pressure" while half empty.
+a floor in bytes, the floor capped so that a small machine is not "under pressure" while half empty.
+When the total is a memory cgroup's limit (below the machine's memory), the floors are left out:
+whoever set the limit sized it for this workload, and a share of it is the right unit. (With the
+floors, a 1.1 GiB cgroup holding tierd and a model counted as "low" with 30% of it free and
+"high" with 20%, and the daemon shrank its tier for memory nobody needed.)
 
 ============  ==========================================  =================================
 level         entered when                                left when (hysteresis)
@@ -82,6 +90,7 @@ __all__ = [
     "MonitorConfig",
     "Pressure",
     "VmStats",
+    "limit_heap_retention",
     "prefault",
     "release_pages",
 ]
@@ -146,7 +155,7 @@ class MonitorConfig:
     cgroup_root: str = "/sys/fs/cgroup"
     """cgroup v2 mount point; the v1 memory hierarchy is <cgroup_root>/memory."""
     subtract_inactive_file: bool = True
-    """Working set = cgroup usage - inactive_file (reclaimable page cache), as kubelet computes it."""
+    """Working set = cgroup usage - unmapped page cache (reclaimable); False: usage itself."""
     unlimited_bytes: int = 1 << 60
     """A cgroup limit at or above this (v1 writes 9223372036854771712 for none) is no limit."""
 
@@ -183,7 +192,7 @@ class Pressure:
     """None when there is no limit or no readable memory cgroup."""
     cgroup_usage_bytes: int | None
     cgroup_reclaimable_bytes: int | None
-    """inactive_file of the cgroup, left out of its working set."""
+    """Page cache of the cgroup that no process maps, left out of its working set."""
     low_bytes: int
     high_bytes: int
     critical_bytes: int
@@ -206,12 +215,24 @@ class _Cgroup:
     limit_file: str
     usage_file: str
     stat_file: str
-    stat_key: str
+    stat_prefix: str  # "total_" on v1 (the group and its children), "" on v2
 
 
 def _read_text(path: str) -> str:
     with open(path, encoding="ascii", errors="replace") as f:
         return f.read()
+
+
+def _unmapped_cache(stat: dict[str, int], prefix: str, version: int) -> int | None:
+    """Page cache of a cgroup that no process maps: ``active_file + inactive_file`` less the mapped
+    file pages. The mapped count includes mapped shmem (our arena), which is on neither file list,
+    so the shmem is taken off it first. None when the file lists are missing."""
+    inactive, active = stat.get(prefix + "inactive_file"), stat.get(prefix + "active_file")
+    if inactive is None:
+        return None
+    mapped = stat.get(prefix + ("mapped_file" if version == 1 else "file_mapped"), 0)
+    mapped_files = max(0, mapped - stat.get(prefix + "shmem", 0))
+    return max(0, inactive + (active or 0) - mapped_files)
 
 
 def _threshold(total: int, fraction: float, floor: int, cap_multiple: float) -> int:
@@ -294,10 +315,10 @@ class Monitor:
         root = self.config.cgroup_root
         if v1_path is not None:  # the memory controller is bound to a v1 hierarchy (hybrid setups too)
             version, path, base = 1, v1_path, posixpath.join(root, "memory")
-            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_")
         elif v2_path is not None:
             version, path, base = 2, v2_path, root
-            files = ("memory.max", "memory.current", "inactive_file")
+            files = ("memory.max", "memory.current", "")
         else:
             return None
         # Walk from our own group up to the root: a parent's limit binds us too. Inside a container
@@ -321,7 +342,7 @@ class Monitor:
             limit_file=posixpath.join(chosen, files[0]),
             usage_file=posixpath.join(chosen, files[1]),
             stat_file=posixpath.join(chosen, "memory.stat"),
-            stat_key=files[2],
+            stat_prefix=files[2],
         )
 
     def _parse_limit(self, text: str) -> int | None:
@@ -357,11 +378,11 @@ class Monitor:
         reclaimable = None
         if limit is not None and usage is not None and self.config.subtract_inactive_file:
             try:
+                stat = {}
                 for line in self._read(cg.stat_file).splitlines():
                     key, _, value = line.partition(" ")
-                    if key == cg.stat_key:
-                        reclaimable = int(value)
-                        break
+                    stat[key] = int(value)
+                reclaimable = _unmapped_cache(stat, cg.stat_prefix, cg.version)
             except (OSError, ValueError):
                 reclaimable = None
         return limit, usage, reclaimable
@@ -388,9 +409,10 @@ class Monitor:
                 available = min(available, max(0, limit - working_set))
         available = max(0, available)
 
-        crit_b = _threshold(total, c.critical_fraction, c.critical_min_bytes, c.floor_cap_multiple)
-        high_b = _threshold(total, c.high_fraction, c.high_min_bytes, c.floor_cap_multiple)
-        low_b = _threshold(total, c.low_fraction, c.low_min_bytes, c.floor_cap_multiple)
+        cap = 1.0 if limit is not None and limit < sys_total else c.floor_cap_multiple  # see the module doc
+        crit_b = _threshold(total, c.critical_fraction, c.critical_min_bytes, cap)
+        high_b = _threshold(total, c.high_fraction, c.high_min_bytes, cap)
+        low_b = _threshold(total, c.low_fraction, c.low_min_bytes, cap)
         recover = 1.0 + c.recovery_margin
         target = round(high_b * (recover + c.shrink_overshoot))
 
@@ -495,6 +517,30 @@ def _inner_span(mm: mmap.mmap, offset: int, length: int) -> tuple[int, int]:
     start = -(-offset // PAGE) * PAGE
     end = (offset + length) // PAGE * PAGE
     return start, max(start, end)
+
+
+def limit_heap_retention(threshold: int = 1 << 20) -> bool:
+    """Have glibc give freed memory back: allocations of ``threshold`` bytes and more get their own
+    mapping, unmapped on free, and what the heap holds free now is trimmed.
+
+    By default glibc raises that threshold as large blocks are freed (up to 32 MiB), so a forward's
+    activation buffers end up in a heap that never shrinks: on the 0.5B bench model a streaming
+    generate grew the process by ~200 MiB of free heap that a memory cgroup still counts. The daemon
+    calls this at start (its chunk buffers are the same story), and so does
+    ``tierd_integration.bind(mode="streaming")``, which exists to keep the model process small.
+    Returns False where it does not apply (not glibc).
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt, trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    m_mmap_threshold = -3
+    ok = bool(mallopt(m_mmap_threshold, int(threshold)))
+    trim(0)
+    return ok
 
 
 def release_pages(mm: mmap.mmap, offset: int, length: int) -> int:

@@ -55,6 +55,9 @@ class Placement:
         self.ram = manager.ram
         self.disk = disk
         self.high, self.low = high, low
+        #: the RAM tier's working size: its capacity, lowered while memory pressure says the machine
+        #: needs memory back (see lower_ceiling); allocations beyond it demote first
+        self.ceiling = self.ram.capacity_bytes
         self.tag_codecs = dict(tag_codecs or {})
         self.cores = cores or os.cpu_count() or 1
         self.calibration: Any = None  # set once the start-up calibration has run
@@ -174,14 +177,15 @@ class Placement:
             and (e.disk is not None or self.disk is not None)
         )  # fmt: skip
 
-    def victim(self, for_prefetch: bool = False) -> Entry | None:
+    def victim(self, take_prefetched: bool = True) -> Entry | None:
         """The entry to demote next: coldest first, a clean one among the coldest few preferred.
 
         Entries prefetched and not read yet are kept (they were predicted sooner than anything a
-        prefetch now wants); a demand read may still take them, but only when nothing else is left.
+        prefetch or the watermark balancer now wants); a demand read or memory pressure may still
+        take them (``take_prefetched``), but only when nothing else is left.
         """
         found = self._victim(skip_prefetched=True)
-        if found is None and not for_prefetch:
+        if found is None and take_prefetched:
             found = self._victim(skip_prefetched=False)
         return found
 
@@ -200,17 +204,48 @@ class Placement:
 
     async def alloc(self, key: str, nbytes: int, for_prefetch: bool = False) -> int:
         """A RAM region for ``nbytes``, demoting cold entries to make room; TierFull if impossible."""
-        if self.ram.region_bytes(nbytes) > self.ram.capacity_bytes:
+        size = self.ram.region_bytes(nbytes)
+        if size > self.ram.capacity_bytes:
             raise self.m.ram_full(key, nbytes)
+        beyond_ceiling = False  # a demand allocation may pass the ceiling when nothing can go
         while True:
-            offset = self.ram.allocate(nbytes)
-            if offset is not None:
-                return offset
-            e = self.victim(for_prefetch)
+            if beyond_ceiling or self.ram.used_bytes + size <= self.ceiling:
+                offset = self.ram.allocate(nbytes)
+                if offset is not None:
+                    return offset
+            e = self.victim(take_prefetched=not for_prefetch)
             if e is None:
+                if not beyond_ceiling and not for_prefetch and self.ram.used_bytes + size > self.ceiling:
+                    beyond_ceiling = True
+                    continue
                 why = "every entry in RAM is leased, pinned or moving" if self.disk else ""
                 raise self.m.ram_full(key, nbytes, why)
             await self.demote(e)
+
+    # ---- memory pressure -----------------------------------------------------------------------
+    def lower_ceiling(self, target: int) -> int:
+        """Hold the tier at ``target`` bytes or below while memory is short; returns the ceiling.
+
+        Lowering alone would only demote entries that the next reads promote again, into pages
+        faulted back in: the daemon would give memory back and take it again within a second. So
+        allocations stay under the ceiling (demoting first), and while it is below capacity freed
+        regions return their pages to the kernel at once. Leased and pinned bytes cannot go, so
+        the ceiling never drops below them.
+        """
+        held = sum(
+            self.ram.region_bytes(e.nbytes)
+            for e in self.m.versions.values()
+            if e.offset is not None and not (e.state == SEALED and e.leases == 0 and not e.pins)
+        )  # leased, pinned, or being written: these cannot leave RAM now
+        self.ceiling = max(min(self.ceiling, int(target)), held, 0)
+        self.ram.release_freed = self.ceiling < self.ram.capacity_bytes
+        return self.ceiling
+
+    def raise_ceiling(self, step: int) -> int:
+        """Pressure has eased: let the tier grow back by ``step`` bytes (up to its capacity)."""
+        self.ceiling = min(self.ram.capacity_bytes, self.ceiling + max(0, int(step)))
+        self.ram.release_freed = self.ceiling < self.ram.capacity_bytes
+        return self.ceiling
 
     async def demote(self, e: Entry) -> bool:
         """Make sure ``e`` has a disk copy, then drop its RAM copy if nothing holds it."""
@@ -364,15 +399,18 @@ class Placement:
         """Something grew: let the balancer check the watermarks."""
         self._wake.set()
 
-    async def balance_once(self, target_used: int | None = None) -> int:
-        """Demote coldest first until RAM use is at ``target_used`` (default: the low watermark)."""
+    async def balance_once(self, target_used: int | None = None, take_prefetched: bool = False) -> int:
+        """Demote coldest first until RAM use is at ``target_used`` (default: the low watermark).
+
+        Prefetched entries not read yet are left alone unless ``take_prefetched`` (memory pressure):
+        they are about to be read, and demoting them would only read them again.
+        """
         if self.disk is None:
             return 0
-        cap = self.ram.capacity_bytes
-        target = int(cap * self.low) if target_used is None else target_used
+        target = int(self.ceiling * self.low) if target_used is None else target_used
         freed = 0
         while self.ram.used_bytes > target:
-            e = self.victim()
+            e = self.victim(take_prefetched)
             if e is None:
                 break
             before = self.ram.used_bytes
@@ -389,7 +427,7 @@ class Placement:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self.ram.used_bytes > self.ram.capacity_bytes * self.high:
+            if self.ram.used_bytes > self.ceiling * self.high:
                 freed = await self.balance_once()
                 log.debug("watermark: demoted %d bytes", freed)
 

@@ -33,7 +33,7 @@ from tierd.connection import Connection
 from tierd.errors import InvalidRequest
 from tierd.loops import loop_factory
 from tierd.manager import Manager
-from tierd.monitor import Monitor, Pressure, release_pages
+from tierd.monitor import Monitor, Pressure, limit_heap_retention, release_pages
 from tierd.notify import Notifier
 from tierd.placement import Placement
 from tierd.prefetch import Prefetcher
@@ -42,6 +42,8 @@ from tierd.tiers.ram import ArenaError, RamTier
 
 log = logging.getLogger("tierd")
 _GIB = float(1 << 30)
+#: share of the RAM tier the pressure ceiling regrows by per calm poll (about 1 s)
+CEILING_STEP = 0.02
 
 
 class Server:
@@ -77,6 +79,7 @@ class Server:
         # Bind first: a second daemon on the same socket is refused before it allocates an arena.
         # Clients that connect meanwhile wait in the listen backlog until the loop serves them.
         sock = self._bind()
+        limit_heap_retention()  # codec and protocol buffers go back to the kernel when freed
         t0 = time.perf_counter()
         log.info("building the RAM tier: %.2f GiB memfd arena, pre-faulting...", ram_bytes / _GIB)
         try:
@@ -100,6 +103,7 @@ class Server:
             self.manager.tiers["disk"] = disk
         self.placement = Placement(self.manager, disk, high=cfg.ram_high_watermark, low=cfg.ram_low_watermark,
                                    tag_codecs=cfg.tag_codec_map())  # fmt: skip
+        self.manager.ram.on_release = lambda n: self.manager.counters.update(pressure_released_bytes=n)
         budget = cfg.prefetch_budget_bytes()
         self.prefetcher = Prefetcher(self.placement, predictor=cfg.predictor, budget_bytes=budget,
                                      depth=cfg.prefetch_depth)  # fmt: skip
@@ -196,20 +200,35 @@ class Server:
         log.info("tierd stopped")
 
     async def _relieve_pressure(self) -> None:
-        """Give RAM back when the machine runs short: demote, then return free pages to the kernel."""
+        """Give RAM back when the machine runs short, and keep it given back while it stays short.
+
+        ``high`` or worse: lower the tier's ceiling by what the monitor asks, demote down to it and
+        return the free pages to the kernel; while the ceiling is below capacity, regions freed
+        later return their pages too (placement.lower_ceiling). ``none``: the ceiling grows back by
+        ``CEILING_STEP`` of the capacity per poll, so a tier that was squeezed regrows slowly instead
+        of taking everything back at once and being squeezed again. ``low`` holds it where it is.
+        """
         ram = self.manager.ram
+        placement = self.placement
         p = self.monitor.poll(ram.capacity_bytes)  # the arena is pre-faulted: all of it is resident
         self.pressure = p
         if p.shrink_bytes <= 0:
+            if p.level == "none" and placement.ceiling < ram.capacity_bytes:
+                placement.raise_ceiling(int(CEILING_STEP * ram.capacity_bytes))
             return
-        freed = await self.placement.balance_once(target_used=max(0, ram.used_bytes - p.shrink_bytes))
+        counters = self.manager.counters
+        ceiling = placement.lower_ceiling(ram.used_bytes - p.shrink_bytes)
         released = 0
         for start, size in ram.alloc.holes(min_size=2 << 20):
             released += release_pages(ram.mmap, start, size)
-        self.manager.counters["pressure_demoted_bytes"] += freed
-        self.manager.counters["pressure_released_bytes"] += released
-        log.warning("memory pressure %s (%s): demoted %d bytes, returned %d bytes of free RAM-tier pages",
-                    p.level, ", ".join(p.reasons), freed, released)  # fmt: skip
+        counters["pressure_released_bytes"] += released
+        log.warning("memory pressure %s (%s): RAM tier held at %.0f MiB (of %.0f), free pages returned: "
+                    "%.0f MiB; demoting down to it", p.level, ", ".join(p.reasons), ceiling / 2**20,
+                    ram.capacity_bytes / 2**20, released / 2**20)  # fmt: skip
+        # regions freed from here on return their pages as they go (ram.release_freed)
+        freed = await placement.balance_once(target_used=ceiling, take_prefetched=True)
+        counters["pressure_demoted_bytes"] += freed
+        log.info("memory pressure: demoted %.0f MiB", freed / 2**20)
 
     def _on_signal(self, sig: int) -> None:
         self._signals += 1
@@ -303,6 +322,7 @@ class Server:
             "policy": self.manager.policy.name,
             "ram_high_watermark": pl.high,
             "ram_low_watermark": pl.low,
+            "ram_ceiling_bytes": pl.ceiling,
             "tag_codecs": pl.tag_codecs,
             "calibration": calib.to_dict() if calib is not None else None,
         }

@@ -27,6 +27,7 @@ import contextlib
 import errno
 import mmap
 import os
+from collections.abc import Callable
 from typing import Any
 
 from tierd.alloc import Allocator
@@ -66,6 +67,11 @@ class RamTier(Tier):
         self.alloc = Allocator(capacity)
         self._capacity = capacity
         self._closed = False
+        #: set while memory pressure holds the tier below its capacity: a freed region's pages go
+        #: back to the kernel at once, so that what the tier holds stays what it uses
+        self.release_freed = False
+        #: told the bytes whenever pages of a freed region go back (the daemon counts them)
+        self.on_release: Callable[[int], None] = lambda n: None
 
     @property
     def capacity_bytes(self) -> int:
@@ -81,7 +87,12 @@ class RamTier(Tier):
 
     def free(self, offset: int) -> int:
         """Give the region back; returns the bytes freed."""
-        return self.alloc.free(offset)
+        size = self.alloc.free(offset)
+        if self.release_freed:
+            from tierd.monitor import release_pages
+
+            self.on_release(release_pages(self.mmap, offset, size))
+        return size
 
     def region_bytes(self, nbytes: int) -> int:
         return self.alloc.size_for(nbytes)
