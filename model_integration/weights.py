@@ -7,7 +7,6 @@ there already and every process maps the same arena bytes.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tierd.monitor import limit_heap_retention
 from tierd_client._core import DTYPE_SIZES, dtype_name
 from tierd_integration.hooks import (
     Binding,
@@ -26,8 +26,10 @@ from tierd_integration.hooks import (
     remove_hook,
     set_tensor,
 )
+from tierd_integration.shards import TensorInfo, shards
 
 CHECKSUM_TAG = "xxh3:"
+SOURCE_TAG = "src:"
 
 
 def checksum(t: torch.Tensor) -> str:
@@ -53,6 +55,17 @@ def _same(entry: dict[str, Any] | None, t: torch.Tensor, digest: str) -> bool:
         and list(entry["shape"]) == list(t.shape)
         and entry["nbytes"] == _nbytes(t)
         and CHECKSUM_TAG + digest in entry["tags"]
+    )
+
+
+def _unchanged(entry: dict[str, Any] | None, info: TensorInfo, stamp: str) -> bool:
+    """Quick check, no bytes read: the entry was ingested from this very file (name, size, mtime)."""
+    return (
+        entry is not None
+        and entry["dtype"] == dtype_name(torch.empty(0, dtype=info.dtype))
+        and list(entry["shape"]) == list(info.shape)
+        and entry["nbytes"] == info.nbytes
+        and SOURCE_TAG + stamp in entry["tags"]
     )
 
 
@@ -96,38 +109,34 @@ class _Putter:
         self.existing = {e["key"]: e for e in client.ls(self.namespace + "/")}
         self.counts = {"put": 0, "skipped": 0, "bytes": 0, "tensors": 0}
 
-    def __call__(self, name: str, t: torch.Tensor) -> None:
-        key = f"{self.namespace}/{name}"
-        digest = checksum(t)
+    def key(self, name: str) -> str:
+        return f"{self.namespace}/{name}"
+
+    def skip(self) -> None:
         self.counts["tensors"] += 1
+        self.counts["skipped"] += 1
+
+    def __call__(self, name: str, t: torch.Tensor, tags: tuple[str, ...] = ()) -> None:
+        key = self.key(name)
+        digest = checksum(t)
         if _same(self.existing.get(key), t, digest):
-            self.counts["skipped"] += 1
+            self.skip()
             return
+        self.counts["tensors"] += 1
         self.client.put(
-            key, t, tags=["weight", CHECKSUM_TAG + digest], durable=self.durable, codec=self.codec
+            key, t, tags=["weight", CHECKSUM_TAG + digest, *tags], durable=self.durable, codec=self.codec
         )
         self.counts["put"] += 1
         self.counts["bytes"] += _nbytes(t)
 
 
-def _shards(checkpoint_dir: Path) -> list[Path]:
-    files = sorted(checkpoint_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {checkpoint_dir}")
-    return files
-
-
 def checkpoint_names(checkpoint_dir: str | Path) -> dict[str, tuple[str, list[int]]]:
     """name -> (dtype, shape) for every tensor in the checkpoint's shards, read from the headers."""
-    from safetensors import safe_open
-
-    out: dict[str, tuple[str, list[int]]] = {}
-    for f in _shards(Path(checkpoint_dir)):
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
-                sl = sf.get_slice(name)
-                out[name] = (sl.get_dtype(), list(sl.get_shape()))
-    return out
+    return {
+        name: (info.dtype_code, list(info.shape))
+        for shard in shards(checkpoint_dir)
+        for name, info in shard.tensors.items()
+    }
 
 
 def ingest(
@@ -138,24 +147,30 @@ def ingest(
     codec: str | None = None,
     progress: bool = True,
     durable: bool | None = None,
+    verify: bool = False,
 ) -> dict[str, Any]:
     """Put every tensor of a safetensors checkpoint into tierd as ``namespace/<name>``, one at a time.
 
-    Entries already there with the same dtype, shape, size and xxh3-64 are skipped. ``durable=None``
-    means durable when the daemon has a disk tier (a durable put is refused without one). Returns
-    ``{"put", "skipped", "bytes" (put), "tensors", "seconds"}``; progress goes to stderr.
+    Entries already there are skipped: without reading a byte when they were ingested from the same
+    shard file (name, size and mtime, kept in a ``src:`` tag: the quick check make and rsync use),
+    else when their dtype, shape, size and xxh3-64 match the tensor read from the file. ``verify``
+    skips the quick check (every tensor read and compared). ``durable=None`` means durable when the
+    daemon has a disk tier (a durable put is refused without one). Returns ``{"put", "skipped",
+    "bytes" (put), "tensors", "seconds"}``; progress goes to stderr. Tensors are read with ``preadv``
+    and their page cache dropped after (see shards.py): ingest never leaves the model in the cache.
     """
-    from safetensors import safe_open
-
     putter = _Putter(client, namespace, codec, durable)
     prog = _Progress(f"ingest {namespace}", progress)
-    for f in _shards(Path(checkpoint_dir)):
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
-                t = sf.get_tensor(name)
-                putter(name, t)
-                prog.add(_nbytes(t))
-                del t
+    for shard in shards(checkpoint_dir):
+        for name, info in shard.tensors.items():
+            if not verify and _unchanged(putter.existing.get(putter.key(name)), info, shard.stamp):
+                putter.skip()
+                prog.add(0)
+                continue
+            t = shard.read(name)
+            putter(name, t, (SOURCE_TAG + shard.stamp,))
+            prog.add(info.nbytes)
+            del t
     c = putter.counts
     seconds = prog.done(f" (put {c['put']}, skipped {c['skipped']})")
     return {**c, "seconds": seconds}
@@ -163,13 +178,25 @@ def ingest(
 
 # -- binding ----------------------------------------------------------------------------------------
 def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The streamed blocks in forward order: vision blocks, then decoder layers."""
+    """The streamed blocks in forward order: the vision tower's blocks with its deepstack mergers
+    after the blocks they read, its merger, then the decoder layers.
+
+    The vision modules run only in prefill; streaming them (rather than keeping them resident)
+    leaves their RAM to the decoder layers, which every generated token reads.
+    """
     names = {id(m): n for n, m in model.named_modules()}
     inner: Any = getattr(model, "model", model)
     out: list[nn.Module] = []
     visual = getattr(inner, "visual", None)
     if visual is not None:
-        out += list(visual.blocks)
+        deep = list(getattr(visual, "deepstack_merger_list", []))
+        deep_at = list(getattr(visual, "deepstack_visual_indexes", []))[: len(deep)]
+        for i, blk in enumerate(visual.blocks):
+            out.append(blk)
+            if i in deep_at:
+                out.append(deep[deep_at.index(i)])
+        if getattr(visual, "merger", None) is not None:
+            out.append(visual.merger)
     out += list(inner.language_model.layers)
     return [(names[id(m)], m) for m in out]
 
@@ -187,13 +214,10 @@ def _retie(model: nn.Module, tied: dict[str, str]) -> None:
 
 
 def _room(client: Any, ram_budget: int | None) -> int:
-    """Bytes of weights this model may keep in RAM: the tier below its high watermark, or the budget."""
-    st = client.stats()
-    ram = next(t for t in st["tiers"] if t["name"] == "ram")
-    room = ram["capacity_bytes"] * float(st.get("placement", {}).get("ram_high_watermark", 0.9))
-    if ram_budget is not None:
-        room = min(room, ram_budget)
-    return int(room)
+    """Bytes of weights this model may keep in RAM: the RAM tier, or ``ram_budget`` when smaller."""
+    ram = next(t for t in client.stats()["tiers"] if t["name"] == "ram")
+    room = int(ram["capacity_bytes"])
+    return room if ram_budget is None else min(room, int(ram_budget))
 
 
 def _choose_mode(client: Any, total: int, ram_budget: int | None) -> str:
@@ -209,18 +233,20 @@ def bind(
     mode: str,
     prefetch_depth: int = 2,
     room: int | None = None,
+    nbytes: dict[str, int] | None = None,
 ) -> nn.Module:
     """Bind the tensors ``names`` of ``model`` to ``namespace/<name>`` in tierd.
 
     ``resident``: one get_many, every tensor a view for the model's lifetime. ``streaming``: tensors
-    outside the blocks (embeddings, norms, merger, lm_head) resident, each block's bound per forward
-    by a StreamBlockHook. Parameters that share a tensor with a bound one (tied lm_head) share it again.
+    outside the blocks (embeddings, norms, lm_head, the vision patch embedding) resident, each block
+    (see _blocks: vision blocks and mergers, decoder layers) bound per forward by a StreamBlockHook.
+    Parameters that share a tensor with a bound one (tied lm_head) share it again.
 
     ``room`` (streaming): bytes of RAM this model may hold. What the resident tensors and a window of
-    ``prefetch_depth + 2`` streamed blocks leave of it keeps the first decoder layers resident for
-    good (leased, so never demoted): decoding reads the layers in a cycle, and a cycle longer than
-    the cache is exactly what LRU eviction handles worst, so a fixed resident part is read from disk
-    never, and only the rest streams.
+    ``prefetch_depth + 1`` streamed blocks (the one running and the ones hinted ahead of it) leave of
+    it keeps the first decoder layers resident for good (leased, so never demoted): decoding reads
+    the layers in a cycle, and a cycle longer than the cache is exactly what LRU eviction handles
+    worst, so a fixed resident part is read from disk never, and only the rest streams.
     """
     if mode not in ("resident", "streaming"):
         raise ValueError(f"mode must be 'resident' or 'streaming', not {mode!r}")
@@ -245,15 +271,22 @@ def bind(
 
     block_names: set[str] = set()
     if mode == "streaming":
+        limit_heap_retention()  # the process stays small: freed buffers go back to the kernel
         order = []
         for prefix, module in _blocks(model):
             rel = [n[len(prefix) + 1 :] for n in names if n.startswith(prefix + ".")]
             order.append((prefix, module, rel))
-        sizes = [sum(_nbytes(get_tensor(model, f"{p}.{r}")) for r in rel) for p, _, rel in order]
+        # sizes as stored (``nbytes``: the checkpoint's); a model built on the meta device may
+        # carry another dtype than its weights until they are bound
+        size_of = dict(nbytes or {})
+        for n in names:
+            if n not in size_of:
+                size_of[n] = _nbytes(get_tensor(model, n))
+        sizes = [sum(size_of[f"{p}.{r}"] for r in rel) for p, _, rel in order]
         if room is not None and order:
             in_blocks = {f"{p}.{r}" for p, _, rel in order for r in rel}
-            outside = sum(_nbytes(get_tensor(model, n)) for n in names if n not in in_blocks)
-            keep = room - outside - (prefetch_depth + 2) * max(sizes)
+            outside = sum(size_of[n] for n in names if n not in in_blocks)
+            keep = room - outside - (prefetch_depth + 1) * max(sizes)
             kept = []
             for i, (p, _, _) in enumerate(order):
                 if ".language_model." in f".{p}." and sizes[i] <= keep:
@@ -317,25 +350,18 @@ def from_pretrained(
     ckpt = Path(checkpoint_dir)
     ns = (namespace or ckpt.resolve().name).rstrip("/")
     ingest(client, ckpt, ns, progress=progress, **ingest_kw)
-    meta = checkpoint_names(ckpt)
-    total = sum(math.prod(shape) * _st_dtype(dt).itemsize for dt, shape in meta.values())
+    tensors = {n: info for shard in shards(ckpt) for n, info in shard.tensors.items()}
+    total = sum(info.nbytes for info in tensors.values())
     config = AutoConfig.from_pretrained(ckpt)
     with empty_parameters():
         model = Qwen3VLForConditionalGeneration(config)
     if (ckpt / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(ckpt)
     model.eval()
-    bind(model, client, ns, list(meta), mode=mode or _choose_mode(client, total, ram_budget),
-         prefetch_depth=prefetch_depth, room=_room(client, ram_budget))  # fmt: skip
+    bind(model, client, ns, list(tensors), mode=mode or _choose_mode(client, total, ram_budget),
+         prefetch_depth=prefetch_depth, room=_room(client, ram_budget),
+         nbytes={n: info.nbytes for n, info in tensors.items()})  # fmt: skip
     return model
-
-
-def _st_dtype(name: str) -> torch.dtype:
-    return {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-        "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    }[name]  # fmt: skip
 
 
 def offload_model(

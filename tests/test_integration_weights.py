@@ -120,6 +120,50 @@ def test_ingest_twice_skips_everything(start_daemon, ckpt, capsys) -> None:
         assert [e["version"] for e in c.ls("tiny/")] == [e["version"] for e in entries]
 
 
+def test_ingest_quick_check_reads_nothing_unless_the_file_changed(
+    start_daemon, ckpt, tmp_path, monkeypatch
+) -> None:
+    import shutil
+
+    from tierd_integration import shards
+
+    copy = tmp_path / "copy"
+    shutil.copytree(ckpt, copy)
+    reads: list[str] = []
+    real_read = shards.Shard.read
+
+    def counting_read(self, name):
+        reads.append(name)
+        return real_read(self, name)
+
+    monkeypatch.setattr(shards.Shard, "read", counting_read)
+    d = start_daemon(disk_bytes="64MiB")
+    with Client(socket=d.socket) as c:
+        assert ingest(c, copy, "tiny", progress=False)["put"] == 69 and len(reads) == 69
+        reads.clear()
+        again = ingest(c, copy, "tiny", progress=False)  # same files: not a byte read
+        assert again["skipped"] == 69 and reads == []
+        verified = ingest(c, copy, "tiny", progress=False, verify=True)  # read and compared
+        assert verified["skipped"] == 69 and verified["put"] == 0 and len(reads) == 69
+        reads.clear()
+        shard = sorted(copy.glob("*.safetensors"))[0]
+        os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # touched
+        touched = ingest(c, copy, "tiny", progress=False)
+        n = len(shards.Shard(shard).tensors)
+        assert touched["skipped"] == 69 and touched["put"] == 0 and len(reads) == n >= 1
+
+
+def test_ingest_refuses_a_broken_shard_with_its_name(daemon, tmp_path) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes((1 << 40).to_bytes(8, "little") + b"{}")
+    with Client(socket=daemon.socket) as c, pytest.raises(ValueError, match=r"model\.safetensors"):
+        ingest(c, bad, "bad", progress=False)
+    (bad / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"[]")
+    with Client(socket=daemon.socket) as c, pytest.raises(ValueError, match="not a JSON object"):
+        ingest(c, bad, "bad", progress=False)
+
+
 def test_ingest_replaces_changed_tensor(daemon, ckpt, tmp_path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -265,8 +309,17 @@ def test_streaming_keeps_the_first_layers_resident_when_there_is_room(
         assert isinstance(model.model.visual.blocks[0]._tierd_hook, StreamBlockHook)  # prefill only
         before = c.stats()["counters"]["gets"]
         assert torch.equal(generate(model, inputs), reference)
-        # decoding fetched nothing for the kept layers: only the vision blocks, once, at prefill
-        assert c.stats()["counters"]["gets"] - before == sum(
-            len(list(b.parameters())) for b in model.model.visual.blocks
-        )
+        # the vision blocks and mergers stream (prefill only), the patch embedding stays resident
+        visual = model.model.visual
+        streamed = []  # in forward order: each deepstack merger right after the block it reads
+        for i, block in enumerate(visual.blocks):
+            streamed.append(block)
+            if i in visual.deepstack_visual_indexes:
+                streamed.append(visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(i)])
+        streamed.append(visual.merger)
+        assert [m for m, _ in binding.blocks] == streamed
+        assert all(isinstance(m._tierd_hook, StreamBlockHook) for m in streamed)
+        assert not hasattr(visual.patch_embed, "_tierd_hook")
+        # decoding fetched nothing for the kept layers: only the streamed vision modules, once, at prefill
+        assert c.stats()["counters"]["gets"] - before == sum(len(list(m.parameters())) for m in streamed)
         detach(model)
