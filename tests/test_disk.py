@@ -248,3 +248,40 @@ def test_get_of_missing_version_after_restart(start_daemon) -> None:
         assert torch.equal(c.get(h), tensor(1))
         with pytest.raises(NotFound):
             c.get("gv/none")
+
+
+@pytest.mark.parametrize("how", ["codec", "tag rule"])
+def test_a_lossy_codec_gives_a_version_one_value_in_every_tier(start_daemon, how: str) -> None:
+    # Rounded at the put: the RAM copy is what the disk copy decodes to, before and after eviction
+    # and a restart; so a model reads the same weights whether they were evicted or not.
+    flags = ("--tag-codecs", "weight=int8") if how == "tag rule" else ()
+    kw: dict = {"tags": ["weight"]} if how == "tag rule" else {"codec": "int8"}
+    x = tensor(7, 512 * 512).reshape(512, 512).to(torch.bfloat16)
+    d = start_daemon(*flags, disk_bytes="64MiB")
+    with Client(d.socket) as c:
+        c.put("lossy/w", x, **kw)
+        c.put("lossy/d", x, durable=True, **kw)
+        c.put("lossy/exact", x)  # no lossy codec asked for: stored as given
+        t = c.get("lossy/w")
+        first = t.clone()
+        c.release(t)
+        assert not torch.equal(first, x)
+        row_absmax = x.float().abs().amax(dim=1, keepdim=True)
+        assert ((first.float() - x.float()).abs() <= 0.00784 * row_absmax + 1e-6).all()  # int8's bound
+        assert c.evict("lossy/w")["moved"]
+        t = c.get("lossy/w")  # promoted from disk
+        assert torch.equal(t.view(torch.int16), first.view(torch.int16))
+        c.release(t)
+        t = c.get("lossy/d")
+        durable = t.clone()
+        c.release(t)
+        assert torch.equal(durable.view(torch.int16), first.view(torch.int16))
+        t = c.get("lossy/exact")
+        assert torch.equal(t.view(torch.int16), x.view(torch.int16))
+        c.release(t)
+    d.stop()
+    d2 = start_daemon(*flags, disk_bytes="64MiB")
+    with Client(d2.socket) as c:
+        t = c.get("lossy/d")
+        assert torch.equal(t.view(torch.int16), first.view(torch.int16))
+        c.release(t)

@@ -293,6 +293,43 @@ class Placement:
             del self._stores[e.version]
             self.m.unprotect(e)
 
+    # ---- lossy codecs: one value per version ---------------------------------------------------
+    def may_be_lossy(self, e: Entry) -> bool:
+        """Whether ``e`` asked for a lossy disk codec, itself or through a tag rule (cheap check)."""
+        from tierd.codecs import get_codec
+
+        names = [e.codec] if e.codec not in (None, "auto") else [self.tag_codecs[t] for t in e.tags
+                                                                  if t in self.tag_codecs]  # fmt: skip
+        return any(not get_codec(n).lossless for n in names if n)
+
+    async def round_trip(self, e: Entry) -> None:
+        """Replace a put's RAM bytes with what its lossy disk codec gives back, before it is sealed.
+
+        Otherwise a reader would see the exact bytes while the entry stays in RAM and the decoded
+        ones after a trip through disk: the same version with two values, and a model's output
+        depending on what was evicted. The codecs are idempotent on their own output (int8: the
+        row's absmax decodes to itself, so the same scale and codes come back; downcasts: values
+        already representable), so the disk copy written later decodes to these very bytes.
+        """
+        assert e.offset is not None
+        e.protect += 1
+        try:
+            view = self.ram.view(e.offset, e.nbytes)
+            await asyncio.get_running_loop().run_in_executor(self.io, self._round_trip, e, view)
+        finally:
+            self.m.unprotect(e)
+
+    def _round_trip(self, e: Entry, view: memoryview) -> None:
+        from tierd.codecs import get_codec
+
+        plan = self._plan(e, view)
+        codec = get_codec(plan.codec)
+        if codec.lossless:
+            return
+        for i in range(plan.n_chunks):
+            stored = bytes(codec.encode_chunk(plan, i, view))  # a copy: decode writes the same span
+            codec.decode_chunk(plan, i, stored, view)
+
     def _plan(self, e: Entry, view: memoryview) -> Any:
         """Choose the codec (explicit > tag rule > measured) and prepare its plan (in ``io``)."""
         from tierd.calibrate import Calibration
