@@ -29,7 +29,10 @@ bench: setup
 	$(PY) bench/bench_alloc.py
 	$(PY) bench/bench_disk.py
 	$(PY) bench/bench_codecs.py
-	$(PY) bench/bench_predict.py
+	mkdir -p bench/results
+	$(PY) bench/record_qwen3vl_trace.py --out bench/results/qwen3vl.trace.jsonl
+	$(PY) bench/bench_predict.py --trace bench/results/qwen3vl.trace.jsonl
+	$(PY) bench/bench_qwen3vl.py --json bench/results/qwen3vl.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

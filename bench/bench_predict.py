@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tierd.predict.learned import LearnedPredictor
 from tierd.predict.simulate import DEFAULT_MIN_CONFIDENCE, ReplayResult, replay
-from tierd.predict.traces import EXTRA_SCENARIOS, SCENARIO_NAMES, Scenario, make_scenario
+from tierd.predict.traces import EXTRA_SCENARIOS, SCENARIO_NAMES, Scenario, make_scenario, recorded
 
 MIB = 1 << 20
 PREDICTORS = ("none", "sequence", "learned", "auto", "learned/no-fit")
@@ -131,6 +131,9 @@ def main() -> None:
     ap.add_argument("--train-every", type=int, default=2000)
     ap.add_argument("--min-confidence", type=float, default=DEFAULT_MIN_CONFIDENCE)
     ap.add_argument("--no-ablation", action="store_true", help="leave out the learned/no-fit row")
+    ap.add_argument("--trace", action="append", default=[], metavar="FILE",
+                    help="also replay a recorded trace file (tierctl trace record, or "
+                         "bench/record_qwen3vl_trace.py for trace (e)); may be repeated")  # fmt: skip
     args = ap.parse_args()
 
     facts = machine()
@@ -143,8 +146,14 @@ def main() -> None:
     out: dict[str, Any] = {"machine": facts, "args": vars(args), "scenarios": {}}
     summary: list[tuple[str, dict[str, Any]]] = []
     t_all = time.perf_counter()
-    for name in args.scenarios.split(","):
-        s = make_scenario(name, args.seed, **(QUICK[name] if args.quick else {}))
+    jobs: list[tuple[str, str | None]] = [(n, None) for n in args.scenarios.split(",") if n]
+    jobs += [(Path(f).name, f) for f in args.trace]
+    for name, trace_file in jobs:
+        if trace_file is not None:
+            s = recorded(trace_file, name)
+            WANT.setdefault(name, "matches")
+        else:
+            s = make_scenario(name, args.seed, **(QUICK[name] if args.quick else {}))
         gets = sum(a.op == "get" for a in s.trace)
         print(
             f"\n== {name}: {s.description}\n   {len(s.trace)} accesses ({gets} gets), working set "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -221,6 +222,17 @@ def uniform_random(
         t += n / (compute_gbps * 1e9) * float(rng.uniform(0.85, 1.15))
     desc = f"uniform random gets of {keys} keys of 1-64 MiB"
     return _scenario("random", desc, _to_trace(events), ram_ratio)
+
+
+def recorded(path: str | Path, name: str | None = None, ram_ratio: float = 1.5) -> Scenario:
+    """A trace file written by ``tierctl trace record`` (or bench/record_qwen3vl_trace.py), with the
+    RAM of the other scenarios: its working set / ``ram_ratio``."""
+    from tierd.predict.log import read_trace
+
+    trace = read_trace(path)
+    if not any(a.op == "get" for a in trace):
+        raise ValueError(f"{path}: the trace has no reads to replay")
+    return _scenario(name or Path(path).name, f"recorded: {path}", trace, ram_ratio)
 
 
 def make_scenario(name: str, seed: int = 0, **opts: Any) -> Scenario:
