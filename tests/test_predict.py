@@ -26,6 +26,7 @@ from tierd.predict.traces import (
     cyclic,
     interleaved,
     make_scenario,
+    recorded,
     uniform_random,
     vision,
 )
@@ -99,6 +100,26 @@ def test_rows_round_trip_and_refuse_bad_rows() -> None:
     ):
         with pytest.raises(ValueError):
             from_row(bad)
+
+
+def test_a_recorded_trace_becomes_a_scenario_sized_like_the_others(tmp_path: Path) -> None:
+    s = cyclic(1, layers=3, weights_per_layer=2, steps=4)
+    path = tmp_path / "rec.jsonl"
+    write_trace(path, s.trace)
+    r = recorded(path)
+    assert r.name == "rec.jsonl" and len(r.trace) == len(s.trace)
+    assert r.working_set_bytes == s.working_set_bytes and r.ram_bytes == int(s.working_set_bytes / 1.5)
+    res = replay(r.trace, make_predictor("sequence"), ram_bytes=r.ram_bytes,
+                 prefetch_budget_bytes=r.prefetch_budget_bytes)  # fmt: skip
+    assert res.accesses == s_gets(s) and res.hit_rate > 0.5  # a cycle: sequence learns it
+    puts_only = tmp_path / "puts.jsonl"
+    write_trace(puts_only, [Access(0.0, 1, "k", "put", "-", MIB)])
+    with pytest.raises(ValueError, match="no reads"):
+        recorded(puts_only)
+
+
+def s_gets(s: Scenario) -> int:
+    return sum(a.op == "get" for a in s.trace)
 
 
 def test_trace_file_round_trip_and_append(tmp_path: Path) -> None:
