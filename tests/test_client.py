@@ -177,8 +177,12 @@ def test_delete_of_leased_entry_hides_it_for_others(daemon: Daemon) -> None:
         a.put("del/x", torch.arange(10))
         t = a.get("del/x")
         b.delete("del/x")
+        before = b.stats()["counters"]
         with pytest.raises(NotFound):
             b.get("del/x")
+        after = b.stats()["counters"]
+        # a miss is counted as one, not as a failed request
+        assert after["not_found"] == before["not_found"] + 1 and after["errors"] == before["errors"]
         assert torch.equal(t, torch.arange(10))
         used = b.stats()["tiers"][0]["used_bytes"]
         a.release(t)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from tierd import __version__, protocol
-from tierd.errors import InvalidRequest, ProtocolError, TierdError, VersionMismatch
+from tierd.errors import InvalidRequest, NotFound, ProtocolError, TierdError, VersionMismatch
 from tierd.protocol import HEADER, HEADER_SIZE, MAX_REQUEST_BYTES, Error, Got, Ok, PutReady, Welcome
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ class Connection(asyncio.Protocol):
         try:
             reply = handler(self, msg)
         except TierdError as e:
-            self.manager.counters["errors"] += 1
+            self._count_error(e)
             reply = Error(rid, *e.to_wire())
         except Exception as e:  # a daemon bug costs one request (logged), never the daemon
             self.manager.counters["internal_errors"] += 1
@@ -137,11 +137,15 @@ class Connection(asyncio.Protocol):
         elif reply is not None:
             self._reply(reply)
 
+    def _count_error(self, e: TierdError) -> None:
+        # a lookup of a key that is not there is an answer, not a failure (a cache's miss)
+        self.manager.counters["not_found" if isinstance(e, NotFound) else "errors"] += 1
+
     async def _finish(self, rid: int, what: str, coro: Any) -> None:
         try:
             reply = await coro
         except TierdError as e:
-            self.manager.counters["errors"] += 1
+            self._count_error(e)
             reply = Error(rid, *e.to_wire())
         except Exception as e:  # a daemon bug costs one request (logged), never the daemon
             self.manager.counters["internal_errors"] += 1
