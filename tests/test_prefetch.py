@@ -11,6 +11,7 @@ import pytest
 import pytest_asyncio
 import torch
 
+from tests.conftest import wait_until
 from tierd.manager import Manager
 from tierd.placement import Placement
 from tierd.prefetch import Prefetcher
@@ -107,6 +108,30 @@ def test_hints_are_prefetched(start_daemon) -> None:
 
         wait_until(lambda: "ram" in c.stat(f"cyc/{cold[0]}")["tiers"], what="the hinted entry in RAM")
         assert c.stats()["counters"]["prefetch_hinted"] == 1
+
+
+def test_hints_load_in_order_and_a_demand_read_takes_the_one_needed_last(start_daemon) -> None:
+    # 64 MiB tier, 12 MiB entries: room for five. Hint three (all prefetched, in the order given),
+    # lease two others, then read a sixth: the only room is an unread prefetch, and the one to give
+    # up is the last hinted (needed last), not the first (needed next).
+    d = start_daemon("--predictor", "none", "--ram-high-watermark", "1.0", "--ram-low-watermark", "1.0",
+                     ram_bytes="64MiB", disk_bytes="256MiB")  # fmt: skip
+    size = 12 * (1 << 20) // 4
+    with Client(d.socket) as c:
+        for i in range(6):
+            c.put(f"hint/{i}", torch.full((size,), float(i)), durable=True)
+        for i in range(6):
+            if "ram" in c.stat(f"hint/{i}")["tiers"]:
+                c.evict(f"hint/{i}")
+        hinted = ["hint/0", "hint/1", "hint/2"]
+        assert c.prefetch(hinted) == 3
+        wait_until(lambda: all("ram" in c.stat(k)["tiers"] for k in hinted), what="the hinted entries in RAM")
+        held = [c.get("hint/3"), c.get("hint/4")]
+        t = c.get("hint/5")  # needs room: only the unread prefetches can give it
+        assert torch.equal(t, torch.full((size,), 5.0))
+        in_ram = {k: "ram" in c.stat(k)["tiers"] for k in hinted}
+        assert in_ram == {"hint/0": True, "hint/1": True, "hint/2": False}, in_ram
+        c.release([t, *held])
 
 
 class Exploding:

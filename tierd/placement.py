@@ -184,15 +184,25 @@ class Placement:
         prefetch or the watermark balancer now wants); a demand read or memory pressure may still
         take them (``take_prefetched``), but only when nothing else is left.
         """
-        found = self._victim(skip_prefetched=True)
+        found = self._coldest()
         if found is None and take_prefetched:
-            found = self._victim(skip_prefetched=False)
+            # Of the unread prefetches, the one loaded last: predictions and hints are issued in
+            # the order they will be read, so it is needed last (the coldest would be needed next).
+            found = next(
+                (
+                    e
+                    for e in reversed(list(self.m.policy.candidates()))
+                    if e.prefetched and self._evictable(e)
+                ),
+                None,
+            )
         return found
 
-    def _victim(self, skip_prefetched: bool) -> Entry | None:
+    def _coldest(self) -> Entry | None:
+        """The coldest evictable entry that is not an unread prefetch (a clean one preferred)."""
         first = None
         for i, e in enumerate(self.m.policy.candidates()):
-            if not self._evictable(e) or (skip_prefetched and e.prefetched):
+            if not self._evictable(e) or e.prefetched:
                 continue
             if e.disk is not None:
                 return e
