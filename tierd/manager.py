@@ -165,9 +165,10 @@ class Manager:
             self._hide(e)
 
     # ---- put -----------------------------------------------------------------------------------
-    def ram_full(self, key: str, nbytes: int, why: str = "") -> TierFull:
-        """The TierFull for a RAM region of ``nbytes`` that cannot be had."""
-        self.counters["tier_full"] += 1
+    def ram_full(self, key: str, nbytes: int, why: str = "", count: bool = True) -> TierFull:
+        """The TierFull for a RAM region of ``nbytes`` that cannot be had (counted in tier_full)."""
+        if count:
+            self.counters["tier_full"] += 1
         st = self.ram.alloc.stats()
         need = self.ram.region_bytes(nbytes)
         why = why or (

@@ -229,7 +229,8 @@ class Placement:
                     beyond_ceiling = True
                     continue
                 why = "every entry in RAM is leased, pinned or moving" if self.disk else ""
-                raise self.m.ram_full(key, nbytes, why)
+                # a prefetch that finds no room is dropped (counted as such), not a refused request
+                raise self.m.ram_full(key, nbytes, why, count=not for_prefetch)
             await self.demote(e)
 
     # ---- memory pressure -----------------------------------------------------------------------
