@@ -318,6 +318,11 @@ def main() -> int:
     ap.add_argument("--prefetch-depth", type=int, default=1,
                     help="blocks hinted ahead when streaming [1: the disk is the bottleneck here, and each "
                          "block less in the window is one more decoder layer kept resident]")  # fmt: skip
+    ap.add_argument(
+        "--codec",
+        default=None,
+        help="disk codec for the budgeted case's weights (raw, zstd, int8, ...) [the policy's]",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work folder (daemon logs) for a look")
     ap.add_argument("--margin-mb", type=int, default=160, help="cgroup limit margin [160]")
     ap.add_argument("--cases", default="resident,share,budgeted,accelerate",
@@ -434,7 +439,7 @@ def main() -> int:
             daemons.append(dB)
             with Client(sockB) as c:
                 t = time.perf_counter()
-                ing = ti.ingest(c, tmp / "ckpt", NS, progress=False, durable=True)
+                ing = ti.ingest(c, tmp / "ckpt", NS, progress=False, durable=True, codec=a.codec)
                 R["budget"]["ingest_s"] = time.perf_counter() - t
                 R["budget"]["ingest"] = ing
                 st = c.stats()
