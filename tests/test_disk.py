@@ -285,3 +285,50 @@ def test_a_lossy_codec_gives_a_version_one_value_in_every_tier(start_daemon, how
         t = c.get("lossy/d")
         assert torch.equal(t.view(torch.int16), first.view(torch.int16))
         c.release(t)
+
+
+def _resident_bytes(path: Path) -> int:
+    """Bytes of ``path`` in the page cache: mincore over a fresh read-only mapping of it."""
+    import ctypes
+    import mmap
+
+    import numpy as np
+
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mm:
+        arr = np.frombuffer(mm, dtype=np.uint8)
+        rc = libc.mincore(ctypes.c_void_p(arr.ctypes.data), ctypes.c_size_t(size), vec)
+        del arr
+    assert rc == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec) * mmap.PAGESIZE
+
+
+def test_disk_tier_leaves_no_value_in_the_page_cache(tmp_path: Path) -> None:
+    # A promoted entry must not sit in RAM twice (the tier's copy and the page cache's): values
+    # are read with pread into the destination and their pages dropped, writes are dropped too.
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from tierd.codecs import get_codec
+    from tierd.tiers.disk import DiskTier
+
+    disk = DiskTier(tmp_path / "state", 256 << 20)
+    try:
+        # one chunk: with two read in parallel, readahead for one can bring back pages of the other
+        raw = np.random.default_rng(0).integers(0, 255, (12 << 20) + 123, dtype=np.uint8)
+        plan = get_codec("raw").prepare(memoryview(raw), "uint8", [raw.size], 16 << 20)
+        meta = {"key": "pc/x", "version": 1, "dtype": "uint8", "shape": [raw.size], "nbytes": raw.size,
+                "tags": [], "durable": True, "ttl": None, "scope": "shared", "created": 0.0}  # fmt: skip
+        with ThreadPoolExecutor(2) as pool:
+            rec = disk.write(meta, plan, memoryview(raw), pool)
+            assert _resident_bytes(disk.path) < (2 << 20)  # written, then dropped
+            out = bytearray(raw.size)
+            disk.read_into(rec, memoryview(out), pool)
+        assert bytes(out) == raw.tobytes()
+        assert _resident_bytes(disk.path) < (2 << 20)  # read, then dropped
+    finally:
+        disk.close()

@@ -24,6 +24,7 @@ Writes are serialised by one lock (LMDB has a single writer anyway).
 from __future__ import annotations
 
 import ctypes
+import errno
 import math
 import os
 import struct
@@ -85,6 +86,24 @@ def _madvise(addr: int, length: int, advice: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def _mapping_start(fd: int) -> int:
+    """Start address of this process's mapping of ``fd``'s file at offset 0 (LMDB's map).
+
+    ``env.info()["map_addr"]`` is the fixed address LMDB was asked for (0 without MDB_FIXEDMAP), not
+    where the map is; /proc/self/maps says where it is. Matched by device and inode.
+    """
+    st = os.fstat(fd)
+    with open("/proc/self/maps", encoding="utf-8") as f:
+        for line in f:
+            parts = line.split(None, 5)
+            if len(parts) < 5 or int(parts[2], 16) != 0:
+                continue
+            major, minor = (int(x, 16) for x in parts[3].split(":"))
+            if int(parts[4]) == st.st_ino and os.makedev(major, minor) == st.st_dev:
+                return int(parts[0].split("-")[0], 16)
+    raise OSError(errno.ENOENT, "LMDB's mapping of its file is not in /proc/self/maps")
+
+
 def _address(buf: Any) -> int:
     """Address of a read-only buffer's first byte (numpy reads it without copying)."""
     return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data)
@@ -122,8 +141,9 @@ class DiskTier(Tier):
             str(self.path), map_size=self._capacity, subdir=False, max_dbs=2, readahead=True,
             sync=True, metasync=False, lock=True, mode=0o600, max_readers=64,
         )  # fmt: skip
-        self._map_addr = int(self.env.info()["map_addr"])
         self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)  # for posix_fadvise only
+        #: where LMDB mapped the file (offset 0): a value's file offset is its address minus this
+        self._map_addr = _mapping_start(self._fd)
         self.meta_db = self.env.open_db(b"meta")
         self.chunk_db = self.env.open_db(b"chunks")
         self._write_lock = threading.Lock()
