@@ -23,9 +23,11 @@ extra cost is the round trip and the puts: one block copy per layer every ``bloc
 offloaded part also crosses PCIe each step, which dominates for long contexts. Small blocks mean more
 entries and bigger ``get_many`` frames; ``block`` of 64-256 tokens keeps both small.
 
-Not supported: beam search reordering, batch re-indexing and cropping once blocks are offloaded
-(``NotImplementedError``); sliding-window / linear-attention layers (every layer is treated as full
-attention); ``torch.compile``.
+Editing. ``crop`` (assisted decoding) brings back the offloaded blocks the cut reaches and deletes
+their entries; beam search's ``reorder_cache`` and the batch re-indexing calls rewrite every offloaded
+block (a get and a put each: fine for the occasional call, costly per step for long beams). Not
+supported: sliding-window / linear-attention layers (every layer is treated as full attention);
+``torch.compile``.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from tierd_client import NotFound, TierFull
 class TierdKVLayer(DynamicLayer):
     """One layer: resident ``keys`` / ``values`` (the newest tokens) plus offloaded blocks in tierd."""
 
-    is_croppable = False
+    is_croppable = True
 
     def __init__(self, cache: TierdKVCache, layer_idx: int) -> None:
         super().__init__()
@@ -127,24 +129,62 @@ class TierdKVLayer(DynamicLayer):
         self.drop_offloaded()
         super().reset()
 
-    def _refuse_if_offloaded(self, what: str) -> None:
-        if self.block_keys:
-            raise NotImplementedError(f"TierdKVCache: {what} after blocks were offloaded")
-
+    # -- editing the cache (assisted decoding, beam search): offloaded blocks are edited too -------
     def crop(self, tokens_to_remove: int) -> None:
-        self._refuse_if_offloaded("crop")
-        super().crop(tokens_to_remove)
+        """Remove the last ``-tokens_to_remove`` tokens (transformers' convention: a negative count).
+
+        A cut inside the resident window is the plain one. A cut reaching offloaded blocks brings the
+        blocks it touches back (one get_many), deletes their entries, and keeps their head resident.
+        """
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        n = -tokens_to_remove
+        if n == 0 or not self.is_initialized:
+            return
+        if n <= self._resident_len() or not self.block_keys:
+            super().crop(tokens_to_remove)
+            return
+        c = self.cache
+        keep = max(0, self.get_seq_length() - n)
+        first = keep // c.block
+        back = self.block_keys[first:]
+        views = c.client.get_many(back)
+        c.round_trips += 1
+        try:
+            dev = self.keys.device
+            k = torch.cat([v[0] for v in views], dim=-2)[..., : keep - first * c.block, :].to(dev, copy=True)
+            vv = torch.cat([v[1] for v in views], dim=-2)[..., : keep - first * c.block, :].to(dev, copy=True)
+        finally:
+            c.client.release(views)
+        for key in back:
+            with contextlib.suppress(NotFound):
+                c.client.delete(key)
+        self.block_keys = self.block_keys[:first]
+        self.keys, self.values = k, vv
+
+    def _rewrite_offloaded(self, fn: Any) -> None:
+        """Apply ``fn`` to the batch dimension of every offloaded block (put back under its key)."""
+        c = self.cache
+        for key in self.block_keys:
+            view = c.client.get(key)
+            try:
+                kv = fn(view)  # (2, batch, heads, block, head_dim): dim 1 is the batch
+            finally:
+                c.client.release(view)
+            c.client.put(key, kv.contiguous(), tags=["kv"], scope="client", durable=False)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._refuse_if_offloaded("reorder_cache (beam search)")
+        idx = beam_idx.to("cpu")
+        self._rewrite_offloaded(lambda t: t.index_select(1, idx))
         super().reorder_cache(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._refuse_if_offloaded("batch_repeat_interleave")
+        self._rewrite_offloaded(lambda t: t.repeat_interleave(repeats, dim=1))
         super().batch_repeat_interleave(repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._refuse_if_offloaded("batch_select_indices")
+        idx = indices.to("cpu")
+        self._rewrite_offloaded(lambda t: t[:, idx])
         super().batch_select_indices(indices)
 
 

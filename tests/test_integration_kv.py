@@ -115,3 +115,58 @@ def test_bad_sizes_are_refused(daemon) -> None:
             TierdKVCache(c, window=2, block=4)
         with pytest.raises(ValueError):
             TierdKVCache(c, window=8, block=0)
+
+
+@torch.no_grad()
+def test_beam_search_equal_dynamic_cache_with_blocks_offloaded(daemon, model) -> None:
+    # beam search reorders the cache every step: the offloaded blocks are reordered too
+    inputs = _text(12)
+    gen = dict(max_new_tokens=16, do_sample=False, num_beams=3, num_return_sequences=2)
+    ref = model.generate(**inputs, past_key_values=DynamicCache(), **gen)
+    with Client(daemon.socket) as c:
+        kv = TierdKVCache(c, window=8, block=4)
+        out = model.generate(**inputs, past_key_values=kv, **gen)
+        assert kv.offloaded_blocks > 0
+        kv.close()
+    assert torch.equal(out, ref)
+
+
+@torch.no_grad()
+def test_prompt_lookup_decoding_crops_into_offloaded_blocks(daemon, model) -> None:
+    # candidate tokens that are rejected are cropped away, also when the cut reaches offloaded blocks
+    ids = torch.arange(1, 9).repeat(3).unsqueeze(0)  # repetitive: prompt lookup proposes candidates
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    gen = dict(max_new_tokens=20, do_sample=False, prompt_lookup_num_tokens=6)
+    ref = model.generate(**inputs, past_key_values=DynamicCache(), **gen)
+    with Client(daemon.socket) as c:
+        kv = TierdKVCache(c, window=4, block=2)
+        out = model.generate(**inputs, past_key_values=kv, **gen)
+        kv.close()
+    assert torch.equal(out, ref)
+
+
+def test_crop_into_offloaded_blocks_matches_a_dynamic_cache(daemon) -> None:
+    gen = torch.Generator().manual_seed(0)
+    steps = [torch.randn(1, 2, n, 16, generator=gen) for n in (10, 1, 1, 1, 1, 1, 1, 1)]
+    with Client(daemon.socket) as c:
+        kv, ref = TierdKVCache(c, window=4, block=2), DynamicCache()
+        for s in steps:
+            kv.update(s, -s, 0)
+            ref.update(s, -s, 0)
+        layer = kv.layers[0]
+        assert layer.offloaded_len == 14 and kv.get_seq_length() == ref.get_seq_length() == 17
+        kv.crop(-1)  # inside the resident window
+        ref.crop(-1)
+        kv.crop(-7)  # reaches three offloaded blocks (one of them in part)
+        ref.crop(-7)
+        assert kv.get_seq_length() == ref.get_seq_length() == 9
+        assert layer.offloaded_len == 8 and len(c.ls(f"kv/{kv.uuid}/")) == 4
+        nxt = torch.randn(1, 2, 1, 16, generator=gen)
+        k1, v1 = kv.update(nxt, -nxt, 0)
+        k2, v2 = ref.update(nxt, -nxt, 0)
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+        kv.crop(-10)  # everything
+        assert kv.get_seq_length() == 0 and c.ls(f"kv/{kv.uuid}/") == []
+        with pytest.raises(ValueError, match="negative"):
+            kv.crop(3)
+        kv.close()
