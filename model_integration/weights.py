@@ -62,7 +62,7 @@ def _unchanged(entry: dict[str, Any] | None, info: TensorInfo, stamp: str) -> bo
     """Quick check, no bytes read: the entry was ingested from this very file (name, size, mtime)."""
     return (
         entry is not None
-        and entry["dtype"] == dtype_name(torch.empty(0, dtype=info.dtype))
+        and entry["dtype"] == str(info.dtype).removeprefix("torch.")
         and list(entry["shape"]) == list(info.shape)
         and entry["nbytes"] == info.nbytes
         and SOURCE_TAG + stamp in entry["tags"]

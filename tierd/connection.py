@@ -199,11 +199,15 @@ class Connection(asyncio.Protocol):
         self.server.placement.poke()
         return PutReady(m.rid, put_id, offset, put_id)
 
-    def on_seal(self, m: protocol.Seal, rounded: bool = False) -> Any:
+    def on_seal(self, m: protocol.Seal) -> Any:
+        e = self.manager._writing(self.client_id, m.put_id)
+        if self.server.placement.may_be_lossy(e):
+            return self._seal_lossy(m)
+        return self._seal(m)
+
+    def _seal(self, m: protocol.Seal) -> Any:
         mgr = self.manager
         e = mgr._writing(self.client_id, m.put_id)
-        if not rounded and self.server.placement.may_be_lossy(e):
-            return self._seal_lossy(m)
         if e.durable:
             return self._seal_durable(m)
         old = mgr.entries.get(e.key)
@@ -217,7 +221,7 @@ class Connection(asyncio.Protocol):
     async def _seal_lossy(self, m: protocol.Seal) -> Ok:
         """A put whose disk codec is lossy: its RAM bytes become the decoded ones first."""
         await self.server.placement.round_trip(self.manager._writing(self.client_id, m.put_id))
-        reply = self.on_seal(m, rounded=True)
+        reply = self._seal(m)
         return await reply if asyncio.iscoroutine(reply) else reply
 
     async def _seal_durable(self, m: protocol.Seal) -> Ok:

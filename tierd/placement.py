@@ -55,9 +55,6 @@ class Placement:
         self.ram = manager.ram
         self.disk = disk
         self.high, self.low = high, low
-        #: the RAM tier's working size: its capacity, lowered while memory pressure says the machine
-        #: needs memory back (see lower_ceiling); allocations beyond it demote first
-        self.ceiling = self.ram.capacity_bytes
         self.tag_codecs = dict(tag_codecs or {})
         self.cores = cores or os.cpu_count() or 1
         self.calibration: Any = None  # set once the start-up calibration has run
@@ -219,13 +216,13 @@ class Placement:
             raise self.m.ram_full(key, nbytes)
         beyond_ceiling = False  # a demand allocation may pass the ceiling when nothing can go
         while True:
-            if beyond_ceiling or self.ram.used_bytes + size <= self.ceiling:
+            if beyond_ceiling or self.ram.used_bytes + size <= self.ram.ceiling:
                 offset = self.ram.allocate(nbytes)
                 if offset is not None:
                     return offset
             e = self.victim(take_prefetched=not for_prefetch)
             if e is None:
-                if not beyond_ceiling and not for_prefetch and self.ram.used_bytes + size > self.ceiling:
+                if not beyond_ceiling and not for_prefetch and self.ram.used_bytes + size > self.ram.ceiling:
                     beyond_ceiling = True
                     continue
                 why = "every entry in RAM is leased, pinned or moving" if self.disk else ""
@@ -248,15 +245,13 @@ class Placement:
             for e in self.m.versions.values()
             if e.offset is not None and not (e.state == SEALED and e.leases == 0 and not e.pins)
         )  # leased, pinned, or being written: these cannot leave RAM now
-        self.ceiling = max(min(self.ceiling, int(target)), held, 0)
-        self.ram.release_freed = self.ceiling < self.ram.capacity_bytes
-        return self.ceiling
+        self.ram.ceiling = max(min(self.ram.ceiling, int(target)), held, 0)
+        return self.ram.ceiling
 
     def raise_ceiling(self, step: int) -> int:
         """Pressure has eased: let the tier grow back by ``step`` bytes (up to its capacity)."""
-        self.ceiling = min(self.ram.capacity_bytes, self.ceiling + max(0, int(step)))
-        self.ram.release_freed = self.ceiling < self.ram.capacity_bytes
-        return self.ceiling
+        self.ram.ceiling = min(self.ram.capacity_bytes, self.ram.ceiling + max(0, int(step)))
+        return self.ram.ceiling
 
     async def demote(self, e: Entry) -> bool:
         """Make sure ``e`` has a disk copy, then drop its RAM copy if nothing holds it."""
@@ -455,7 +450,7 @@ class Placement:
         """
         if self.disk is None:
             return 0
-        target = int(self.ceiling * self.low) if target_used is None else target_used
+        target = int(self.ram.ceiling * self.low) if target_used is None else target_used
         freed = 0
         while self.ram.used_bytes > target:
             e = self.victim(take_prefetched)
@@ -475,7 +470,7 @@ class Placement:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self.ram.used_bytes > self.ceiling * self.high:
+            if self.ram.used_bytes > self.ram.ceiling * self.high:
                 freed = await self.balance_once()
                 log.debug("watermark: demoted %d bytes", freed)
 

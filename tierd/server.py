@@ -213,7 +213,7 @@ class Server:
         p = self.monitor.poll(ram.capacity_bytes)  # the arena is pre-faulted: all of it is resident
         self.pressure = p
         if p.shrink_bytes <= 0:
-            if p.level == "none" and placement.ceiling < ram.capacity_bytes:
+            if p.level == "none" and ram.ceiling < ram.capacity_bytes:
                 placement.raise_ceiling(int(CEILING_STEP * ram.capacity_bytes))
             return
         counters = self.manager.counters
@@ -225,7 +225,7 @@ class Server:
         log.warning("memory pressure %s (%s): RAM tier held at %.0f MiB (of %.0f), free pages returned: "
                     "%.0f MiB; demoting down to it", p.level, ", ".join(p.reasons), ceiling / 2**20,
                     ram.capacity_bytes / 2**20, released / 2**20)  # fmt: skip
-        # regions freed from here on return their pages as they go (ram.release_freed)
+        # regions freed from here on return their pages as they go (ram.ceiling is down)
         freed = await placement.balance_once(target_used=ceiling, take_prefetched=True)
         counters["pressure_demoted_bytes"] += freed
         log.info("memory pressure: demoted %.0f MiB", freed / 2**20)
@@ -322,7 +322,7 @@ class Server:
             "policy": self.manager.policy.name,
             "ram_high_watermark": pl.high,
             "ram_low_watermark": pl.low,
-            "ram_ceiling_bytes": pl.ceiling,
+            "ram_ceiling_bytes": pl.ram.ceiling,
             "tag_codecs": pl.tag_codecs,
             "calibration": calib.to_dict() if calib is not None else None,
         }

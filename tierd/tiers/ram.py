@@ -67,9 +67,10 @@ class RamTier(Tier):
         self.alloc = Allocator(capacity)
         self._capacity = capacity
         self._closed = False
-        #: set while memory pressure holds the tier below its capacity: a freed region's pages go
-        #: back to the kernel at once, so that what the tier holds stays what it uses
-        self.release_freed = False
+        #: the tier's working size: its capacity, lowered while memory pressure holds it down (the
+        #: daemon's placement keeps allocations under it). While it is below capacity a freed
+        #: region's pages go back to the kernel at once, so that what the tier holds is what it uses.
+        self.ceiling = capacity
         #: told the bytes whenever pages of a freed region go back (the daemon counts them)
         self.on_release: Callable[[int], None] = lambda n: None
 
@@ -88,7 +89,7 @@ class RamTier(Tier):
     def free(self, offset: int) -> int:
         """Give the region back; returns the bytes freed."""
         size = self.alloc.free(offset)
-        if self.release_freed:
+        if self.ceiling < self._capacity:
             from tierd.monitor import release_pages
 
             self.on_release(release_pages(self.mmap, offset, size))
