@@ -3,11 +3,11 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo check test lint bench clean
+.PHONY: setup demo check test lint bench lock clean
 
 setup: $(VENV)/.setup-done
 
-$(VENV)/.setup-done: pyproject.toml scripts/setup.sh
+$(VENV)/.setup-done: pyproject.toml requirements.lock scripts/torch.pin scripts/setup.sh
 	bash scripts/setup.sh
 	touch $@
 
@@ -33,6 +33,10 @@ bench: setup
 	$(PY) bench/record_qwen3vl_trace.py --out bench/results/qwen3vl.trace.jsonl
 	$(PY) bench/bench_predict.py --trace bench/results/qwen3vl.trace.jsonl
 	$(PY) bench/bench_qwen3vl.py --json bench/results/qwen3vl.json
+
+# refresh requirements.lock on purpose (commit it alone: its CI run shows the new versions pass)
+lock:
+	bash scripts/lock.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

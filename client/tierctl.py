@@ -202,8 +202,12 @@ def import_checkpoint(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tierd_client import Client
-    from tierd_integration import ingest
 
+    try:
+        from tierd_integration import ingest
+    except ImportError as e:  # the model extra is not installed: say which one to install
+        print(f"tierctl import: {e}", file=sys.stderr)
+        return 2
     folder = Path(args.checkpoint)
     if not folder.is_dir() or not any(folder.glob("*.safetensors")):
         print(f"tierctl: {folder} is not a checkpoint folder (no *.safetensors in it)", file=sys.stderr)

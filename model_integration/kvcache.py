@@ -37,6 +37,8 @@ import uuid
 from typing import Any
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers.cache_utils import Cache, DynamicLayer
 
 from tierd_client import NotFound, TierFull
@@ -188,8 +190,22 @@ class TierdKVLayer(DynamicLayer):
         super().batch_select_indices(indices)
 
 
+# transformers 5.24 renamed generate()'s cache argument from ``past_key_values`` to ``cache`` and warns
+# (FutureWarning) on the old name; releases before it know only the old name.
+_RENAMED_IN = Version("5.24.0.dev0")
+GENERATE_CACHE_ARG = "cache" if Version(transformers.__version__) >= _RENAMED_IN else "past_key_values"
+
+
+def cache_kwargs(cache: Cache) -> dict[str, Cache]:
+    """``model.generate(**inputs, **cache_kwargs(cache))`` under the name the installed transformers takes:
+    ``cache=`` from 5.24 on, ``past_key_values=`` before it. Works for any ``Cache``, ``TierdKVCache`` or not.
+    """
+    return {GENERATE_CACHE_ARG: cache}
+
+
 class TierdKVCache(Cache):
-    """A ``Cache`` for ``past_key_values=``: ``window`` newest tokens per layer in the process, older
+    """A ``Cache`` for generate's ``cache=`` (``past_key_values=`` before transformers 5.24; see
+    :func:`cache_kwargs`): ``window`` newest tokens per layer in the process, older
     blocks of ``block`` tokens in tierd under ``kv/<uuid>/<layer>/<block>`` (see the module docstring for
     the memory / latency trade-off).
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from model_integration.kvcache import TierdKVCache
 from tests.conftest import wait_until
 from tests.test_integration_vision import build_tiny_qwen3vl, image_inputs
 from tierd_client import Client
+from tierd_integration.kvcache import TierdKVCache, cache_kwargs
 
 GEN = dict(max_new_tokens=24, do_sample=False)
 N_LAYERS = 2
@@ -29,10 +29,10 @@ def _text(n: int = 12, seed: int = 2) -> dict:
 @torch.no_grad()
 def test_greedy_tokens_equal_dynamic_cache_and_blocks_are_offloaded(daemon, model) -> None:
     inputs = _text(12)
-    ref = model.generate(**inputs, past_key_values=DynamicCache(), **GEN)
+    ref = model.generate(**inputs, **cache_kwargs(DynamicCache()), **GEN)
     with Client(daemon.socket) as c:
         kv = TierdKVCache(c, window=8, block=4)
-        out = model.generate(**inputs, past_key_values=kv, **GEN)
+        out = model.generate(**inputs, **cache_kwargs(kv), **GEN)
         total = 12 + GEN["max_new_tokens"] - 1  # the last token's K/V is never computed
         assert kv.get_seq_length() == total
         for layer in kv.layers:
@@ -67,7 +67,7 @@ def test_entries_exist_during_generation(daemon, model) -> None:
 
         hook = model.model.language_model.layers[0].register_forward_pre_hook(look)
         try:
-            model.generate(**_text(10), past_key_values=kv, max_new_tokens=10, do_sample=False)
+            model.generate(**_text(10), **cache_kwargs(kv), max_new_tokens=10, do_sample=False)
         finally:
             hook.remove()
             kv.close()
@@ -78,9 +78,9 @@ def test_entries_exist_during_generation(daemon, model) -> None:
 @torch.no_grad()
 def test_image_prompt_equal_dynamic_cache(daemon, model) -> None:
     inputs = image_inputs(seed=7)
-    ref = model.generate(**inputs, past_key_values=DynamicCache(), max_new_tokens=12, do_sample=False)
+    ref = model.generate(**inputs, **cache_kwargs(DynamicCache()), max_new_tokens=12, do_sample=False)
     with Client(daemon.socket) as c, TierdKVCache(c, window=8, block=4) as kv:
-        out = model.generate(**inputs, past_key_values=kv, max_new_tokens=12, do_sample=False)
+        out = model.generate(**inputs, **cache_kwargs(kv), max_new_tokens=12, do_sample=False)
         assert kv.offloaded_blocks > 0
     assert torch.equal(out, ref)
 
@@ -90,7 +90,7 @@ def test_a_closed_clients_entries_are_gone(daemon, model) -> None:
     with Client(daemon.socket) as observer:
         c = Client(daemon.socket)
         kv = TierdKVCache(c, window=8, block=4)
-        model.generate(**_text(16), past_key_values=kv, max_new_tokens=4, do_sample=False)
+        model.generate(**_text(16), **cache_kwargs(kv), max_new_tokens=4, do_sample=False)
         assert len(observer.ls(f"kv/{kv.uuid}/")) == N_LAYERS * 3  # 19 tokens: 3 blocks per layer out
         c.close()  # no kv.close(): scope="client" entries go with the connection
         wait_until(lambda: observer.ls("kv/") == [], what="client-scope kv entries to go")
@@ -99,13 +99,13 @@ def test_a_closed_clients_entries_are_gone(daemon, model) -> None:
 @torch.no_grad()
 def test_reset_deletes_and_the_cache_is_reusable(daemon, model) -> None:
     inputs = _text(12, seed=5)
-    ref = model.generate(**inputs, past_key_values=DynamicCache(), max_new_tokens=8, do_sample=False)
+    ref = model.generate(**inputs, **cache_kwargs(DynamicCache()), max_new_tokens=8, do_sample=False)
     with Client(daemon.socket) as c, TierdKVCache(c, window=4, block=4) as kv:
-        model.generate(**inputs, past_key_values=kv, max_new_tokens=8, do_sample=False)
+        model.generate(**inputs, **cache_kwargs(kv), max_new_tokens=8, do_sample=False)
         assert c.ls("kv/")
         kv.reset()
         assert c.ls("kv/") == [] and kv.get_seq_length() == 0
-        out = model.generate(**inputs, past_key_values=kv, max_new_tokens=8, do_sample=False)
+        out = model.generate(**inputs, **cache_kwargs(kv), max_new_tokens=8, do_sample=False)
     assert torch.equal(out, ref)
 
 
@@ -122,10 +122,10 @@ def test_beam_search_equal_dynamic_cache_with_blocks_offloaded(daemon, model) ->
     # beam search reorders the cache every step: the offloaded blocks are reordered too
     inputs = _text(12)
     gen = dict(max_new_tokens=16, do_sample=False, num_beams=3, num_return_sequences=2)
-    ref = model.generate(**inputs, past_key_values=DynamicCache(), **gen)
+    ref = model.generate(**inputs, **cache_kwargs(DynamicCache()), **gen)
     with Client(daemon.socket) as c:
         kv = TierdKVCache(c, window=8, block=4)
-        out = model.generate(**inputs, past_key_values=kv, **gen)
+        out = model.generate(**inputs, **cache_kwargs(kv), **gen)
         assert kv.offloaded_blocks > 0
         kv.close()
     assert torch.equal(out, ref)
@@ -137,10 +137,10 @@ def test_prompt_lookup_decoding_crops_into_offloaded_blocks(daemon, model) -> No
     ids = torch.arange(1, 9).repeat(3).unsqueeze(0)  # repetitive: prompt lookup proposes candidates
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
     gen = dict(max_new_tokens=20, do_sample=False, prompt_lookup_num_tokens=6)
-    ref = model.generate(**inputs, past_key_values=DynamicCache(), **gen)
+    ref = model.generate(**inputs, **cache_kwargs(DynamicCache()), **gen)
     with Client(daemon.socket) as c:
         kv = TierdKVCache(c, window=4, block=2)
-        out = model.generate(**inputs, past_key_values=kv, **gen)
+        out = model.generate(**inputs, **cache_kwargs(kv), **gen)
         kv.close()
     assert torch.equal(out, ref)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_integration.vision import disable_vision_cache, enable_vision_cache, find_visual
 from tests.conftest import wait_until
 from tierd_client import Client
+from tierd_integration.vision import disable_vision_cache, enable_vision_cache, find_visual
 
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 250, 251, 252, 253
 
