@@ -46,11 +46,13 @@ def print_status(s: dict[str, Any]) -> None:
         cap = t["capacity_bytes"]
         ratio = f"{t['ratio']:.2f}x" if "ratio" in t else "-"
         frag = f"{100 * t['fragmentation']:.1f}%" if "fragmentation" in t else "-"
+        hole = human_bytes(t["largest_free_bytes"]) if "largest_free_bytes" in t else "-"
         rows.append(
             [t["name"], human_bytes(t["used_bytes"]), human_bytes(cap),
-             f"{100 * t['used_bytes'] / cap:.1f}%" if cap else "-", str(t["entries"]), ratio, frag]
+             f"{100 * t['used_bytes'] / cap:.1f}%" if cap else "-", str(t["entries"]), ratio, frag, hole]
         )  # fmt: skip
-    print(_table(rows, ["TIER", "USED", "CAPACITY", "USE%", "ENTRIES", "RATIO", "FRAGMENTED"]))
+    head = ["TIER", "USED", "CAPACITY", "USE%", "ENTRIES", "RATIO", "FRAGMENTED", "LARGEST HOLE"]
+    print(_table(rows, head))
     for t in s["tiers"]:
         if t["name"] == "disk":
             codecs = ", ".join(f"{k} {v}" for k, v in sorted(t.get("by_codec", {}).items())) or "none"
@@ -151,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
         return sp
 
-    cmd("status", "tiers (used, capacity, fragmentation), clients, leases and counters")
+    cmd("status", "tiers (used, capacity, fragmentation, largest hole), clients, leases and counters")
     ls = cmd("ls", "list entries")
     ls.add_argument("--prefix", default="", help="only keys starting with this (e.g. a namespace 'qwen/')")
     ls.add_argument("prefix_pos", nargs="?", default=None, metavar="PREFIX", help="same as --prefix")

@@ -9,6 +9,7 @@ packages cannot be imported (as in a venv without them), all offline.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -49,9 +50,14 @@ def _python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def wheel_metadata(tmp_path_factory: pytest.TempPathFactory) -> list[Requirement]:
-    out = tmp_path_factory.mktemp("wheel")
+    # built from a copy of the sources, so the build leaves nothing (build/, *.egg-info) in the checkout
+    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("tierd", "client", "model_integration"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "wheel", "-qq", "--no-deps", "--no-build-isolation"]
-    subprocess.run([*pip, "-w", str(out), "."], cwd=ROOT, check=True, timeout=300)
+    subprocess.run([*pip, "-w", str(out), "."], cwd=src, check=True, timeout=300)
     (whl,) = out.glob("tierd-*.whl")
     with zipfile.ZipFile(whl) as z:
         name = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))

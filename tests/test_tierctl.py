@@ -12,6 +12,7 @@ import torch
 
 from tierd.launch import Daemon
 from tierd_client import Client
+from tierd_client.tierctl import human_bytes
 
 
 def tierctl(sock: Path | str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -48,6 +49,9 @@ def test_status_ls_show_rm_pin(daemon: Daemon) -> None:
 
     human = tierctl(daemon.socket, "status")
     assert human.returncode == 0 and "ram" in human.stdout and "FRAGMENTED" in human.stdout
+    ram = next(t for t in st["tiers"] if t["name"] == "ram")
+    ram_line = next(line for line in human.stdout.splitlines() if line.startswith("ram "))
+    assert "LARGEST HOLE" in human.stdout and ram_line.endswith(human_bytes(ram["largest_free_bytes"]))
 
     ls = json.loads(tierctl(daemon.socket, "ls", "--json").stdout)
     assert [e["key"] for e in ls] == ["demo/w", "other/b"]

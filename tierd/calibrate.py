@@ -7,20 +7,26 @@ policy on raw unless compression is overwhelming.
 
 What is measured:
 
-* memcpy: ``numpy.copyto`` of 64 MiB into a warm destination, best of 3.
+* memcpy: ``numpy.copyto`` into a warm destination, best of 3 (64 MiB by default; the daemon asks
+  for 32 MiB at start, see below).
 * disk: a temp file in the state directory (where the disk tier lives), 64 MiB by default, written
   with O_DIRECT + fsync and read back with O_DIRECT (no page cache either way). Where O_DIRECT is
   refused (tmpfs, some FUSE/overlay setups) the file is written buffered + fsync and read after
   ``posix_fadvise(DONTNEED)``; ``disk_mode`` says which (on tmpfs the "disk" is memory, and so are
   the numbers). The file is removed whatever happens. If the disk cannot be measured at all (read
   only, full), the assumed numbers are kept and ``notes`` says why.
-* zstd (the ``zstd`` codec itself: level 1 + byte shuffle, 4 MiB chunks as the disk tier uses):
-  encode and decode GB/s on one core, and ratio, for
+* zstd (the ``zstd`` codec itself: level 1 + byte shuffle, in chunks of the disk tier's size,
+  ``tiers.disk.CHUNK_BYTES`` = 16 MiB): encode and decode GB/s on one core, and ratio, for
   gaussian fp16, bf16 and fp32 (std 0.02, like random-init weights), and the decode speed on zeros
   (what decoding costs per output byte when there is almost nothing to decompress). 32 MiB of
-  data: decode speed falls with the data size until the data stops fitting in caches (fp16,
-  measured here: 8 MiB 1.85 GB/s, 16 MiB 1.7, 32 MiB 1.6, 64 MiB 1.56), and a cold read decodes
-  data that is in no cache.
+  data by default: decode speed falls with the data size until the data stops fitting in caches
+  (fp16, measured here: 8 MiB 1.85 GB/s, 16 MiB 1.7, 32 MiB 1.6, 64 MiB 1.56), and a cold read
+  decodes data that is in no cache.
+
+The daemon calls it with 32 MiB for memcpy and 16 MiB for zstd (one chunk): the calibration's own
+memory, about 70 MiB for a moment, must not be what pushes a small machine or a tight cgroup over
+the edge at start. That costs a little accuracy (the zstd figures above are about 6% faster at
+16 MiB than at 32), which leans the policy slightly toward zstd.
   Real checkpoints compress differently (trained weights, fp32 upcast from bf16, norms and RoPE
   tables compress better, some worse), which is why the policy measures a sample of each entry
   for its ratio; the speeds here are the per-byte cost, and gaussian data is near the slow end of
@@ -42,15 +48,16 @@ from typing import Any
 
 import numpy as np
 
-from tierd.codecs import DEFAULT_CHUNK_BYTES, decode_all, encode_all, get_codec
+from tierd.codecs import decode_all, encode_all, get_codec
 from tierd.codecs._bits import f32_to_bf16
 from tierd.codecs.base import array_bytes
 from tierd.codecs.zstd import LEVEL
+from tierd.tiers.disk import CHUNK_BYTES
 
 MIB = 1 << 20
 DISK_BYTES = 64 * MIB
 ZSTD_BYTES = 32 * MIB
-ZSTD_CHUNK = DEFAULT_CHUNK_BYTES
+ZSTD_CHUNK = CHUNK_BYTES  # measure zstd on the chunks the disk tier writes
 MEMCPY_BYTES = 64 * MIB
 _IO_BLOCK = 8 * MIB
 #: The dtypes whose zstd speed is measured (the policy uses the slowest for other dtypes).

@@ -85,7 +85,7 @@ class Config:
     tag_codecs: str = ""
     """Disk codec per tag, e.g. "weight=int8,kv=zstd" (int8, bf16, fp16 are lossy and opt-in)."""
     predictor: str = "sequence"
-    """What predicts the next reads: none, sequence (cheap), learned or auto (cost CPU; see README)."""
+    """Next-read predictor: none, sequence (cheap), learned or auto (cost CPU; docs/architecture.md)."""
     prefetch_budget: str = "10%"
     """RAM for prefetched entries not read yet: a SIZE or a % of the RAM tier."""
     prefetch_depth: int = 2

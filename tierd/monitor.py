@@ -61,13 +61,14 @@ falling ones (earlier give-backs are working). The result is capped at ``tier_us
 ``shrink_bytes`` is measured from the state of this poll: the caller subtracts what it already has
 in flight (demotions not finished) before acting on it.
 
-Use, in the daemon's loop (a sketch; the manager owns the policy)::
+Use, in the daemon's loop (``Server._relieve_pressure``; the placement owns the policy)::
 
-    p = monitor.poll(ram.resident_bytes)          # used regions + free regions still resident
+    p = monitor.poll(ram.capacity_bytes)          # the arena is pre-faulted: all of it is resident
     if p.shrink_bytes:
-        # 1. free regions first: release_pages(ram.mmap, off, size) costs nothing to anyone
-        # 2. then demote cold entries to disk (in an executor), free their regions, release_pages
-    # at "low": stop prefetching into RAM and do not prefault released spans again
+        # lower the RAM tier's ceiling to used - shrink_bytes, return free regions' pages to the
+        # kernel (release_pages), then demote cold entries (unread prefetches included) down to it
+    elif p.level == "none":
+        # regrow the ceiling by a small step per poll; "low" holds it where it is
 """
 
 from __future__ import annotations

@@ -14,9 +14,6 @@ U32 = np.dtype("<u4")
 F16 = np.dtype("<f2")
 F32 = np.dtype("<f4")
 
-#: numpy dtypes of the float dtypes the lossy codecs read and write (bf16 is handled as bits).
-FLOAT_DTYPES = {"float32": F32, "float16": F16}
-
 
 def bf16_to_f32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """uint16 bf16 bits -> float32 (exact). ``out``: a float32 array of the same size to fill."""
