@@ -51,14 +51,36 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Make ``value`` the parameter (frozen) or buffer called ``name``, with no copy."""
+    """Make ``value`` the parameter or buffer called ``name``, with no copy.
+
+    A parameter keeps the ``requires_grad`` flag of the one it replaces, as torch's op choice depends
+    on it: ``matmul`` of a 3-d activation with a frozen weight broadcasts the weight into a batched
+    ``bmm`` that copies its transpose (622 MB per step for Qwen3-VL-2B's tied 151,936 x 2,048 output
+    head), where a weight that requires grad folds the activation into one ``mm``. Keeping the flag
+    keeps the plain model's op path (tests/test_integration_weights.py).
+    """
     module, attr = _owner(model, name)
     if attr in module._parameters:
-        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        old = module._parameters[attr]
+        keep = old.requires_grad if old is not None else False
+        param = nn.Parameter(value, requires_grad=keep)
+        if keep and not value.is_meta:
+            param.register_post_accumulate_grad_hook(_refuse_training)
+        module._parameters[attr] = param
     elif attr in module._buffers:
         module._buffers[attr] = value
     else:
         raise KeyError(f"{name} is neither a parameter nor a buffer of the model")
+
+
+def _refuse_training(param: torch.Tensor) -> None:
+    """A bound weight is a read-only view of tierd's memory: an optimizer step writing into it would
+    fault (SIGSEGV). Refuse at backward, where the error can still be caught and explained."""
+    raise RuntimeError(
+        "a gradient reached a weight served by tierd (a read-only view of its memory, which an "
+        "optimizer step cannot write): freeze the bound weights (model.requires_grad_(False)) and train "
+        "adapters beside them, or detach(model) first to train the weights themselves"
+    )
 
 
 def get_tensor(model: nn.Module, name: str) -> torch.Tensor:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.conftest import wait_until
 from tierd_client import Client
@@ -322,4 +323,81 @@ def test_streaming_keeps_the_first_layers_resident_when_there_is_room(
         assert not hasattr(visual.patch_embed, "_tierd_hook")
         # decoding fetched nothing for the kept layers: only the streamed vision modules, once, at prefill
         assert c.stats()["counters"]["gets"] - before == sum(len(list(m.parameters())) for m in streamed)
+        detach(model)
+
+
+class _MatmulOps(TorchDispatchMode):
+    """Records the batched matmuls (``aten.bmm``) whose right operand is as large as ``numel``: the
+    path where torch copies a broadcast weight's transpose before multiplying."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel = numel
+        self.batched: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.bmm.default and args[1].numel() >= self.numel:
+            self.batched.append(tuple(args[1].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def _head_matmuls(model, ids: torch.Tensor) -> list[tuple[int, ...]]:
+    head = model.lm_head.weight
+    with torch.no_grad(), _MatmulOps(head.shape[0] * head.shape[1]) as ops:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
+    return ops.batched
+
+
+def test_bound_weights_keep_the_plain_models_matmul_path(daemon) -> None:
+    """A bound model multiplies by its output head as the plain model does (one mm), in resident and
+    streaming mode. A frozen head (requires_grad=False) makes torch broadcast it into a bmm that copies
+    its transpose: 622 MB per step at Qwen3-VL-2B's 151,936 x 2,048 head.
+    The vocabulary is 74x the hidden size, as in the real model."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from tierd_integration.checkpoint import make_config
+
+    cfg = make_config("tiny")
+    cfg.text_config.vocab_size = 74 * cfg.text_config.hidden_size
+    torch.manual_seed(0)
+    plain = Qwen3VLForConditionalGeneration(cfg).eval()
+    ids = torch.randint(1, 1000, (1, 24))
+    assert _head_matmuls(plain, ids) == []
+    flags = {n: p.requires_grad for n, p in plain.named_parameters()}
+    plain.requires_grad_(False)  # what binding used to do: the detector sees the copying path
+    assert _head_matmuls(plain, ids), "a frozen head should take the batched path"
+    plain.requires_grad_(True)
+    expected = plain(input_ids=ids, logits_to_keep=1).logits.detach()
+
+    with Client(socket=daemon.socket) as c:
+        for mode in ("resident", "streaming"):
+            model = Qwen3VLForConditionalGeneration(cfg).eval()
+            model.load_state_dict(plain.state_dict())
+            offload_model(model, c, f"wide-{mode}", durable=False, mode=mode)
+            assert model._tierd_binding.mode == mode
+            assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+            assert _head_matmuls(model, ids) == [], mode
+            with torch.no_grad():
+                assert torch.equal(model(input_ids=ids, logits_to_keep=1).logits, expected)
+            detach(model)
+        assert c.stats()["leases"] == 0
+
+
+def test_backward_into_bound_weights_is_refused_and_adapters_train(daemon, ckpt, inputs) -> None:
+    """Bound weights keep requires_grad (for torch's op path), but an optimizer step into the read-only
+    arena would fault: a gradient reaching one raises a clear error at backward instead. Frozen bound
+    weights with a trainable adapter beside them train normally."""
+    with Client(socket=daemon.socket) as c:
+        model = from_pretrained(ckpt, c)
+        ids = inputs["input_ids"][:, :8]
+        loss = model(input_ids=ids).logits.float().square().mean()
+        with pytest.raises(RuntimeError, match="read-only view"):
+            loss.backward()
+        model.requires_grad_(False)
+        adapter = torch.nn.Parameter(torch.zeros(model.config.text_config.hidden_size))
+        embed = model.model.language_model.embed_tokens
+        handle = embed.register_forward_hook(lambda m, a, out: out + adapter)
+        model(input_ids=ids).logits.float().square().mean().backward()
+        assert adapter.grad is not None and adapter.grad.abs().sum() > 0
+        handle.remove()
         detach(model)
