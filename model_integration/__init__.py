@@ -28,9 +28,17 @@ except ImportError as e:  # pragma: no cover - exercised in a venv without the e
 from tierd_integration.checkpoint import make_random_checkpoint, sample_inputs
 from tierd_integration.kvcache import TierdKVCache, cache_kwargs
 from tierd_integration.vision import disable_vision_cache, enable_vision_cache
-from tierd_integration.weights import detach, from_pretrained, ingest, offload_model
+from tierd_integration.weights import (
+    RamTierTooSmall,
+    detach,
+    from_pretrained,
+    ingest,
+    offload_model,
+    streaming_minimum,
+)
 
 __all__ = [
+    "RamTierTooSmall",
     "TierdKVCache",
     "cache_kwargs",
     "detach",
@@ -41,4 +49,5 @@ __all__ = [
     "make_random_checkpoint",
     "offload_model",
     "sample_inputs",
+    "streaming_minimum",
 ]

@@ -11,15 +11,25 @@ from typing import Any
 
 import torch
 
-# Token ids at the top of the small vocabulary, as the real config puts them after the text tokens.
+# The vocabulary of the small sizes; the image, video and vision start / end token ids are its last
+# four, as the real config puts them after the text tokens.
 _VOCAB = 1024
-_IMAGE, _VIDEO, _VSTART, _VEND = _VOCAB - 4, _VOCAB - 3, _VOCAB - 2, _VOCAB - 1
 
-_SIZES: dict[str, dict[str, int]] = {
-    # hidden, text layers, intermediate, vision hidden, vision blocks
+_SIZES: dict[str, dict[str, Any]] = {
+    # hidden, text layers, intermediate, vision hidden, vision blocks; optional: vocab, the vision
+    # blocks with a deepstack merger (default: every block), dtype of the saved weights (default fp32)
     "tiny": {"hidden": 64, "layers": 2, "inter": 128, "vhidden": 64, "vblocks": 2},
     "small": {"hidden": 128, "layers": 4, "inter": 256, "vhidden": 128, "vblocks": 2},
-}
+    # Qwen3-VL-2B's proportions at 1/16 of its width (16 MB): vocabulary 74x the hidden size (the
+    # tied head is 15% of the weights, 2B: 15%), 28 decoder layers (69%, 2B: 66%), 24 vision blocks
+    # and mergers, deepstack after blocks 5, 11 and 17 (15%, 2B: 19%); the patch embedding, which does
+    # not scale with the width, is 1.2% (2B: 0.1%). bf16. Budgets as shares of the weights then mean
+    # about what they do at 2B.
+    "2b-proportions": {
+        "hidden": 128, "layers": 28, "inter": 384, "vhidden": 64, "vblocks": 24, "vocab": 74 * 128,
+        "deepstack": [5, 11, 17], "dtype": "bfloat16",
+    },
+}  # fmt: skip
 
 
 def make_config(size: str = "tiny") -> Any:
@@ -29,6 +39,7 @@ def make_config(size: str = "tiny") -> Any:
     if size not in _SIZES:
         raise ValueError(f"size must be one of {sorted(_SIZES)}, not {size!r}")
     s = _SIZES[size]
+    vocab = s.get("vocab", _VOCAB)
     head_dim = 16
     return Qwen3VLConfig(
         text_config={
@@ -38,7 +49,7 @@ def make_config(size: str = "tiny") -> Any:
             "num_attention_heads": s["hidden"] // head_dim,
             "num_key_value_heads": max(1, s["hidden"] // head_dim // 2),
             "head_dim": head_dim,
-            "vocab_size": _VOCAB,
+            "vocab_size": vocab,
             "max_position_embeddings": 1024,
             "rope_scaling": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
         },
@@ -51,19 +62,19 @@ def make_config(size: str = "tiny") -> Any:
             "patch_size": 16,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
-            "deepstack_visual_indexes": list(range(s["vblocks"])),
+            "deepstack_visual_indexes": s.get("deepstack", list(range(s["vblocks"]))),
             "num_position_embeddings": 64,
         },
-        image_token_id=_IMAGE,
-        video_token_id=_VIDEO,
-        vision_start_token_id=_VSTART,
-        vision_end_token_id=_VEND,
+        image_token_id=vocab - 4,
+        video_token_id=vocab - 3,
+        vision_start_token_id=vocab - 2,
+        vision_end_token_id=vocab - 1,
         tie_word_embeddings=True,
     )
 
 
 def make_random_checkpoint(out_dir: str | Path, *, size: str = "tiny", seed: int = 0) -> Path:
-    """Build a random Qwen3-VL of ``size`` ("tiny" or "small") and save it to ``out_dir``.
+    """Build a random Qwen3-VL of ``size`` ("tiny", "small" or "2b-proportions") and save it to ``out_dir``.
 
     Writes ``config.json``, safetensors shards (``model-0000X-of-0000N.safetensors`` with an index,
     so readers see a real sharded layout) and, where possible, ``preprocessor_config.json``.
@@ -77,7 +88,8 @@ def make_random_checkpoint(out_dir: str | Path, *, size: str = "tiny", seed: int
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen3VLForConditionalGeneration(cfg).eval()
-    model.save_pretrained(out, max_shard_size="200KB" if size == "tiny" else "1MB")
+    model.to(getattr(torch, _SIZES[size].get("dtype", "float32")))
+    model.save_pretrained(out, max_shard_size={"tiny": "200KB", "small": "1MB"}.get(size, "4MB"))
     try:
         from transformers import Qwen2VLImageProcessorPil
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from tierd.alloc import ALIGN
 from tierd.monitor import limit_heap_retention
+from tierd_client import TierFull
 from tierd_client._core import DTYPE_SIZES, dtype_name
 from tierd_integration.hooks import (
     Binding,
@@ -224,6 +227,92 @@ def _choose_mode(client: Any, total: int, ram_budget: int | None) -> str:
     return "resident" if total <= _room(client, ram_budget) else "streaming"
 
 
+class RamTierTooSmall(TierFull):
+    """The RAM tier (or ``ram_budget``) is smaller than the least a streaming model needs at one moment:
+    the tensors that stay resident plus a window of ``prefetch_depth + 1`` of its largest blocks.
+    Raised by ``from_pretrained`` / ``offload_model`` before any weight is fetched. ``details``: tier,
+    requested_bytes (that minimum), capacity_bytes, resident_bytes, window_bytes, largest_block,
+    prefetch_depth. Recoverable: start tierd with a larger ``--ram-bytes``, lower ``prefetch_depth``,
+    or give a larger ``ram_budget``; nothing was put or leased.
+    """
+
+
+@dataclass
+class StreamingLayout:
+    """Where each tensor of a streaming model lives, and the least RAM that layout needs.
+
+    ``blocks``: the streamed blocks in forward order, each ``(prefix, module, names relative to it)``;
+    ``kept``: how many first decoder layers stay resident (leased for good) instead. ``resident_bytes``
+    are the tensors outside every block (embeddings, norms, an untied output head, the vision patch
+    embedding) plus the kept layers; ``window_bytes`` is ``prefetch_depth + 1`` times the largest
+    block: the one running and the ones hinted ahead of it, all in RAM at once at worst.
+    """
+
+    blocks: list[tuple[str, nn.Module, list[str]]]
+    kept: int
+    outside_bytes: int
+    kept_bytes: int
+    window_bytes: int
+    largest_block: str
+
+    @property
+    def minimum_bytes(self) -> int:
+        """The smallest room this model streams in: what must be resident plus the window, with no
+        decoder layer kept."""
+        return self.outside_bytes + self.window_bytes
+
+
+def streaming_layout(
+    model: nn.Module, names: list[str], size_of: dict[str, int], *, room: int | None, prefetch_depth: int
+) -> StreamingLayout:
+    """Lay out ``model`` for streaming in ``room`` bytes (None: keep no layer resident).
+
+    What the resident tensors and the window leave of ``room`` keeps the first decoder layers resident
+    for good (leased, so never demoted): decoding reads the layers in a cycle, and a cycle longer than
+    the cache is exactly what LRU eviction handles worst, so a fixed resident part is never read from
+    disk and only the rest streams.
+    """
+    order = []
+    for prefix, module in _blocks(model):
+        rel = [n[len(prefix) + 1 :] for n in names if n.startswith(prefix + ".")]
+        order.append((prefix, module, rel))
+    taken = {n: -(-size_of[n] // ALIGN) * ALIGN for n in names}  # what the RAM tier's allocator takes
+    sizes = [sum(taken[f"{p}.{r}"] for r in rel) for p, _, rel in order]
+    in_blocks = {f"{p}.{r}" for p, _, rel in order for r in rel}
+    outside = sum(taken[n] for n in names if n not in in_blocks)
+    if not order:
+        return StreamingLayout([], 0, outside, 0, 0, "")
+    big = max(range(len(order)), key=sizes.__getitem__)
+    window = (prefetch_depth + 1) * sizes[big]
+    kept: list[int] = []
+    if room is not None:
+        left = room - outside - window
+        for i, (p, _, _) in enumerate(order):
+            if ".language_model." in f".{p}." and sizes[i] <= left:
+                kept.append(i)
+                left -= sizes[i]
+            elif kept:
+                break
+    streamed = [b for i, b in enumerate(order) if i not in set(kept)]
+    return StreamingLayout(streamed, len(kept), outside, sum(sizes[i] for i in kept), window, order[big][0])
+
+
+def _check_room(layout: StreamingLayout, room: int, prefetch_depth: int, what: str) -> None:
+    need = layout.minimum_bytes
+    if room >= need:
+        return
+    mib = 2**20
+    raise RamTierTooSmall(
+        f"{what} needs a RAM tier of at least {need / mib:.1f} MiB to stream "
+        f"({layout.outside_bytes / mib:.1f} MiB resident + {prefetch_depth + 1} x "
+        f"{layout.window_bytes / (prefetch_depth + 1) / mib:.1f} MiB "
+        f"for the largest block, {layout.largest_block}), and has {room / mib:.1f} MiB: start tierd with a "
+        f"larger --ram-bytes, lower prefetch_depth (now {prefetch_depth}), or give a larger ram_budget",
+        tier="ram", requested_bytes=need, capacity_bytes=room, resident_bytes=layout.outside_bytes,
+        window_bytes=layout.window_bytes, largest_block=layout.largest_block, prefetch_depth=prefetch_depth,
+    )  # fmt: skip
+
+
 def bind(
     model: nn.Module,
     client: Any,
@@ -242,11 +331,9 @@ def bind(
     (see _blocks: vision blocks and mergers, decoder layers) bound per forward by a StreamBlockHook.
     Parameters that share a tensor with a bound one (tied lm_head) share it again.
 
-    ``room`` (streaming): bytes of RAM this model may hold. What the resident tensors and a window of
-    ``prefetch_depth + 1`` streamed blocks (the one running and the ones hinted ahead of it) leave of
-    it keeps the first decoder layers resident for good (leased, so never demoted): decoding reads
-    the layers in a cycle, and a cycle longer than the cache is exactly what LRU eviction handles
-    worst, so a fixed resident part is read from disk never, and only the rest streams.
+    ``room`` (streaming): bytes of RAM this model may hold; what the resident tensors and the window
+    leave of it keeps the first decoder layers resident (see :func:`streaming_layout`). A room below
+    the layout's minimum raises :class:`RamTierTooSmall` before anything is leased.
     """
     if mode not in ("resident", "streaming"):
         raise ValueError(f"mode must be 'resident' or 'streaming', not {mode!r}")
@@ -272,30 +359,17 @@ def bind(
     block_names: set[str] = set()
     if mode == "streaming":
         limit_heap_retention()  # the process stays small: freed buffers go back to the kernel
-        order = []
-        for prefix, module in _blocks(model):
-            rel = [n[len(prefix) + 1 :] for n in names if n.startswith(prefix + ".")]
-            order.append((prefix, module, rel))
         # sizes as stored (``nbytes``: the checkpoint's); a model built on the meta device may
         # carry another dtype than its weights until they are bound
         size_of = dict(nbytes or {})
         for n in names:
             if n not in size_of:
                 size_of[n] = _nbytes(get_tensor(model, n))
-        sizes = [sum(size_of[f"{p}.{r}"] for r in rel) for p, _, rel in order]
-        if room is not None and order:
-            in_blocks = {f"{p}.{r}" for p, _, rel in order for r in rel}
-            outside = sum(size_of[n] for n in names if n not in in_blocks)
-            keep = room - outside - (prefetch_depth + 1) * max(sizes)
-            kept = []
-            for i, (p, _, _) in enumerate(order):
-                if ".language_model." in f".{p}." and sizes[i] <= keep:
-                    kept.append(i)
-                    keep -= sizes[i]
-                elif kept:
-                    break
-            binding.kept_blocks = len(kept)
-            order = [b for i, b in enumerate(order) if i not in set(kept)]
+        layout = streaming_layout(model, names, size_of, room=room, prefetch_depth=prefetch_depth)
+        if room is not None:
+            _check_room(layout, room, prefetch_depth, f"this model ({ns})")
+        binding.kept_blocks = layout.kept
+        order = layout.blocks
         for prefix, _, rel in order:
             block_names.update(f"{prefix}.{r}" for r in rel)
         text_start = next((i for i, (p, _, _) in enumerate(order) if ".language_model." in f".{p}."), 0)
@@ -311,8 +385,16 @@ def bind(
             add_hook(module, hook)
             binding.blocks.append((module, [f"{prefix}.{r}" for r in rel]))
 
-    resident = [n for n in names if n not in block_names]
-    views = client.get_many([f"{ns}/{n}" for n in resident])
+    # Largest first, on its own: while a get runs, every entry it names that is already in RAM is held
+    # in place, so small tensors fetched together with the embedding could split the free space
+    # around it. Alone, it may take any room the daemon can clear.
+    stored = nbytes or {}
+    resident = sorted(
+        (n for n in names if n not in block_names),
+        key=lambda n: -(stored.get(n) or _nbytes(get_tensor(model, n))),
+    )
+    views = client.get_many([f"{ns}/{n}" for n in resident[:1]])
+    views += client.get_many([f"{ns}/{n}" for n in resident[1:]]) if len(resident) > 1 else []
     for n, v in zip(resident, views, strict=True):
         set_tensor(model, n, v)
     binding.resident_views = views
@@ -329,6 +411,28 @@ def bind(
     return model
 
 
+def _meta_model(ckpt: Path) -> nn.Module:
+    from transformers import AutoConfig, GenerationConfig, Qwen3VLForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(ckpt)
+    with empty_parameters():
+        model = Qwen3VLForConditionalGeneration(config)
+    if (ckpt / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(ckpt)
+    return model.eval()
+
+
+def streaming_minimum(checkpoint_dir: str | Path, *, prefetch_depth: int = 2) -> int:
+    """The smallest RAM tier (or ``ram_budget``) in bytes that ``from_pretrained`` streams this checkpoint
+    in with this ``prefetch_depth``; read from the shard headers and the config, no weight is read."""
+    ckpt = Path(checkpoint_dir)
+    nbytes = {n: info.nbytes for shard in shards(ckpt) for n, info in shard.tensors.items()}
+    layout = streaming_layout(
+        _meta_model(ckpt), list(nbytes), nbytes, room=None, prefetch_depth=prefetch_depth
+    )
+    return layout.minimum_bytes
+
+
 def from_pretrained(
     checkpoint_dir: str | Path,
     client: Any,
@@ -343,24 +447,22 @@ def from_pretrained(
     """A Qwen3-VL built on the meta device whose weights are tierd views (ingested first if needed).
 
     ``namespace`` defaults to the checkpoint folder's name. ``mode`` None chooses: resident when all
-    weights fit the RAM tier (below its high watermark) and ``ram_budget``, else streaming.
+    weights fit the RAM tier and ``ram_budget``, else streaming. Streaming in less room than
+    :func:`streaming_minimum` raises :class:`RamTierTooSmall` before the checkpoint is read.
     """
-    from transformers import AutoConfig, GenerationConfig, Qwen3VLForConditionalGeneration
-
     ckpt = Path(checkpoint_dir)
     ns = (namespace or ckpt.resolve().name).rstrip("/")
-    ingest(client, ckpt, ns, progress=progress, **ingest_kw)
     tensors = {n: info for shard in shards(ckpt) for n, info in shard.tensors.items()}
-    total = sum(info.nbytes for info in tensors.values())
-    config = AutoConfig.from_pretrained(ckpt)
-    with empty_parameters():
-        model = Qwen3VLForConditionalGeneration(config)
-    if (ckpt / "generation_config.json").exists():
-        model.generation_config = GenerationConfig.from_pretrained(ckpt)
-    model.eval()
-    bind(model, client, ns, list(tensors), mode=mode or _choose_mode(client, total, ram_budget),
-         prefetch_depth=prefetch_depth, room=_room(client, ram_budget),
-         nbytes={n: info.nbytes for n, info in tensors.items()})  # fmt: skip
+    nbytes = {n: info.nbytes for n, info in tensors.items()}
+    total = sum(nbytes.values())
+    model = _meta_model(ckpt)
+    room = _room(client, ram_budget)
+    mode = mode or _choose_mode(client, total, ram_budget)
+    if mode == "streaming":  # refuse a room too small now, before the checkpoint is read
+        layout = streaming_layout(model, list(tensors), nbytes, room=room, prefetch_depth=prefetch_depth)
+        _check_room(layout, room, prefetch_depth, f"{ckpt.name} ({total / 2**20:.0f} MiB of weights)")
+    ingest(client, ckpt, ns, progress=progress, **ingest_kw)
+    bind(model, client, ns, list(tensors), mode=mode, prefetch_depth=prefetch_depth, room=room, nbytes=nbytes)
     return model
 
 
@@ -376,19 +478,23 @@ def offload_model(
     codec: str | None = None,
 ) -> nn.Module:
     """Put a model's state_dict into tierd (tied tensors once), then bind the model to it (see bind)."""
-    putter = _Putter(client, namespace, codec, durable)
     seen: set[int] = set()
-    names: list[str] = []
-    total = 0
+    tensors: dict[str, torch.Tensor] = {}
     for n, t in model.state_dict(keep_vars=True).items():
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        names.append(n)
+        if id(t) not in seen:  # tied tensors once
+            seen.add(id(t))
+            tensors[n] = t
+    nbytes = {n: _nbytes(t) for n, t in tensors.items()}
+    room = _room(client, ram_budget)
+    mode = mode or _choose_mode(client, sum(nbytes.values()), ram_budget)
+    if mode == "streaming":  # refuse a room too small before anything is put
+        layout = streaming_layout(model, list(tensors), nbytes, room=room, prefetch_depth=prefetch_depth)
+        _check_room(layout, room, prefetch_depth, f"this model ({namespace})")
+    putter = _Putter(client, namespace, codec, durable)
+    for n, t in tensors.items():
         putter(n, t.detach().cpu())
-        total += _nbytes(t)
-    return bind(model, client, namespace, names, mode=mode or _choose_mode(client, total, ram_budget),
-                prefetch_depth=prefetch_depth)  # fmt: skip
+    return bind(model, client, namespace, list(tensors), mode=mode, prefetch_depth=prefetch_depth,
+                room=room, nbytes=nbytes)  # fmt: skip
 
 
 def detach(model: nn.Module) -> nn.Module:

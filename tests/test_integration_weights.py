@@ -23,6 +23,7 @@ from tierd_integration import (
     make_random_checkpoint,
     offload_model,
     sample_inputs,
+    streaming_minimum,
 )
 from tierd_integration.hooks import StreamBlockHook
 
@@ -86,7 +87,7 @@ def test_resident_and_streaming_generate_identical_tokens(daemon, ckpt, inputs, 
         assert resident.lm_head.weight is resident.model.language_model.embed_tokens.weight
         assert torch.equal(generate(resident, inputs), reference)
 
-        streaming = from_pretrained(ckpt, c, ram_budget=weight_bytes(ckpt) // 2)
+        streaming = from_pretrained(ckpt, c, ram_budget=streaming_minimum(ckpt))
         assert streaming._tierd_binding.mode == "streaming"
         layer = streaming.model.language_model.layers[0]
         hook = layer._tierd_hook
@@ -186,7 +187,7 @@ def test_ingest_replaces_changed_tensor(daemon, ckpt, tmp_path) -> None:
 
 def test_detach_restores_plain_model(daemon, ckpt, inputs, reference) -> None:
     c = Client(socket=daemon.socket)
-    model = from_pretrained(ckpt, c, ram_budget=0)  # streaming
+    model = from_pretrained(ckpt, c, ram_budget=streaming_minimum(ckpt))  # streaming, no layer kept
     layer = model.model.language_model.layers[1]
     assert "forward" in layer.__dict__
     detach(model)
