@@ -139,6 +139,7 @@ def test_every_setting_from_each_source(tmp_path: Path) -> None:
         "state_dir": "/x/state",
         "ram_bytes": "64MiB",
         "disk_bytes": "0",
+        "tiers": "ram,disk",
         "gpu_bytes": "0",
         "log_level": "debug",
         "graceful_timeout": "2.5",

@@ -168,9 +168,8 @@ class Hanging(Exploding):
 async def prefetcher(tmp_path: Path):
     ram = RamTier(16 * MiB)
     disk = DiskTier(tmp_path / "state", 64 * MiB)
-    m = Manager(ram)
-    m.tiers["disk"] = disk
-    pl = Placement(m, disk)
+    m = Manager(ram, disk)
+    pl = Placement(m)
     pf = Prefetcher(pl, predictor="sequence", budget_bytes=8 * MiB)
     cid = m.add_client(1, 0, "t")
     for i in range(4):

@@ -78,6 +78,8 @@ class Config:
     """Size of the shared-memory RAM tier (pre-faulted at start): 512MiB, 2GiB, or a % of RAM."""
     disk_bytes: str = "25%"
     """Size of the disk tier (an LMDB file in the state dir); 0 = none (durable=True is then refused)."""
+    tiers: str = "ram,disk"
+    """The tiers, fastest first: ram, disk, and NAME=MODULE:CLASS@SIZE for others (docs/tiers.md)."""
     ram_high_watermark: float = 0.90
     """Above this share of the RAM tier in use, cold entries are demoted to disk..."""
     ram_low_watermark: float = 0.75
@@ -175,6 +177,9 @@ class Config:
                 f"{self.ram_low_watermark} and {self.ram_high_watermark}"
             )
         self.tag_codec_map()
+        from tierd.tiers.registry import parse
+
+        parse(self.tiers)
         from tierd.predict import PREDICTOR_NAMES
 
         if self.predictor not in PREDICTOR_NAMES:

@@ -166,7 +166,7 @@ class Connection(asyncio.Protocol):
         welcome = protocol.encode(
             Welcome(protocol.PROTOCOL_VERSION, os.getpid(), self.client_id, ram_bytes, __version__)
         )
-        fds = array.array("i", [self.manager.ram.fd])
+        fds = array.array("i", [self.manager.ram.map_handle().fd])
         try:
             with self._raw_socket() as s:
                 s.sendmsg([welcome], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
@@ -183,8 +183,6 @@ class Connection(asyncio.Protocol):
         self.server.check_codec(m)
         offset = mgr.ram.allocate(m.nbytes)
         if offset is None:
-            if self.server.placement.disk is None:
-                raise mgr.ram_full(m.key, m.nbytes)
             return self._put_after_room(m)
         put_id, offset = mgr.begin_put(self.client_id, m, offset)
         self.server.placement.poke()
@@ -211,7 +209,7 @@ class Connection(asyncio.Protocol):
         if e.durable:
             return self._seal_durable(m)
         old = mgr.entries.get(e.key)
-        old_on_disk = old is not None and old.durable and old.disk is not None
+        old_on_disk = old is not None and old.durable and old.record is not None
         sealed = list(mgr.seal(self.client_id, m.put_id))
         self.server.prefetcher.record(self.client_id, e, "put", "-")
         if old_on_disk:
@@ -250,7 +248,7 @@ class Connection(asyncio.Protocol):
         return self._get_slow(m.rid, found)
 
     async def _get_slow(self, rid: int, found: list[Any]) -> Got:
-        tiers = ["ram" if e.offset is not None else "disk" for e in found]
+        tiers = [e.tiers[0] for e in found]
         t0 = time.perf_counter()
         got = Got(rid, await self.server.placement.get(self.client_id, found))
         self.manager.counters["stall_us"] += int((time.perf_counter() - t0) * 1e6)
@@ -266,7 +264,7 @@ class Connection(asyncio.Protocol):
 
     def on_delete(self, m: protocol.Delete) -> Any:
         e = self.manager.resolve(m.key)
-        on_disk = e.durable and e.disk is not None
+        on_disk = e.durable and e.record is not None
         self.manager.delete(m.key)
         if on_disk:
             return self._after_unpublish(Ok(m.rid))  # answered once a restart cannot bring it back

@@ -12,131 +12,74 @@ An entry version goes through::
                      v                                                                      v
                    FREED  <-------------------------------------------------------------- FREED
 
-Where a sealed version's bytes are: a RAM region (``offset``), a clean disk copy (``disk``), or both
-(inclusive caching: a promoted entry keeps its disk copy, so dropping the RAM copy later is free).
-Moving bytes between tiers is :mod:`tierd.placement`'s job; while a move is in flight the version
-is ``protect``-ed, so neither eviction nor freeing can pull the bytes from under it.
+Where a sealed version's bytes are is ``Entry.where`` (:mod:`tierd.entry`): one location per tier
+that holds a copy, over the tiers given to the manager, fastest first. The first tier (RAM) is the
+home tier: puts are written there and leases point there. Moving bytes between tiers is
+:mod:`tierd.placement`'s job; while a move is in flight the version is protected
+(:meth:`Manager.protected`), so neither eviction nor freeing can pull the bytes from under it.
 
 Invariants kept here (and checked by :meth:`Manager.check`):
 - a region is returned to its tier only when its version is not current, has no lease and no move
   in flight;
-- a lease always points at a SEALED version with a RAM copy; a WRITING version is visible to its
-  writer only;
-- every lease belongs to exactly one live client and ends when that client goes.
+- a lease always points at a SEALED version with a home-tier copy; a WRITING version is visible to
+  its writer only;
+- every lease belongs to exactly one live client and ends when that client goes;
+- a version is in at least one tier; a memory tier's used bytes are exactly the regions of the
+  versions located in it; a pin names a memory tier the version is in.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import itertools
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any
 
+from tierd.entry import ABORTED, COUNTERS, FREED, SEALED, WRITING, ClientInfo, Entry
 from tierd.errors import InvalidRequest, NotFound, TierFull, Unsupported
 from tierd.policy import LRU
 from tierd.protocol import DTYPE_SIZES, SCOPES, Located, Put, check_key
 from tierd.tiers.base import Tier
-from tierd.tiers.ram import RamTier
+from tierd.tiers.memory import MemoryTier
+from tierd.tiers.store import ChunkStore
 
-if TYPE_CHECKING:
-    from tierd.tiers.disk import RecordMeta
-
-WRITING, SEALED, ABORTED, FREED = "writing", "sealed", "aborted", "freed"
 MAX_TAGS = 64
 MAX_TAG_LEN = 256
 MAX_DIMS = 64
 
-COUNTERS = (
-    "puts", "gets", "hits_ram", "hits_gpu", "reads_disk", "releases", "bad_releases", "deletes",
-    "expired", "prefetch_hints", "prefetch_issued", "prefetch_used", "demotions", "promotions",
-    "tier_full", "errors", "internal_errors", "bad_frames", "pressure_demoted_bytes",
-    "prefetch_wasted_bytes", "prefetch_hinted", "prefetch_dropped", "stall_us",
-    "pressure_released_bytes", "not_found",
-)  # fmt: skip
-
-
-@dataclass(eq=False)
-class Entry:
-    key: str
-    version: int
-    dtype: str
-    shape: list[int]
-    nbytes: int
-    offset: int | None
-    tags: list[str]
-    durable: bool
-    ttl: float | None
-    scope: str
-    owner: int
-    created: float
-    last_access: float
-    last_access_mono: float
-    state: str = WRITING
-    current: bool = False
-    leases: int = 0
-    pins: set[str] = field(default_factory=set)
-    codec: str | None = None  # requested for the disk copy (None = the policy decides)
-    disk: RecordMeta | None = None  # the clean disk copy, if any
-    protect: int = 0  # moves in flight
-    prefetched: bool = False  # brought into RAM on a prediction, not read since
-
-    @property
-    def tiers(self) -> list[str]:
-        return (["ram"] if self.offset is not None else []) + (["disk"] if self.disk is not None else [])
-
-    def info(self) -> dict[str, Any]:
-        disk = self.disk
-        plan = disk.plan if disk is not None else None
-        return {
-            "key": self.key,
-            "version": self.version,
-            "dtype": self.dtype,
-            "shape": list(self.shape),
-            "nbytes": self.nbytes,
-            "tags": list(self.tags),
-            "tiers": self.tiers,
-            "encoding": disk.codec if disk is not None else "raw",
-            "stored_bytes": disk.stored_bytes if disk is not None else None,
-            "error_bound": plan.get("error_bound") if plan else None,
-            "checksum": f"xxh3-64 x {len(disk.chunks)} chunks, checked on every read" if disk else None,
-            "leases": self.leases,
-            "pinned": sorted(self.pins),
-            "durable": self.durable,
-            "ttl": self.ttl,
-            "scope": self.scope,
-            "created": self.created,
-            "last_access": self.last_access,
-        }
-
-
-@dataclass
-class ClientInfo:
-    client_id: int
-    pid: int
-    uid: int
-    name: str
-    connected: float
-    leases: set[int] = field(default_factory=set)
-    puts: set[int] = field(default_factory=set)
-
 
 class Manager:
-    def __init__(self, ram: RamTier, *, clock=time.time, mono=time.monotonic) -> None:
-        self.ram = ram
-        self.tiers: dict[str, Tier] = {"ram": ram}  # fastest first; disk and GPU tiers slot in here
-        self.policy: LRU[Entry] = LRU()
-        #: called when a version leaves the key index (placement unpublishes its disk copy)
+    def __init__(self, home: MemoryTier, *lower: Tier, clock=time.time, mono=time.monotonic) -> None:
+        #: the home tier: puts are written here, leases point here
+        self.ram = home
+        #: every tier, fastest first
+        self.tiers: dict[str, Tier] = {t.name: t for t in (home, *lower)}
+        if len(self.tiers) != 1 + len(lower):
+            raise ValueError(f"tier names must be unique: {[t.name for t in (home, *lower)]}")
+        self.rank = {name: i for i, name in enumerate(self.tiers)}
+        self.memory: dict[str, MemoryTier] = {
+            n: t for n, t in self.tiers.items() if isinstance(t, MemoryTier)
+        }
+        self.stores: dict[str, ChunkStore] = {
+            n: t for n, t in self.tiers.items() if isinstance(t, ChunkStore)
+        }
+        #: the store durable puts are written to (the first durable chunk store), if any
+        self.durable_store = next((t for t in self.stores.values() if t.durable), None)
+        #: eviction order per memory tier (coldest first); ``policy`` is the home tier's
+        self.policies: dict[str, LRU[Entry]] = {n: LRU() for n in self.memory}
+        self.policy = self.policies[home.name]
+        #: called when a version leaves the key index (placement unpublishes its stored records)
         self.on_hide: Callable[[Entry], None] = lambda e: None
-        #: called when a version is gone for good (placement deletes its disk copy)
+        #: called when a version is gone for good (placement deletes its stored records)
         self.on_free: Callable[[Entry], None] = lambda e: None
         self.entries: dict[str, Entry] = {}  # key -> current sealed version
         self.versions: dict[int, Entry] = {}  # every version whose bytes are held
         self.leases: dict[int, tuple[int, Entry]] = {}  # lease id -> (client id, version)
         self.clients: dict[int, ClientInfo] = {}
         self.counters: collections.Counter[str] = collections.Counter({c: 0 for c in COUNTERS})
-        self.recent_hints: collections.deque[str] = collections.deque(maxlen=4096)
         #: bytes in RAM that were prefetched and not read yet (the speculative budget's use)
         self.spec_bytes = 0
         self._next_version = 1
@@ -165,12 +108,14 @@ class Manager:
             self._hide(e)
 
     # ---- put -----------------------------------------------------------------------------------
-    def ram_full(self, key: str, nbytes: int, why: str = "", count: bool = True) -> TierFull:
-        """The TierFull for a RAM region of ``nbytes`` that cannot be had (counted in tier_full)."""
+    def tier_full(self, tier: str, key: str, nbytes: int, why: str = "", count: bool = True) -> TierFull:
+        """The TierFull for a region of ``nbytes`` in memory tier ``tier`` that cannot be had
+        (counted in tier_full unless ``count`` is false)."""
         if count:
             self.counters["tier_full"] += 1
-        st = self.ram.alloc.stats()
-        need = self.ram.region_bytes(nbytes)
+        t = self.memory[tier]
+        st = t.space()
+        need = t.region_bytes(nbytes)
         why = why or (
             "larger than the whole tier"
             if need > st.capacity_bytes
@@ -178,11 +123,11 @@ class Manager:
             if need > st.free_bytes
             else f"free space is fragmented (largest hole {st.largest_free_bytes} bytes)"
         )
-        below = "" if "disk" in self.tiers else "; no other tier can take it"
+        below = "" if self.rank[tier] < len(self.tiers) - 1 else "; no other tier can take it"
         return TierFull(
-            f"ram tier full: {key!r} needs {need} bytes, {st.free_bytes} free of {st.capacity_bytes} "
+            f"{tier} tier full: {key!r} needs {need} bytes, {st.free_bytes} free of {st.capacity_bytes} "
             f"({why}){below}",
-            tier="ram",
+            tier=tier,
             requested_bytes=need,
             free_bytes=st.free_bytes,
             largest_free_bytes=st.largest_free_bytes,
@@ -199,13 +144,13 @@ class Manager:
         if offset is None:
             offset = self.ram.allocate(req.nbytes)
             if offset is None:
-                raise self.ram_full(req.key, req.nbytes)
+                raise self.tier_full(self.ram.name, req.key, req.nbytes)
         now, mono = self._clock(), self._mono()
         version = self.new_version()
         e = Entry(
             key=req.key, version=version, dtype=req.dtype, shape=list(req.shape), nbytes=req.nbytes,
-            offset=offset, tags=list(req.tags), durable=req.durable, ttl=req.ttl, scope=req.scope,
-            owner=cid, created=now, last_access=now, last_access_mono=mono,
+            where={self.ram.name: offset}, tags=list(req.tags), durable=req.durable, ttl=req.ttl,
+            scope=req.scope, owner=cid, created=now, last_access=now, last_access_mono=mono,
             codec=None if req.codec in (None, "auto") else req.codec,
         )  # fmt: skip
         self.versions[version] = e
@@ -251,14 +196,14 @@ class Manager:
             raise InvalidRequest(f"scope must be one of {SCOPES}, not {req.scope!r}")
         if req.ttl is not None and not (req.ttl > 0 and math.isfinite(req.ttl)):
             raise InvalidRequest(f"ttl must be a positive number of seconds, not {req.ttl!r}")
-        if req.durable and "disk" not in self.tiers:
+        if req.durable and self.durable_store is None:
             raise Unsupported(
                 f"durable=True needs a disk tier and this tierd runs without one (disk_bytes=0); "
                 f"put {req.key!r} with durable=False",
                 key=req.key,
             )
         if req.codec not in (None, "auto"):
-            if "disk" not in self.tiers:
+            if not self.stores:
                 raise Unsupported(
                     f"codec {req.codec!r} applies to the disk tier, which this tierd runs without "
                     "(disk_bytes=0); use codec=None",
@@ -283,7 +228,7 @@ class Manager:
         old = self.entries.get(e.key)
         self.entries[e.key] = e
         e.current = True
-        if e.offset is not None:
+        if self.ram.name in e.where:
             self.policy.on_put(e.version, e)
         if old is not None:
             self._hide(old)
@@ -319,18 +264,20 @@ class Manager:
         return e
 
     def get(self, cid: int, refs: list[tuple[str, int]]) -> list[Located]:
-        """Lease every requested version, or none of them when one is missing (all must be in RAM)."""
+        """Lease every requested version, or none of them when one is missing (all must be home)."""
         return self.lease(cid, [self.resolve(k, v) for k, v in refs])
 
     def lease(self, cid: int, found: list[Entry], loaded: int = 0) -> list[Located]:
-        """Lease versions whose bytes are in RAM (placement loads the others first, ``loaded`` of them)."""
+        """Lease versions whose bytes are home (placement promotes the others first, ``loaded`` of them)."""
         client = self.clients.get(cid)
         if client is None:
             return []  # the client went while its get was waiting on the disk
         now, mono = self._clock(), self._mono()
+        home = self.ram.name
         out = []
         for e in found:
-            assert e.offset is not None and e.state == SEALED, "lease of a version not in RAM"
+            offset = e.where.get(home)
+            assert offset is not None and e.state == SEALED, "lease of a version not in the home tier"
             lid = self._next_lease
             self._next_lease += 1
             self.leases[lid] = (cid, e)
@@ -342,7 +289,7 @@ class Manager:
                 self.spec_bytes -= self.ram.region_bytes(e.nbytes)
                 self.counters["prefetch_used"] += 1
             self.policy.on_hit(e.version)
-            out.append(Located(e.key, e.version, e.dtype, e.shape, e.offset, e.nbytes, lid))
+            out.append(Located(e.key, e.version, e.dtype, e.shape, offset, e.nbytes, lid))
         self.counters["gets"] += len(found)
         self.counters["hits_ram"] += len(found) - loaded
         return out
@@ -387,15 +334,18 @@ class Manager:
 
     def pin(self, key: str, tier: str) -> None:
         e = self.resolve(key)
-        memory = [t for t in self.tiers if t != "disk"]
+        memory = list(self.memory)
         if tier not in memory:
             raise Unsupported(
                 f"cannot pin {key!r} in {tier!r}: pins hold entries in a memory tier "
                 f"(this tierd has {memory})",
                 tier=tier,
             )
-        if e.offset is None:
-            raise Unsupported(f"{key!r} is on disk only: get it once to bring it into RAM, then pin it")
+        if tier not in e.where:
+            raise Unsupported(
+                f"{key!r} is not in {tier} (it is in {', '.join(e.tiers)}): get it once to bring it into "
+                f"{tier}, then pin it"
+            )
         e.pins.add(tier)
 
     def unpin(self, key: str) -> bool:
@@ -407,7 +357,6 @@ class Manager:
     def prefetch_hint(self, keys: list[str]) -> int:
         """Record hints (the prefetcher acts on them); returns how many keys are known."""
         self.counters["prefetch_hints"] += len(keys)
-        self.recent_hints.extend(keys)
         return sum(1 for k in keys if k in self.entries)
 
     def expire(self) -> list[str]:
@@ -426,12 +375,21 @@ class Manager:
         if not e.current and e.leases == 0 and e.protect == 0 and e.state in (SEALED, ABORTED):
             self._free(e)
 
-    def unprotect(self, e: Entry) -> None:
-        e.protect -= 1
-        self._maybe_free(e)
+    @contextlib.contextmanager
+    def protected(self, *entries: Entry) -> Iterator[None]:
+        """Hold ``entries`` in place for a move: no eviction, no drop, no free until the block ends
+        (a version hidden or aborted meanwhile is freed then)."""
+        for e in entries:
+            e.protect += 1
+        try:
+            yield
+        finally:
+            for e in entries:
+                e.protect -= 1
+                self._maybe_free(e)
 
     def mark_prefetched(self, e: Entry) -> None:
-        if not e.prefetched and e.offset is not None:
+        if not e.prefetched and self.ram.name in e.where:
             e.prefetched = True
             self.spec_bytes += self.ram.region_bytes(e.nbytes)
 
@@ -442,24 +400,35 @@ class Manager:
             self.spec_bytes -= self.ram.region_bytes(e.nbytes)
             self.counters["prefetch_wasted_bytes"] += e.nbytes
 
-    def drop_ram(self, e: Entry) -> int:
-        """Free the RAM copy of a version that has a disk copy; returns the bytes freed."""
-        assert e.disk is not None and e.leases == 0 and e.offset is not None
-        self._unspeculate(e)
-        freed = self.ram.free(e.offset)
-        e.offset = None
-        self.policy.on_remove(e.version)
-        return freed
+    def place(self, e: Entry, tier: str, location: Any) -> None:
+        """Publish a copy of ``e`` in ``tier`` (the end of a move); ``where`` stays in tier order."""
+        where = e.where
+        where[tier] = location
+        names, rank = list(where), self.rank
+        if any(rank[a] > rank[b] for a, b in itertools.pairwise(names)):
+            e.where = {n: where[n] for n in sorted(names, key=rank.__getitem__)}
+        policy = self.policies.get(tier)
+        if policy is not None:
+            policy.on_put(e.version, e)
+
+    def drop(self, e: Entry, tier: str) -> int:
+        """Free the copy of ``e`` in memory tier ``tier`` (it has another); returns the bytes freed."""
+        assert len(e.where) > 1 and tier in self.memory and (tier != self.ram.name or e.leases == 0)
+        return self._unplace(e, tier)
+
+    def _unplace(self, e: Entry, tier: str) -> int:
+        offset = e.where.pop(tier)
+        if tier == self.ram.name:
+            self._unspeculate(e)
+        self.policies[tier].on_remove(e.version)
+        return self.memory[tier].free(offset)
 
     def _free(self, e: Entry) -> None:
-        if e.offset is not None:
-            self._unspeculate(e)
-            self.ram.free(e.offset)
-            e.offset = None
-            self.policy.on_remove(e.version)
+        for tier in [t for t in e.where if t in self.memory]:
+            self._unplace(e, tier)
         del self.versions[e.version]
         e.state = FREED
-        self.on_free(e)
+        self.on_free(e)  # placement deletes the records left in chunk stores
 
     # ---- inspection ----------------------------------------------------------------------------
     def ls(self, prefix: str = "") -> list[dict[str, Any]]:
@@ -469,18 +438,15 @@ class Manager:
         return self.resolve(key).info()
 
     def status(self) -> dict[str, Any]:
-        ram = self.ram.stats()
-        ram.update(
-            name="ram",
-            entries=sum(1 for e in self.entries.values() if e.offset is not None),
-            versions=sum(1 for e in self.versions.values() if e.state == SEALED and e.offset is not None),
-        )
-        tiers = [ram]
-        disk = self.tiers.get("disk")
-        if disk is not None:
-            d = disk.stats()
-            d.update(name="disk", entries=sum(1 for e in self.entries.values() if e.disk is not None))
-            tiers.append(d)
+        tiers = []
+        for name, tier in self.tiers.items():
+            st = tier.stats()
+            st.update(name=name, entries=sum(1 for e in self.entries.values() if name in e.where))
+            if name in self.memory:
+                st["versions"] = sum(
+                    1 for e in self.versions.values() if e.state == SEALED and name in e.where
+                )
+            tiers.append(st)
         return {
             "tiers": tiers,
             "clients": len(self.clients),
@@ -490,20 +456,31 @@ class Manager:
 
     def check(self) -> None:
         """Assert the table's invariants (tests call this after every scripted step)."""
-        self.ram.alloc.check()
+        for t in self.memory.values():
+            t.check()
         for key, e in self.entries.items():
             assert e.key == key and e.current and e.state == SEALED and self.versions[e.version] is e
         lease_count: collections.Counter[int] = collections.Counter()
         for lid, (cid, e) in self.leases.items():
             assert e.state == SEALED, "lease on an unsealed or freed version"
             assert lid in self.clients[cid].leases
+            assert self.ram.name in e.where, "lease on a version not in the home tier"
             lease_count[e.version] += 1
+        used: collections.Counter[str] = collections.Counter()
         for v, e in self.versions.items():
             assert e.leases == lease_count[v], f"lease count of version {v} is off"
             assert e.state in (WRITING, SEALED) or (e.state == ABORTED and e.protect > 0)
             assert e.current or e.leases > 0 or e.protect > 0 or e.state == WRITING, (
                 f"version {v} is held for nobody"
             )
-            assert e.offset is not None or e.disk is not None, f"version {v} has no bytes anywhere"
-        used = sum(self.ram.region_bytes(e.nbytes) for e in self.versions.values() if e.offset is not None)
-        assert used == self.ram.used_bytes, "tier bytes disagree with the versions held"
+            assert e.where, f"version {v} has no bytes anywhere"
+            ranks = [self.rank[n] for n in e.where]  # KeyError: a tier this daemon does not have
+            assert ranks == sorted(ranks), f"version {v}: where is not in tier order"
+            for name, loc in e.where.items():
+                assert isinstance(loc, int) == (name in self.memory), f"version {v}: bad location in {name}"
+                if name in self.memory:
+                    used[name] += self.memory[name].region_bytes(e.nbytes)
+            assert e.pins <= e.where.keys(), f"version {v} is pinned in a tier it is not in"
+            assert not e.prefetched or self.ram.name in e.where
+        for name, t in self.memory.items():
+            assert used[name] == t.used_bytes, f"{name}: tier bytes disagree with the versions held"

@@ -95,7 +95,7 @@ class Prefetcher:
         self.log.append(a)
         if op == "get":
             self._gen[client] += 1
-        if self.predictor_name == "none" or self.placement.disk is None:
+        if self.predictor_name == "none" or len(self.m.tiers) == 1:
             return
         if self._backlog >= MAX_BACKLOG:
             self.dropped_accesses += 1
@@ -205,7 +205,7 @@ class Prefetcher:
                     self.m.counters["prefetch_dropped"] += 1
                     continue
                 e = self.m.entries.get(key)
-                if e is None or e.offset is not None or e.disk is None:
+                if e is None or self.placement.home in e.where:
                     continue
                 size = self.placement.ram.region_bytes(e.nbytes)
                 if prio and self.m.spec_bytes + size > self.budget:

@@ -37,7 +37,7 @@ from tierd.monitor import Monitor, Pressure, limit_heap_retention, release_pages
 from tierd.notify import Notifier
 from tierd.placement import Placement
 from tierd.prefetch import Prefetcher
-from tierd.tiers.disk import DiskTier
+from tierd.tiers import registry
 from tierd.tiers.ram import ArenaError, RamTier
 
 log = logging.getLogger("tierd")
@@ -54,6 +54,7 @@ class Server:
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.manager: Manager  # built in startup
+        self.ram: RamTier
         self.placement: Placement
         self.prefetcher: Prefetcher
         self.socket_path = config.socket_path()
@@ -81,36 +82,29 @@ class Server:
         sock = self._bind()
         limit_heap_retention()  # codec and protocol buffers go back to the kernel when freed
         t0 = time.perf_counter()
-        log.info("building the RAM tier: %.2f GiB memfd arena, pre-faulting...", ram_bytes / _GIB)
+        log.info("building the tiers (%s): %.2f GiB RAM memfd arena, pre-faulting...", cfg.tiers,
+                 ram_bytes / _GIB)  # fmt: skip
         try:
-            ram = RamTier(ram_bytes)
+            tiers = registry.build(cfg)
         except BaseException:
             sock.close()
             self.socket_path.unlink(missing_ok=True)
             raise
-        log.info("RAM tier ready in %.2fs", time.perf_counter() - t0)
-        self.manager = Manager(ram)
-        disk = None
-        disk_bytes = cfg.disk_tier_bytes()
-        if disk_bytes:
-            try:
-                disk = DiskTier(cfg.state_path(), disk_bytes)
-            except Exception:
-                sock.close()
-                self.socket_path.unlink(missing_ok=True)
-                ram.close()
-                raise
-            self.manager.tiers["disk"] = disk
-        self.placement = Placement(self.manager, disk, high=cfg.ram_high_watermark, low=cfg.ram_low_watermark,
+        log.info("tiers ready in %.2fs: %s", time.perf_counter() - t0, ", ".join(t.name for t in tiers))
+        ram = tiers[0]
+        assert isinstance(ram, RamTier)  # registry.build: ram is first
+        self.ram = ram
+        self.manager = Manager(ram, *tiers[1:])
+        self.placement = Placement(self.manager, high=cfg.ram_high_watermark, low=cfg.ram_low_watermark,
                                    tag_codecs=cfg.tag_codec_map())  # fmt: skip
-        self.manager.ram.on_release = lambda n: self.manager.counters.update(pressure_released_bytes=n)
+        ram.on_release = lambda n: self.manager.counters.update(pressure_released_bytes=n)
         budget = cfg.prefetch_budget_bytes()
         self.prefetcher = Prefetcher(self.placement, predictor=cfg.predictor, budget_bytes=budget,
                                      depth=cfg.prefetch_depth)  # fmt: skip
-        if disk is not None:
+        store = self.manager.durable_store
+        if store is not None:
             n = self.placement.restore()
-            log.info("disk tier: %s (%.1f GiB map), %d durable entries restored",
-                     disk.path, disk_bytes / _GIB, n)  # fmt: skip
+            log.info("%s tier: %s, %d durable entries restored", store.name, store.stats().get("path", ""), n)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: Connection(self), sock=sock)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -134,7 +128,7 @@ class Server:
 
     async def _calibrate(self) -> None:
         """Measure memcpy, disk and codec speeds once (in a thread): the codec policy's inputs."""
-        if self.placement.disk is None:
+        if not self.placement.stores:
             return
         from tierd.calibrate import calibrate
 
@@ -190,12 +184,11 @@ class Server:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.prefetcher.close()
         await self.placement.close()
-        if self.placement.disk is not None:
-            self.placement.disk.close()
+        for tier in self.manager.tiers.values():
+            tier.close()
         with contextlib.suppress(FileNotFoundError):
             if self._server is not None:
                 os.unlink(self.socket_path)
-        self.manager.ram.close()
         self.notifier.close()
         log.info("tierd stopped")
 
@@ -208,7 +201,7 @@ class Server:
         ``CEILING_STEP`` of the capacity per poll, so a tier that was squeezed regrows slowly instead
         of taking everything back at once and being squeezed again. ``low`` holds it where it is.
         """
-        ram = self.manager.ram
+        ram = self.ram
         placement = self.placement
         p = self.monitor.poll(ram.capacity_bytes)  # the arena is pre-faulted: all of it is resident
         self.pressure = p

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tierd.alloc import Allocator
-from tierd.tiers.base import Tier
+from tierd.tiers.memory import MapHandle, MemoryTier, Space
 
 PAGE = mmap.PAGESIZE
 
@@ -40,10 +40,9 @@ class ArenaError(RuntimeError):
     """The arena could not be created (not enough memory for the requested size)."""
 
 
-class RamTier(Tier):
-    name = "ram"
-
-    def __init__(self, capacity: int) -> None:
+class RamTier(MemoryTier):
+    def __init__(self, capacity: int, *, name: str = "ram") -> None:
+        self.name = name
         capacity -= capacity % PAGE
         if capacity <= 0:
             raise ArenaError("the RAM tier needs at least one page")
@@ -67,8 +66,8 @@ class RamTier(Tier):
         self.alloc = Allocator(capacity)
         self._capacity = capacity
         self._closed = False
-        #: the tier's working size: its capacity, lowered while memory pressure holds it down (the
-        #: daemon's placement keeps allocations under it). While it is below capacity a freed
+        #: the tier's working size: its capacity, lowered while memory pressure holds it down
+        #: (``allocate`` keeps every allocation under it). While it is below capacity a freed
         #: region's pages go back to the kernel at once, so that what the tier holds is what it uses.
         self.ceiling = capacity
         #: told the bytes whenever pages of a freed region go back (the daemon counts them)
@@ -82,8 +81,7 @@ class RamTier(Tier):
     def used_bytes(self) -> int:
         return self.alloc.used_bytes
 
-    def allocate(self, nbytes: int) -> int | None:
-        """Offset of a fresh region for ``nbytes``, or None when no hole is large enough."""
+    def reserve(self, nbytes: int) -> int | None:
         return self.alloc.alloc(nbytes)
 
     def free(self, offset: int) -> int:
@@ -99,8 +97,17 @@ class RamTier(Tier):
         return self.alloc.size_for(nbytes)
 
     def view(self, offset: int, nbytes: int) -> memoryview:
-        """The daemon's own view of a region (for checksums and, later, demotion)."""
         return memoryview(self.mmap)[offset : offset + nbytes]
+
+    def map_handle(self) -> MapHandle:
+        return MapHandle(self.fd, self._capacity)
+
+    def space(self) -> Space:
+        s = self.alloc.stats()
+        return Space(s.capacity_bytes, s.free_bytes, s.largest_free_bytes)
+
+    def check(self) -> None:
+        self.alloc.check()
 
     def stats(self) -> dict[str, Any]:
         s = self.alloc.stats()

@@ -1,0 +1,104 @@
+"""One entry version, and where its bytes are.
+
+``Entry.where`` maps a tier's name to the version's location in that tier, in tier order (fastest
+first)::
+
+    {"ram": 1048576, "disk": RecordMeta(...)}    # a memory tier: a region's offset
+                                                 # a chunk store: the committed record
+
+A sealed version is in at least one tier; it can be in several at once (caching is inclusive: a
+promoted entry keeps its lower copies, so demoting it again only frees memory). Only the manager
+changes ``where`` (:meth:`tierd.manager.Manager.place` / ``unplace``), and only when a move is
+published or a copy is dropped, so a reader that finds a location finds whole bytes there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tierd.tiers.store import RecordMeta
+
+WRITING, SEALED, ABORTED, FREED = "writing", "sealed", "aborted", "freed"
+
+COUNTERS = (
+    "puts", "gets", "hits_ram", "reads_disk", "releases", "bad_releases", "deletes",
+    "expired", "prefetch_hints", "prefetch_issued", "prefetch_used", "demotions", "promotions",
+    "tier_full", "errors", "internal_errors", "bad_frames", "pressure_demoted_bytes",
+    "prefetch_wasted_bytes", "prefetch_hinted", "prefetch_dropped", "stall_us",
+    "pressure_released_bytes", "not_found",
+)  # fmt: skip
+
+
+@dataclass(eq=False)
+class Entry:
+    key: str
+    version: int
+    dtype: str
+    shape: list[int]
+    nbytes: int
+    tags: list[str]
+    durable: bool
+    ttl: float | None
+    scope: str
+    owner: int
+    created: float
+    last_access: float
+    last_access_mono: float
+    #: tier name -> location (an int offset in a memory tier, a RecordMeta in a chunk store)
+    where: dict[str, Any] = field(default_factory=dict)
+    state: str = WRITING
+    current: bool = False
+    leases: int = 0
+    pins: set[str] = field(default_factory=set)
+    codec: str | None = None  # requested for chunk-store copies (None = the policy decides)
+    protect: int = 0  # moves in flight (Manager.protected)
+    prefetched: bool = False  # brought into RAM on a prediction, not read since
+
+    @property
+    def tiers(self) -> list[str]:
+        """The tiers holding a copy, fastest first."""
+        return list(self.where)
+
+    @property
+    def record(self) -> RecordMeta | None:
+        """The record of its copy in a chunk store (the fastest one), if it has such a copy."""
+        for loc in self.where.values():
+            if isinstance(loc, RecordMeta):
+                return loc
+        return None
+
+    def info(self) -> dict[str, Any]:
+        rec = self.record
+        plan = rec.plan if rec is not None else None
+        return {
+            "key": self.key,
+            "version": self.version,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "nbytes": self.nbytes,
+            "tags": list(self.tags),
+            "tiers": self.tiers,
+            "encoding": rec.codec if rec is not None else "raw",
+            "stored_bytes": rec.stored_bytes if rec is not None else None,
+            "error_bound": plan.get("error_bound") if plan else None,
+            "checksum": f"xxh3-64 x {len(rec.chunks)} chunks, checked on every read" if rec else None,
+            "leases": self.leases,
+            "pinned": sorted(self.pins),
+            "durable": self.durable,
+            "ttl": self.ttl,
+            "scope": self.scope,
+            "created": self.created,
+            "last_access": self.last_access,
+        }
+
+
+@dataclass
+class ClientInfo:
+    client_id: int
+    pid: int
+    uid: int
+    name: str
+    connected: float
+    leases: set[int] = field(default_factory=set)
+    puts: set[int] = field(default_factory=set)

@@ -1,0 +1,178 @@
+"""The one move: copy a version's bytes from one tier to another, in two steps.
+
+Promotion (a get, a prefetch) and demotion (room needed, the watermark, pressure, evict) between
+any two tiers are the same three steps, with the version protected throughout
+(:meth:`Manager.protected`), so that eviction, freeing and a second mover cannot race it::
+
+    1. protect   the source copy cannot be dropped or freed; nor the version (a put of the same
+                 key or a delete only hides it; it is freed when the move ends)
+    2. copy      into a memory tier: take a region (``room``: placement demotes to make it), then
+                   memory -> memory  memcpy                         (io threads)
+                   store  -> memory  read chunks, check, decode     (reader thread + io threads)
+                 into a chunk store:
+                   memory -> store   choose the codec, encode, checksum, write, commit (writer thread)
+    3. publish   Manager.place(e, dst, location): from now on readers may find it there; unprotect
+
+A failure in step 2 frees what step 2 took and publishes nothing. Concurrent moves of one version
+into one tier share a single copy. Dropping the upper copy after a demotion is placement's step,
+once the move is over and nothing holds the version; the lower copy stays (inclusive caching).
+All codec, copy and I/O work runs in executors: the loop only starts, awaits and publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from tierd.entry import SEALED, Entry
+from tierd.errors import Unsupported
+from tierd.manager import Manager
+from tierd.tiers.store import CHUNK_BYTES
+
+#: placement's room maker: (tier name, key, nbytes, for_prefetch) -> offset of a region there
+Room = Callable[[str, str, int, bool], Awaitable[int]]
+
+
+class Mover:
+    def __init__(self, manager: Manager, *, tag_codecs: dict[str, str], cores: int) -> None:
+        self.m = manager
+        self.tag_codecs = tag_codecs
+        self.cores = cores
+        self.calibration: Any = None  # set once the start-up calibration has run
+        self.io = ThreadPoolExecutor(cores, thread_name_prefix="tierd-io")
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="tierd-disk-w")
+        self.reader = ThreadPoolExecutor(2, thread_name_prefix="tierd-disk-r")
+        #: moves in flight, per destination tier: version -> its shared outcome
+        self.inflight: dict[str, dict[int, asyncio.Future[None]]] = {n: {} for n in manager.tiers}
+
+    def close(self) -> None:
+        for ex in (self.reader, self.writer, self.io):
+            ex.shutdown(wait=True, cancel_futures=False)
+
+    async def copy(self, e: Entry, src: str, dst: str, room: Room, for_prefetch: bool = False) -> bool:
+        """Give ``e`` a copy in ``dst`` from its copy in ``src`` (see the module docstring).
+
+        Returns True when this call made the copy, False when it was there already or another
+        caller's copy was awaited (that caller counts it). Raises what the copy raised.
+        """
+        inflight = self.inflight[dst]
+        pending = inflight.get(e.version)
+        if pending is not None:
+            await asyncio.shield(pending)
+            return False
+        if dst in e.where:
+            return False
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        inflight[e.version] = fut
+        try:
+            with self.m.protected(e):
+                if dst in self.m.memory:
+                    loc: Any = await self._into_memory(e, src, dst, room, for_prefetch)
+                else:
+                    loc = await self._into_store(e, src, dst)
+                self.m.place(e, dst, loc)
+            fut.set_result(None)
+        except BaseException as ex:
+            fut.set_exception(ex)
+            fut.exception()  # retrieved: the sharers re-raise it themselves
+            raise
+        finally:
+            del inflight[e.version]
+        return True
+
+    async def _into_memory(self, e: Entry, src: str, dst: str, room: Room, for_prefetch: bool) -> int:
+        loop = asyncio.get_running_loop()
+        tier = self.m.memory[dst]
+        offset = await room(dst, e.key, e.nbytes, for_prefetch)
+        try:
+            view = tier.view(offset, e.nbytes)
+            where = e.where[src]
+            if src in self.m.memory:
+                await loop.run_in_executor(self.io, _memcpy, view, self.m.memory[src].view(where, e.nbytes))
+            else:
+                await loop.run_in_executor(self.reader, self.m.stores[src].read_into, where, view, self.io)
+        except BaseException:
+            tier.free(offset)
+            raise
+        return offset
+
+    async def _into_store(self, e: Entry, src: str, dst: str) -> Any:
+        if src not in self.m.memory:
+            raise Unsupported(
+                f"moving {e.key!r} from chunk store {src} to chunk store {dst} is not supported"
+            )
+        loop = asyncio.get_running_loop()
+        store = self.m.stores[dst]
+        view = self.m.memory[src].view(e.where[src], e.nbytes)
+        plan = await loop.run_in_executor(self.io, self._plan, e, view)
+        meta = {
+            "key": e.key, "version": e.version, "dtype": e.dtype, "shape": list(e.shape),
+            "nbytes": e.nbytes, "tags": list(e.tags), "durable": e.durable, "ttl": e.ttl,
+            "scope": e.scope, "created": e.created,
+        }  # fmt: skip
+        rec = await loop.run_in_executor(self.writer, store.write, meta, plan, view, self.io)
+        if e.state == SEALED and not e.current:  # hidden while we wrote: not for a restart
+            await loop.run_in_executor(self.writer, store.unpublish, rec)
+        return rec
+
+    # ---- lossy codecs: one value per version ---------------------------------------------------
+    def may_be_lossy(self, e: Entry) -> bool:
+        """Whether ``e`` asked for a lossy store codec, itself or through a tag rule (cheap check)."""
+        from tierd.codecs import get_codec
+
+        names = [e.codec] if e.codec not in (None, "auto") else [self.tag_codecs[t] for t in e.tags
+                                                                  if t in self.tag_codecs]  # fmt: skip
+        return any(not get_codec(n).lossless for n in names if n)
+
+    async def round_trip(self, e: Entry) -> None:
+        """Replace a put's RAM bytes with what its lossy store codec gives back, before it is sealed.
+
+        Otherwise a reader would see the exact bytes while the entry stays in RAM and the decoded
+        ones after a trip through a store: the same version with two values, and a model's output
+        depending on what was evicted. The codecs are idempotent on their own output (int8: the
+        row's absmax decodes to itself, so the same scale and codes come back; downcasts: values
+        already representable), so the copy written later decodes to these very bytes.
+        """
+        home = self.m.ram
+        with self.m.protected(e):
+            view = home.view(e.where[home.name], e.nbytes)
+            await asyncio.get_running_loop().run_in_executor(self.io, self._round_trip, e, view)
+
+    def _round_trip(self, e: Entry, view: memoryview) -> None:
+        from tierd.codecs import get_codec
+
+        plan = self._plan(e, view)
+        codec = get_codec(plan.codec)
+        if codec.lossless:
+            return
+        for i in range(plan.n_chunks):
+            stored = bytes(codec.encode_chunk(plan, i, view))  # a copy: decode writes the same span
+            codec.decode_chunk(plan, i, stored, view)
+
+    def _plan(self, e: Entry, view: memoryview) -> Any:
+        """Choose the codec (explicit > tag rule > measured) and prepare its plan (in ``io``)."""
+        from tierd.calibrate import Calibration
+        from tierd.codecs import get_codec
+        from tierd.codecs.policy import choose
+
+        calib = self.calibration or Calibration.assumed()
+        choice = choose(calib, e.dtype, list(e.shape), _sample(view), requested=e.codec,
+                        tag_codecs=self.tag_codecs, tags=list(e.tags), cores=self.cores)  # fmt: skip
+        return get_codec(choice.codec).prepare(view, e.dtype, list(e.shape), CHUNK_BYTES)
+
+
+def _memcpy(dst: memoryview, src: memoryview) -> None:
+    np.copyto(np.frombuffer(dst, dtype=np.uint8), np.frombuffer(src, dtype=np.uint8))
+
+
+def _sample(view: memoryview, size: int = 1 << 20) -> memoryview:
+    """Up to ``size`` bytes from the middle of a region (the codec policy measures on it)."""
+    n = len(view)
+    if n <= size:
+        return view
+    start = (n // 2 - size // 2) // 64 * 64
+    return view[start : start + size]

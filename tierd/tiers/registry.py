@@ -1,0 +1,105 @@
+"""The tier list, from the configuration's ``tiers`` setting: names, order and classes.
+
+::
+
+    tiers = "ram,disk"                                      the default: RAM, then LMDB
+    tiers = "ram,host=mypkg.tiers:HostTier@2GiB,disk"       a third tier between them
+
+Items are fastest first. Built-in names: ``ram`` (:class:`~tierd.tiers.ram.RamTier`, sized by
+``ram_bytes``) and ``disk`` (:class:`~tierd.tiers.disk.DiskTier` in the state dir, sized by
+``disk_bytes``; left out when that is 0). Any other item is ``NAME=MODULE:CLASS@SIZE``: a
+:class:`~tierd.tiers.memory.MemoryTier` or :class:`~tierd.tiers.store.ChunkStore` subclass, built
+as ``CLASS(size_in_bytes, name=NAME)``. That is all a new tier needs: the manager and placement
+work over whatever list this returns.
+
+Rules (a ConfigError names the one broken): names are unique; ``ram`` is first (the home tier:
+puts are written there, gets served from there); memory tiers come before chunk stores; at most
+one chunk store (a move between two stores is not written yet).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tierd.config import ConfigError, parse_size
+from tierd.tiers.base import Tier
+
+if TYPE_CHECKING:
+    from tierd.config import Config
+
+_ITEM = re.compile(r"^(?P<name>[a-z][a-z0-9_-]*)(?:=(?P<target>[\w.]+:\w+)@(?P<size>\S+))?$")
+BUILTIN = ("ram", "disk")
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    name: str
+    target: str = ""  # MODULE:CLASS; empty for a built-in tier
+    size: str = ""
+
+
+def parse(spec: str) -> list[TierSpec]:
+    """The items of a ``tiers`` value; ConfigError when one is malformed or the rules are broken."""
+    out: list[TierSpec] = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        m = _ITEM.match(item)
+        if m is None or (m["target"] is None and m["name"] not in BUILTIN):
+            raise ConfigError(f"tiers: {item!r} is not ram, disk or NAME=MODULE:CLASS@SIZE")
+        if m["target"] is not None and m["name"] in BUILTIN:
+            raise ConfigError(f"tiers: {m['name']!r} is a built-in tier; give yours another name")
+        out.append(TierSpec(m["name"], m["target"] or "", m["size"] or ""))
+    names = [t.name for t in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"tiers: a name appears twice in {spec!r}")
+    if not names or names[0] != "ram":
+        raise ConfigError(f"tiers: {spec!r} must start with ram (puts are written there)")
+    for t in out:
+        if t.size:
+            parse_size(t.size)
+    return out
+
+
+def _load_class(spec: TierSpec) -> type[Tier]:
+    module, _, cls = spec.target.partition(":")
+    try:
+        found = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"tiers: cannot load {spec.target!r} for tier {spec.name!r}: {e}") from None
+    if not (isinstance(found, type) and issubclass(found, Tier)):
+        raise ConfigError(f"tiers: {spec.target!r} is not a MemoryTier or ChunkStore class")
+    return found
+
+
+def build(cfg: Config) -> list[Tier]:
+    """Build the configured tiers, fastest first; when one fails, those built are closed again."""
+    from tierd.tiers.disk import DiskTier
+    from tierd.tiers.ram import RamTier
+
+    built: list[Tier] = []
+    try:
+        for spec in parse(cfg.tiers):
+            if spec.name == "ram":
+                built.append(RamTier(cfg.ram_tier_bytes()))
+            elif spec.name == "disk":
+                disk_bytes = cfg.disk_tier_bytes()
+                if disk_bytes:
+                    built.append(DiskTier(cfg.state_path(), disk_bytes))
+            else:
+                built.append(_load_class(spec)(parse_size(spec.size), name=spec.name))  # type: ignore[call-arg]
+        _check_order(built)
+    except BaseException:
+        for t in reversed(built):
+            t.close()
+        raise
+    return built
+
+
+def _check_order(tiers: list[Tier]) -> None:
+    kinds = [t.kind for t in tiers]
+    if "chunks" in kinds and "memory" in kinds[kinds.index("chunks") :]:
+        raise ConfigError(f"tiers: memory tiers must come before chunk stores ({[t.name for t in tiers]})")
+    if kinds.count("chunks") > 1:
+        raise ConfigError("tiers: at most one chunk store is supported for now")
