@@ -16,7 +16,7 @@ What is measured:
   the numbers). The file is removed whatever happens. If the disk cannot be measured at all (read
   only, full), the assumed numbers are kept and ``notes`` says why.
 * zstd (the ``zstd`` codec itself: level 1 + byte shuffle, in chunks of the disk tier's size,
-  ``tiers.disk.CHUNK_BYTES`` = 16 MiB): encode and decode GB/s on one core, and ratio, for
+  ``tiers.store.CHUNK_BYTES`` = 16 MiB): encode and decode GB/s on one core, and ratio, for
   gaussian fp16, bf16 and fp32 (std 0.02, like random-init weights), and the decode speed on zeros
   (what decoding costs per output byte when there is almost nothing to decompress). 32 MiB of
   data by default: decode speed falls with the data size until the data stops fitting in caches
@@ -52,7 +52,7 @@ from tierd.codecs import decode_all, encode_all, get_codec
 from tierd.codecs._bits import f32_to_bf16
 from tierd.codecs.base import array_bytes
 from tierd.codecs.zstd import LEVEL
-from tierd.tiers.disk import CHUNK_BYTES
+from tierd.tiers.store import CHUNK_BYTES
 
 MIB = 1 << 20
 DISK_BYTES = 64 * MIB
