@@ -26,7 +26,7 @@ COUNTERS = (
     "expired", "prefetch_hints", "prefetch_issued", "prefetch_used", "demotions", "promotions",
     "tier_full", "errors", "internal_errors", "bad_frames", "pressure_demoted_bytes",
     "prefetch_wasted_bytes", "prefetch_hinted", "prefetch_dropped", "stall_us",
-    "pressure_released_bytes", "not_found",
+    "pressure_released_bytes", "not_found", "prefetch_taken", "demand_waits_for_prefetch",
 )  # fmt: skip
 
 

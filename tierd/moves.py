@@ -48,6 +48,9 @@ class Mover:
         self.reader = ThreadPoolExecutor(2, thread_name_prefix="tierd-disk-r")
         #: moves in flight, per destination tier: version -> its shared outcome
         self.inflight: dict[str, dict[int, asyncio.Future[None]]] = {n: {} for n in manager.tiers}
+        #: the in-flight copies made for a prediction or a hint, per destination: a demand request
+        #: that finds no room may wait for them (once done they are unread prefetches it may take)
+        self.speculative: dict[str, dict[int, asyncio.Future[None]]] = {n: {} for n in manager.tiers}
 
     def close(self) -> None:
         for ex in (self.reader, self.writer, self.io):
@@ -68,6 +71,8 @@ class Mover:
             return False
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         inflight[e.version] = fut
+        if for_prefetch:
+            self.speculative[dst][e.version] = fut
         try:
             with self.m.protected(e):
                 if dst in self.m.memory:
@@ -82,6 +87,7 @@ class Mover:
             raise
         finally:
             del inflight[e.version]
+            self.speculative[dst].pop(e.version, None)
         return True
 
     async def _into_memory(self, e: Entry, src: str, dst: str, room: Room, for_prefetch: bool) -> int:

@@ -208,7 +208,14 @@ class Placement:
         self, key: str, nbytes: int, for_prefetch: bool = False, *, tier: str | None = None
     ) -> int:
         """A region for ``nbytes`` in memory tier ``tier`` (home by default), demoting cold entries
-        to make room; TierFull if impossible."""
+        to make room; TierFull if impossible.
+
+        A demand request (not ``for_prefetch``) never fails while speculative work holds the room:
+        it takes unread prefetches when nothing else can go (see :meth:`victim`), and while
+        prefetches are still being copied in it waits for one to land and takes it
+        (``prefetch_taken`` and ``demand_waits_for_prefetch`` count both). A prefetch never waits: it
+        is dropped.
+        """
         name = tier or self.home
         t = self.m.memory[name]
         size = t.region_bytes(nbytes)
@@ -224,9 +231,18 @@ class Placement:
                 if not over_ceiling and not for_prefetch and t.used_bytes + size > t.ceiling:
                     over_ceiling = True
                     continue
+                speculative = self.moves.speculative[name]
+                if speculative and not for_prefetch:
+                    # the room is held by prefetches still being read: once one lands it is an
+                    # unread prefetch, which a demand request may take (the victim above)
+                    self.m.counters["demand_waits_for_prefetch"] += 1
+                    await asyncio.wait(list(speculative.values()), return_when=asyncio.FIRST_COMPLETED)
+                    continue
                 why = f"every entry in {name} is leased, pinned or moving" if self.below[name] else ""
                 # a prefetch that finds no room is dropped (counted as such), not a refused request
                 raise self.m.tier_full(name, key, nbytes, why, count=not for_prefetch)
+            if e.prefetched and not for_prefetch:
+                self.m.counters["prefetch_taken"] += 1  # a demand request takes a prefetch's room
             await self.demote(e, name)
 
     def _room(self, tier: str, key: str, nbytes: int, for_prefetch: bool) -> Any:
