@@ -17,7 +17,7 @@ import os
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
@@ -26,16 +26,39 @@ from tierd.errors import InvalidRequest, NotFound, ProtocolError, TierdError, Ve
 from tierd.protocol import MAX_REQUEST_BYTES, Error, Got, Ok, PutReady, Welcome
 
 if TYPE_CHECKING:
-    from tierd.server import Server
+    from tierd.manager import Manager
+    from tierd.placement import Placement
+    from tierd.prefetch import Prefetcher
 
 log = logging.getLogger("tierd")
 _PEERCRED = struct.Struct("3i")
 
 
+class Host(Protocol):
+    """What a connection needs from the daemon that accepted it (``tierd.server.Server`` is one).
+
+    Declared here, so that this module does not import the server that imports it.
+    """
+
+    manager: Manager
+    placement: Placement
+    prefetcher: Prefetcher
+    #: open connections (a connection adds itself when made, removes itself when lost)
+    connections: set[Connection]
+    #: tasks of requests that wait (on the disk): the server waits for them at shutdown
+    tasks: set[asyncio.Task[Any]]
+
+    def peer_allowed(self, uid: int, gid: int) -> bool: ...
+
+    def check_codec(self, m: protocol.Put) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
 class Connection(asyncio.Protocol):
     """One client connection. All state changes go through the manager, on the loop."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Host) -> None:
         self.server = server
         self.manager = server.manager
         self.transport: asyncio.Transport | None = None
