@@ -18,7 +18,7 @@ from tierd_client._core import CopyIn, Core, Handle, Plan, timed_out, unavailabl
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Client", "unavailable"]
+__all__ = ["Client"]
 
 
 class Client(Core):
