@@ -9,7 +9,8 @@ sends HELLO and takes WELCOME with the arena fd; bytes read after it stay in the
 come back through :meth:`Core._next_reply` and are matched to their request by ``rid``. A reply not
 matched, a frame that cannot be decoded, or no reply within the client's ``timeout`` ends the
 connection (ProtocolError, ProtocolError, DaemonTimeout). Multi-step verbs (put) are written once as
-a plan: a generator that yields the requests and local steps a transport runs in order.
+a plan: a generator that yields the requests and local steps a transport runs in order; a
+one-round-trip verb is a request built here and its reply read here.
 
 How a get becomes a tensor, and how its lease ends::
 
@@ -350,8 +351,12 @@ class Core:
         assert isinstance(sealed, protocol.Ok)
         return Handle(sealed.value[0], sealed.value[1])
 
-    def _get_plan(self, keys: list[Any]) -> Plan:
-        got = yield protocol.Get(self._next_rid(), self._refs(list(keys)))
+    # get is one round trip, and the hot path: a request and a reply, no plan
+    def _get_request(self, keys: list[Any]) -> protocol.Get:
+        return protocol.Get(self._next_rid(), self._refs(list(keys)))
+
+    def _views(self, got: protocol.Msg) -> list[torch.Tensor]:
+        """Tensors over a GOT's regions, each leased (see the module docstring)."""
         assert isinstance(got, protocol.Got)
         return [self._view(loc) for loc in got.items]
 

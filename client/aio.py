@@ -64,6 +64,8 @@ class AsyncClient(Core):
             transport, self._stream = await loop.create_unix_connection(lambda: _Stream(self), sock=sock)
         except BaseException:
             sock.close()
+            if self.arena is not None:
+                self.arena.close()
             raise
         self._transport = transport
         self._data_received(b"")  # route what came in behind WELCOME (a closing error, say)
@@ -191,7 +193,7 @@ class AsyncClient(Core):
         return (await self.get_many([key]))[0]
 
     async def get_many(self, keys: list[str | Handle]) -> list[torch.Tensor]:
-        return await self._run(self._get_plan(keys))
+        return self._views(await self._call(self._get_request(keys)))
 
     async def release(self, tensor_or_key: torch.Tensor | str | Handle | list[Any]) -> None:
         frame = self._release_frame(tensor_or_key)

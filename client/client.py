@@ -176,7 +176,7 @@ class Client(Core):
 
     def get_many(self, keys: list[str | Handle]) -> list[torch.Tensor]:
         """Views of several entries in one round trip; NotFound (and no lease taken) if one is missing."""
-        return self._run(self._get_plan(keys))
+        return self._views(self._call(self._get_request(keys)))
 
     def release(self, tensor_or_key: torch.Tensor | str | Handle | list[Any]) -> None:
         """End a lease now: of this tensor, or every lease this client holds on a key / handle.

@@ -346,12 +346,12 @@ class FrameReader:
             return None
         self._pos = end
         payload: bytes | memoryview
-        if isinstance(buf, bytes):
-            payload = memoryview(buf)[start:end]
-        elif end == len(buf):  # the frame ends the assembly buffer: hand the buffer over, uncopied
+        if end == len(buf):  # all consumed: let go of the chunk (or hand the assembly buffer over)
             payload = memoryview(buf)[start:end]
             self._buf, self._pos = b"", 0
-        else:  # more follows in the buffer, which will be resized: copy this frame out
+        elif isinstance(buf, bytes):
+            payload = memoryview(buf)[start:end]
+        else:  # more follows in the assembly buffer, which will be resized: copy this frame out
             with memoryview(buf) as view:
                 payload = bytes(view[start:end])
         return mtype, payload
