@@ -18,6 +18,7 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
+	$(PY) scripts/import_graph.py --quiet
 
 test: setup
 	$(PY) -m pytest

@@ -9,6 +9,7 @@
 
 from tierd.errors import (
     CorruptEntry,
+    DaemonTimeout,
     DaemonUnavailable,
     InvalidRequest,
     NotFound,
@@ -27,6 +28,7 @@ __all__ = [
     "AsyncClient",
     "Client",
     "CorruptEntry",
+    "DaemonTimeout",
     "DaemonUnavailable",
     "Handle",
     "InvalidRequest",

@@ -1,4 +1,16 @@
-"""What the blocking and the asyncio client share: the arena mapping, tensor views, leases.
+"""What the blocking and the asyncio client share: the protocol side of a connection, the arena
+mapping, tensor views, leases. The two clients are transports over this core: they own the socket,
+move bytes and wait; everything about what to send and what a reply means is here.
+
+A connection: :meth:`Core._handshake` (blocking; AsyncClient runs it in an executor) connects,
+sends HELLO and takes WELCOME with the arena fd; bytes read after it stay in the core's
+:class:`~tierd.protocol.FrameReader`, which cuts every later reply. A request goes out as
+:meth:`Core._request` (leases of collected tensors ride ahead of it as one RELEASE frame); replies
+come back through :meth:`Core._next_reply` and are matched to their request by ``rid``. A reply not
+matched, a frame that cannot be decoded, or no reply within the client's ``timeout`` ends the
+connection (ProtocolError, ProtocolError, DaemonTimeout). Multi-step verbs (put) are written once as
+a plan: a generator that yields the requests and local steps a transport runs in order; a
+one-round-trip verb is a request built here and its reply read here.
 
 How a get becomes a tensor, and how its lease ends::
 
@@ -17,16 +29,30 @@ immutable; ``clone()`` a tensor to change it.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import mmap
 import os
+import socket
 import sys
 import weakref
+from collections.abc import Generator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tierd import protocol
-from tierd.errors import InvalidRequest, NotLeased, ProtocolError, from_wire
+from tierd.errors import (
+    DaemonTimeout,
+    DaemonUnavailable,
+    InvalidRequest,
+    NotLeased,
+    ProtocolError,
+    TierFull,
+    Unsupported,
+    from_wire,
+)
+from tierd.paths import default_socket_path
 from tierd.protocol import DTYPE_SIZES
 
 if TYPE_CHECKING:
@@ -138,12 +164,45 @@ def _storage_id(t: torch.Tensor) -> int:
     return int(t.untyped_storage()._cdata)
 
 
-class Core:
-    """State both clients share; subclasses add the transport (blocking or asyncio)."""
+def unavailable(path: Path, why: str) -> DaemonUnavailable:
+    return DaemonUnavailable(
+        f"no tierd at {path} ({why}): start it with `tierd` (or `systemctl --user start tierd`), "
+        "or point TIERD_SOCKET / --socket at the right socket",
+        socket=str(path),
+    )
 
-    def __init__(self) -> None:
+
+def timed_out(path: Path, timeout: float | None, what: str) -> DaemonTimeout:
+    return DaemonTimeout(
+        f"tierd at {path} did not answer {what} within the client's timeout of {timeout} s; "
+        "the connection is closed",
+        socket=str(path),
+        timeout=timeout,
+    )
+
+
+@dataclass(slots=True)
+class CopyIn:
+    """A plan step that is local work, no round trip: copy a put's bytes into the arena."""
+
+    offset: int
+    msg: protocol.Put
+    value: Any
+
+
+#: What a plan yields (a request to send and await, or local work) and is sent back (the reply).
+Plan = Generator[protocol.Msg | CopyIn, Any, Any]
+
+
+class Core:
+    """The protocol side both clients share; subclasses add the transport (blocking or asyncio)."""
+
+    def __init__(self, socket: str | Path | None, timeout: float | None) -> None:
+        self.path = Path(socket) if socket else default_socket_path()
+        self._timeout = timeout
         self._rid = 0
         self._pid = os.getpid()
+        self._frames = protocol.FrameReader(protocol.MAX_REPLY_BYTES)
         self.arena: Arena | None = None
         self.client_id = 0
         self.daemon_pid = 0
@@ -161,6 +220,51 @@ class Core:
             raise ProtocolError(
                 "this tierd client was created in another process (before a fork); make a new Client here"
             )
+
+    # -- connection ------------------------------------------------------------------------------
+    def _handshake(self) -> socket.socket:
+        """Connect, send HELLO, take WELCOME and the arena fd (blocking, under the timeout).
+
+        Returns the connected socket (still in timeout mode); raises DaemonUnavailable (or
+        DaemonTimeout) when no daemon answers, the daemon's typed error when it refuses.
+        """
+        path = self.path
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s.settimeout(self._timeout)
+        try:
+            s.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as e:
+            s.close()
+            raise unavailable(path, e.strerror or type(e).__name__) from None
+        except PermissionError as e:
+            s.close()
+            raise DaemonUnavailable(f"not allowed to connect to tierd at {path}: {e.strerror}") from None
+        fds = array.array("i")
+        try:
+            s.sendall(protocol.encode(self._hello()))
+            while (reply := self._next_reply()) is None:
+                data, anc, _flags, _addr = s.recvmsg(65536, socket.CMSG_SPACE(4 * fds.itemsize))
+                for level, kind, payload in anc:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                if not data:
+                    raise unavailable(path, "the daemon closed the connection during HELLO")
+                self._frames.feed(data)
+        except BaseException as e:
+            for fd in fds:
+                os.close(fd)
+            s.close()
+            if isinstance(e, TimeoutError):
+                raise timed_out(path, self._timeout, "HELLO") from None
+            if isinstance(e, OSError):
+                raise unavailable(path, str(e)) from None
+            raise
+        try:
+            self._welcome(reply, list(fds))  # closes the fds itself when it refuses
+        except BaseException:
+            s.close()
+            raise
+        return s
 
     @staticmethod
     def _hello() -> protocol.Hello:
@@ -180,10 +284,81 @@ class Core:
         self.client_id = reply.client_id
         self.daemon_pid = reply.daemon_pid
 
+    # -- frames ----------------------------------------------------------------------------------
+    def _request(self, msg: protocol.Msg) -> bytes:
+        """The bytes that send ``msg``: leases of collected tensors are released ahead of it."""
+        self._check_fork()
+        frame = protocol.encode(msg)
+        ids = self._take_collected()
+        return protocol.encode(protocol.Release(ids)) + frame if ids else frame
+
+    def _release_frame(self, what: Any) -> bytes:
+        """The one RELEASE frame that ends what release(what) names, plus any collected leases."""
+        self._check_fork()
+        return protocol.encode(protocol.Release(self._lease_ids_for(what) + self._take_collected()))
+
+    def _close_frame(self) -> bytes:
+        """What to send before closing: the leases of collected tensors (or nothing)."""
+        ids = self._take_collected()
+        return protocol.encode(protocol.Release(ids)) if ids else b""
+
+    def _next_reply(self) -> protocol.Msg | None:
+        """The next whole reply from the bytes fed so far, or None. ProtocolError: the stream is bad."""
+        frame = self._frames.next_frame()
+        if frame is None:
+            return None
+        try:
+            return protocol.decode_reply(*frame)
+        except protocol.DecodeError as e:
+            raise ProtocolError(f"undecodable reply from tierd: {e}") from None
+
+    @staticmethod
+    def _rid_of(reply: protocol.Msg) -> int:
+        """The request a reply answers; raises the daemon's error when it is closing the connection."""
+        rid: int = getattr(reply, "rid", 0)
+        if rid == 0 and isinstance(reply, protocol.Error):
+            raise from_wire(reply.code, reply.message, reply.details)
+        return rid
+
     @staticmethod
     def _raise_if_error(reply: protocol.Msg) -> None:
         if isinstance(reply, protocol.Error):
             raise from_wire(reply.code, reply.message, reply.details)
+
+    @staticmethod
+    def _value(reply: protocol.Msg) -> Any:
+        assert isinstance(reply, protocol.Ok)
+        return reply.value
+
+    # -- plans -------------------------------------------------------------------------------
+    def _put_plan(
+        self, key: str, value: Any, tags: Any, durable: bool, codec: str | None, ttl: float | None, scope: str
+    ) -> Plan:
+        """put: reserve a region, copy into it, seal; the region goes back (ABORT) if either fails."""
+        msg, value = self._put_msg(key, value, tags, durable, codec, ttl, scope)
+        ready = yield msg
+        assert isinstance(ready, protocol.PutReady)
+        try:
+            yield CopyIn(ready.offset, msg, value)
+        except BaseException:
+            yield protocol.Abort(self._next_rid(), ready.put_id)
+            raise
+        try:
+            sealed = yield protocol.Seal(self._next_rid(), ready.put_id)
+        except (TierFull, Unsupported):  # e.g. a durable put the disk cannot take: give the region back
+            yield protocol.Abort(self._next_rid(), ready.put_id)
+            raise
+        assert isinstance(sealed, protocol.Ok)
+        return Handle(sealed.value[0], sealed.value[1])
+
+    # get is one round trip, and the hot path: a request and a reply, no plan
+    def _get_request(self, keys: list[Any]) -> protocol.Get:
+        return protocol.Get(self._next_rid(), self._refs(list(keys)))
+
+    def _views(self, got: protocol.Msg) -> list[torch.Tensor]:
+        """Tensors over a GOT's regions, each leased (see the module docstring)."""
+        assert isinstance(got, protocol.Got)
+        return [self._view(loc) for loc in got.items]
 
     # -- put -------------------------------------------------------------------------------------
     def _put_msg(
@@ -218,10 +393,11 @@ class Core:
         )
         return msg, value
 
-    def _copy_in(self, offset: int, msg: protocol.Put, value: Any) -> None:
+    def _copy_in(self, step: CopyIn) -> None:
         import numpy as np
         import torch
 
+        offset, msg, value = step.offset, step.msg, step.value
         assert self.arena is not None
         region = self.arena.rw[offset : offset + msg.nbytes]
         if isinstance(value, np.ndarray):

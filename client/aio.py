@@ -1,38 +1,52 @@
-"""The asyncio client: the same verbs as :class:`tierd_client.Client`, awaited.
+"""The asyncio client: the same verbs as :class:`tierd_client.Client`, awaited; a transport over
+:class:`~tierd_client._core.Core`.
 
-Requests may be in flight concurrently on one connection; replies are matched by request id.
-Big copies into the arena (put) run in the default executor so they do not stall the caller's loop.
+Requests may be in flight concurrently on one connection; replies are matched by request id. Every
+call waits at most the client's ``timeout`` for its reply: past it the call raises DaemonTimeout
+and the connection closes (every other call in flight fails with the same error), as in the
+blocking client. Big copies into the arena (put) run in the default executor so they do not stall
+the caller's loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tierd import protocol
-from tierd.errors import DaemonUnavailable, ProtocolError, TierdError, TierFull, Unsupported, from_wire
-from tierd.paths import default_socket_path
-from tierd.protocol import HEADER, HEADER_SIZE, MAX_REPLY_BYTES
-from tierd_client._core import Core, Handle
+from tierd.errors import DaemonUnavailable, ProtocolError, TierdError
+from tierd_client._core import CopyIn, Core, Handle, Plan, timed_out, unavailable
 
 if TYPE_CHECKING:
     import torch
-from tierd_client.client import handshake, unavailable
 
 _EXECUTOR_COPY_BYTES = 4 << 20
+
+
+class _Stream(asyncio.Protocol):
+    """The socket's callbacks, handed to the client (which owns the protocol state)."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.client._data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set_result(None)
+        self.client._fail(unavailable(self.client.path, "connection closed by the daemon"))
 
 
 class AsyncClient(Core):
     """``async with AsyncClient() as c: t = await c.get("ns/w")``; or ``c = await AsyncClient.connect()``."""
 
     def __init__(self, socket: str | Path | None = None, *, timeout: float | None = 60.0) -> None:
-        super().__init__()
-        self.path = Path(socket) if socket else default_socket_path()
-        self._timeout = timeout
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
+        """``timeout``: seconds any call (and the handshake) waits for the daemon (None = forever)."""
+        super().__init__(socket, timeout)
+        self._transport: asyncio.Transport | None = None
+        self._stream: _Stream | None = None
         self._waiting: dict[int, asyncio.Future[protocol.Msg]] = {}
         self._failure: TierdError | None = None
 
@@ -44,108 +58,122 @@ class AsyncClient(Core):
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
-        sock, reply, fds, rest = await loop.run_in_executor(
-            None, handshake, self.path, self._hello(), self._timeout
-        )
+        sock = await loop.run_in_executor(None, self._handshake)
+        sock.setblocking(False)
         try:
-            self._welcome(reply, fds)
+            transport, self._stream = await loop.create_unix_connection(lambda: _Stream(self), sock=sock)
         except BaseException:
             sock.close()
+            if self.arena is not None:
+                self.arena.close()
             raise
-        sock.setblocking(False)
-        reader, self._writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
-        if rest:
-            reader.feed_data(rest)
-        self._reader_task = asyncio.create_task(self._read_loop(reader), name="tierd-client-reader")
+        self._transport = transport
+        self._data_received(b"")  # route what came in behind WELCOME (a closing error, say)
 
     async def close(self) -> None:
-        if self._writer is None:
+        transport, self._transport = self._transport, None
+        if transport is None:
             return
-        ids = self._take_collected()
-        writer, self._writer = self._writer, None
-        with contextlib.suppress(OSError):
-            if ids:
-                writer.write(protocol.encode(protocol.Release(ids)))
-            writer.close()
-            await writer.wait_closed()
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader_task
+        last = self._close_frame()
+        if last and not transport.is_closing():
+            transport.write(last)
+        transport.close()  # buffered bytes are flushed, then the socket closes
         self._fail(DaemonUnavailable("this client is closed"))
+        if self._stream is not None:  # closed when this returns, unless the daemon stopped reading
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await asyncio.shield(self._stream.lost)
+            except TimeoutError:
+                transport.abort()
         self._drop_all_leases()
         if self.arena is not None:
             self.arena.close()
 
+    @property
+    def closed(self) -> bool:
+        return self._transport is None
+
     async def __aenter__(self) -> AsyncClient:
-        if self._writer is None:
+        if self._transport is None:
             await self.open()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    # -- frames ----------------------------------------------------------------------------------
-    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+    # -- transport -------------------------------------------------------------------------------
+    def _data_received(self, data: bytes) -> None:
         try:
-            while True:
-                length, mtype = HEADER.unpack(await reader.readexactly(HEADER_SIZE))
-                if length > MAX_REPLY_BYTES:
-                    raise ProtocolError(f"reply of {length} bytes exceeds the client's limit")
-                reply = protocol.decode_reply(mtype, await reader.readexactly(length))
-                rid = getattr(reply, "rid", 0)
+            self._frames.feed(data)
+            while (reply := self._next_reply()) is not None:
+                rid = self._rid_of(reply)
                 fut = self._waiting.pop(rid, None)
-                if fut is not None:
-                    if not fut.done():
-                        fut.set_result(reply)
-                elif isinstance(reply, protocol.Error):
-                    raise from_wire(reply.code, reply.message, reply.details)
-                else:
+                if fut is None:
                     raise ProtocolError(f"reply to request {rid}, which is not waiting")
-        except (asyncio.IncompleteReadError, ConnectionError):
-            self._fail(unavailable(self.path, "connection closed by the daemon"))
-        except protocol.DecodeError as e:
-            self._fail(ProtocolError(f"undecodable reply from tierd: {e}"))
+                if not fut.done():
+                    fut.set_result(reply)
         except TierdError as e:
             self._fail(e)
 
     def _fail(self, err: TierdError) -> None:
+        """The connection is over: every call in flight and every later one raises ``err``."""
         self._failure = self._failure or err
         for fut in self._waiting.values():
             if not fut.done():
-                fut.set_exception(err)
+                fut.set_exception(self._failure)
         self._waiting.clear()
-        if self._writer is not None:
-            self._writer.close()
+        if self._transport is not None:
+            self._transport.abort()  # nothing more is read; unsent bytes are dropped
 
     def _send(self, frame: bytes) -> None:
         if self._failure is not None:
             raise self._failure
-        if self._writer is None:
+        if self._transport is None:
             raise DaemonUnavailable("this client is not open")
-        self._check_fork()
-        ids = self._take_collected()
-        if ids:
-            frame = protocol.encode(protocol.Release(ids)) + frame
-        self._writer.write(frame)
+        self._transport.write(frame)
 
     async def _call(self, msg: protocol.Msg) -> protocol.Msg:
         fut: asyncio.Future[protocol.Msg] = asyncio.get_running_loop().create_future()
         rid = msg.rid  # type: ignore[attr-defined]
         self._waiting[rid] = fut
         try:
-            self._send(protocol.encode(msg))
+            self._send(self._request(msg))
         except BaseException:
             self._waiting.pop(rid, None)
             raise
-        reply = await fut
+        try:
+            async with asyncio.timeout(self._timeout):
+                reply = await fut
+        except TimeoutError:
+            err = timed_out(self.path, self._timeout, type(msg).__name__)
+            self._fail(err)
+            raise err from None
         self._raise_if_error(reply)
         return reply
 
+    async def _run(self, plan: Plan) -> Any:
+        """Carry out a plan: send each request and hand back its reply (or throw its error) in turn."""
+        reply: Any = None
+        error: BaseException | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                step = plan.send(reply) if error is None else plan.throw(error)
+            except StopIteration as done:
+                return done.value
+            reply, error = None, None
+            try:
+                if not isinstance(step, CopyIn):
+                    reply = await self._call(step)
+                elif step.msg.nbytes >= _EXECUTOR_COPY_BYTES:
+                    await loop.run_in_executor(None, self._copy_in, step)
+                else:
+                    self._copy_in(step)
+            except BaseException as e:  # noqa: BLE001  # thrown into the plan, which re-raises it
+                error = e
+
     async def _ok(self, msg: protocol.Msg) -> Any:
-        reply = await self._call(msg)
-        assert isinstance(reply, protocol.Ok)
-        return reply.value
+        return self._value(await self._call(msg))
 
     # -- verbs (see Client for what each does) ---------------------------------------------------
     async def put(
@@ -159,37 +187,17 @@ class AsyncClient(Core):
         ttl: float | None = None,
         scope: str = "shared",
     ) -> Handle:
-        msg, value = self._put_msg(key, tensor, tags, durable, codec, ttl, scope)
-        ready = await self._call(msg)
-        assert isinstance(ready, protocol.PutReady)
-        try:
-            if msg.nbytes >= _EXECUTOR_COPY_BYTES:
-                await asyncio.get_running_loop().run_in_executor(
-                    None, self._copy_in, ready.offset, msg, value
-                )
-            else:
-                self._copy_in(ready.offset, msg, value)
-        except BaseException:
-            await self._call(protocol.Abort(self._next_rid(), ready.put_id))
-            raise
-        try:
-            key_, version = await self._ok(protocol.Seal(self._next_rid(), ready.put_id))
-        except (TierFull, Unsupported):  # e.g. a durable put the disk cannot take: give the region back
-            await self._call(protocol.Abort(self._next_rid(), ready.put_id))
-            raise
-        return Handle(key_, version)
+        return await self._run(self._put_plan(key, tensor, tags, durable, codec, ttl, scope))
 
     async def get(self, key: str | Handle) -> torch.Tensor:
         return (await self.get_many([key]))[0]
 
     async def get_many(self, keys: list[str | Handle]) -> list[torch.Tensor]:
-        got = await self._call(protocol.Get(self._next_rid(), self._refs(list(keys))))
-        assert isinstance(got, protocol.Got)
-        return [self._view(loc) for loc in got.items]
+        return self._views(await self._call(self._get_request(keys)))
 
     async def release(self, tensor_or_key: torch.Tensor | str | Handle | list[Any]) -> None:
-        ids = self._lease_ids_for(tensor_or_key)
-        self._send(protocol.encode(protocol.Release(ids)))
+        frame = self._release_frame(tensor_or_key)
+        self._send(frame)
 
     async def delete(self, key: str) -> None:
         await self._call(protocol.Delete(self._next_rid(), key))

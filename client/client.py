@@ -1,10 +1,9 @@
-"""The blocking client. One socket, one request at a time (a lock makes it thread-safe)."""
+"""The blocking client: a transport over :class:`~tierd_client._core.Core`. One socket, one request
+at a time (a lock makes it thread-safe); the socket's kernel timeouts (SO_RCVTIMEO / SO_SNDTIMEO)
+bound every wait, and a wait that runs out raises DaemonTimeout and closes the connection."""
 
 from __future__ import annotations
 
-import array
-import os
-import socket
 import socket as SOCK
 import struct
 import threading
@@ -13,75 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tierd import protocol
-from tierd.errors import DaemonUnavailable, ProtocolError, TierFull, Unsupported
-from tierd.paths import default_socket_path
-from tierd.protocol import HEADER, HEADER_SIZE, MAX_REPLY_BYTES
-from tierd_client._core import Core, Handle
+from tierd.errors import DaemonUnavailable, ProtocolError
+from tierd_client._core import CopyIn, Core, Handle, Plan, timed_out, unavailable
 
 if TYPE_CHECKING:
     import torch
 
-
-def unavailable(path: Path, why: str) -> DaemonUnavailable:
-    return DaemonUnavailable(
-        f"no tierd at {path} ({why}): start it with `tierd` (or `systemctl --user start tierd`), "
-        "or point TIERD_SOCKET / --socket at the right socket",
-        socket=str(path),
-    )
-
-
-def _frame_from(buf: bytearray) -> tuple[int, bytes] | None:
-    """Cut one whole frame off the front of ``buf``, or None if it is not all there yet."""
-    if len(buf) < HEADER_SIZE:
-        return None
-    length, mtype = HEADER.unpack_from(buf)
-    if length > MAX_REPLY_BYTES:
-        raise ProtocolError(f"reply of {length} bytes exceeds the client's limit")
-    end = HEADER_SIZE + length
-    if len(buf) < end:
-        return None
-    payload = bytes(buf[HEADER_SIZE:end])
-    del buf[:end]
-    return mtype, payload
-
-
-def handshake(
-    path: Path, hello: protocol.Hello, timeout: float | None
-) -> tuple[socket.socket, protocol.Msg, list[int], bytes]:
-    """Connect, send HELLO, receive WELCOME with the arena fd: (socket, reply, fds, extra bytes)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    s.settimeout(timeout)
-    try:
-        s.connect(str(path))
-    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as e:
-        s.close()
-        raise unavailable(path, e.strerror or type(e).__name__) from None
-    except PermissionError as e:
-        s.close()
-        raise DaemonUnavailable(f"not allowed to connect to tierd at {path}: {e.strerror}") from None
-    fds = array.array("i")
-    try:
-        s.sendall(protocol.encode(hello))
-        buf = bytearray()
-        while (frame := _frame_from(buf)) is None:
-            data, anc, _flags, _addr = s.recvmsg(65536, socket.CMSG_SPACE(4 * fds.itemsize))
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-            if not data:
-                raise unavailable(path, "the daemon closed the connection during HELLO")
-            buf += data
-        reply = protocol.decode_reply(*frame)
-    except BaseException as e:
-        for fd in fds:
-            os.close(fd)
-        s.close()
-        if isinstance(e, OSError):
-            raise unavailable(path, str(e)) from None
-        if isinstance(e, protocol.DecodeError):
-            raise ProtocolError(f"undecodable WELCOME from {path}: {e}") from None
-        raise
-    return s, reply, list(fds), bytes(buf)
+__all__ = ["Client"]
 
 
 class Client(Core):
@@ -101,12 +38,10 @@ class Client(Core):
         woken by the kernel, which on an idle (virtual) CPU costs tens of microseconds; spinning
         briefly halves a small request's round trip (see bench/). 0 turns it off.
         """
-        super().__init__()
-        self.path = Path(socket) if socket else default_socket_path()
+        super().__init__(socket, timeout)
         self._lock = threading.Lock()
-        self._rbuf = bytearray()
         self._spin = max(0.0, spin_us) / 1e6
-        self._sock = self._connect(timeout)
+        self._sock: SOCK.socket | None = self._handshake()
         # Blocking mode with kernel timeouts: a socket in Python "timeout mode" polls before every
         # recv, which would defeat the MSG_DONTWAIT spin below.
         self._sock.settimeout(None)
@@ -116,32 +51,26 @@ class Client(Core):
             self._sock.setsockopt(SOCK.SOL_SOCKET, SOCK.SO_SNDTIMEO, tv)
 
     # -- connection ------------------------------------------------------------------------------
-    def _connect(self, timeout: float | None) -> socket.socket:
-        s, reply, fds, rest = handshake(self.path, self._hello(), timeout)
-        try:
-            self._welcome(reply, fds)
-        except BaseException:
-            s.close()
-            raise
-        self._rbuf += rest
-        return s
-
     def close(self) -> None:
         """End the connection: every lease of this client ends (tensors from it must not be used)."""
         with self._lock:
             if self._sock is None:
                 return
             try:
-                ids = self._take_collected()
-                if ids:
-                    self._sock.sendall(protocol.encode(protocol.Release(ids)))
+                if last := self._close_frame():
+                    self._sock.sendall(last)
             except OSError:
                 pass
+            self._drop()
+
+    def _drop(self) -> None:
+        """Close the socket and forget the leases (the daemon ends them when the socket closes)."""
+        if self._sock is not None:
             self._sock.close()
-            self._sock = None  # type: ignore[assignment]
-            self._drop_all_leases()
-            if self.arena is not None:
-                self.arena.close()
+            self._sock = None
+        self._drop_all_leases()
+        if self.arena is not None:
+            self.arena.close()
 
     @property
     def closed(self) -> bool:
@@ -157,10 +86,10 @@ class Client(Core):
         if getattr(self, "_sock", None) is not None:
             self.close()
 
-    # -- frames ----------------------------------------------------------------------------------
-    def _read_frame(self, s: socket.socket) -> tuple[int, bytes]:
+    # -- transport -------------------------------------------------------------------------------
+    def _read_reply(self, s: SOCK.socket) -> protocol.Msg:
         deadline = 0.0
-        while (frame := _frame_from(self._rbuf)) is None:
+        while (reply := self._next_reply()) is None:
             chunk = None
             if self._spin:
                 if not deadline:
@@ -171,47 +100,55 @@ class Client(Core):
                     except BlockingIOError:
                         continue
             if chunk is None:
-                try:
-                    chunk = s.recv(1 << 20)
-                except BlockingIOError:
-                    raise unavailable(self.path, "no reply before the client's timeout") from None
+                chunk = s.recv(1 << 20)  # BlockingIOError once SO_RCVTIMEO runs out
             if not chunk:
                 raise unavailable(self.path, "connection closed by the daemon")
-            self._rbuf += chunk
-        return frame
+            self._frames.feed(chunk)
+        return reply
 
     def _call(self, msg: protocol.Msg) -> protocol.Msg:
+        rid = msg.rid  # type: ignore[attr-defined]
         with self._lock:
             if self._sock is None:
                 raise DaemonUnavailable("this client is closed")
-            self._check_fork()
-            ids = self._take_collected()
-            frame = protocol.encode(msg)
-            if ids:
-                frame = protocol.encode(protocol.Release(ids)) + frame
+            frame = self._request(msg)
             try:
                 self._sock.sendall(frame)
-                while True:
-                    mtype, payload = self._read_frame(self._sock)
-                    reply = protocol.decode_reply(mtype, payload)
-                    rid = getattr(reply, "rid", None)
-                    if rid == msg.rid:  # type: ignore[attr-defined]
-                        break
-                    if isinstance(reply, protocol.Error) and rid == 0:
-                        self._raise_if_error(reply)  # the daemon is closing this connection
-                    raise ProtocolError(f"reply to request {rid} while waiting for {msg.rid}")  # type: ignore[attr-defined]
-            except (OSError, protocol.DecodeError) as e:
-                self._sock.close()
-                self._sock = None  # type: ignore[assignment]
-                if isinstance(e, OSError):
-                    raise unavailable(self.path, str(e)) from None
-                raise ProtocolError(f"undecodable reply from tierd: {e}") from None
-            except ProtocolError:
-                self._sock.close()
-                self._sock = None  # type: ignore[assignment]
+                reply = self._read_reply(self._sock)
+                if (got := self._rid_of(reply)) != rid:
+                    raise ProtocolError(f"reply to request {got} while waiting for {rid}")
+            except (BlockingIOError, TimeoutError):
+                self._drop()
+                raise timed_out(self.path, self._timeout, type(msg).__name__) from None
+            except OSError as e:
+                self._drop()
+                raise unavailable(self.path, str(e)) from None
+            except (ProtocolError, DaemonUnavailable):
+                self._drop()
                 raise
         self._raise_if_error(reply)
         return reply
+
+    def _run(self, plan: Plan) -> Any:
+        """Carry out a plan: send each request and hand back its reply (or throw its error) in turn."""
+        reply: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = plan.send(reply) if error is None else plan.throw(error)
+            except StopIteration as done:
+                return done.value
+            reply, error = None, None
+            try:
+                if isinstance(step, CopyIn):
+                    self._copy_in(step)
+                else:
+                    reply = self._call(step)
+            except BaseException as e:  # noqa: BLE001  # thrown into the plan, which re-raises it
+                error = e
+
+    def _ok(self, msg: protocol.Msg) -> Any:
+        return self._value(self._call(msg))
 
     # -- verbs -----------------------------------------------------------------------------------
     def put(
@@ -231,21 +168,7 @@ class Client(Core):
         bad key / dtype / argument. ``scope="client"`` deletes it when this client disconnects;
         ``ttl`` deletes it that many seconds after its last access.
         """
-        msg, value = self._put_msg(key, tensor, tags, durable, codec, ttl, scope)
-        ready = self._call(msg)
-        assert isinstance(ready, protocol.PutReady)
-        try:
-            self._copy_in(ready.offset, msg, value)
-        except BaseException:
-            self._call(protocol.Abort(self._next_rid(), ready.put_id))
-            raise
-        try:
-            sealed = self._call(protocol.Seal(self._next_rid(), ready.put_id))
-        except (TierFull, Unsupported):  # e.g. a durable put the disk cannot take: give the region back
-            self._call(protocol.Abort(self._next_rid(), ready.put_id))
-            raise
-        assert isinstance(sealed, protocol.Ok)
-        return Handle(sealed.value[0], sealed.value[1])
+        return self._run(self._put_plan(key, tensor, tags, durable, codec, ttl, scope))
 
     def get(self, key: str | Handle) -> torch.Tensor:
         """A read-only zero-copy view of the entry, leased to this client until released or collected."""
@@ -253,9 +176,7 @@ class Client(Core):
 
     def get_many(self, keys: list[str | Handle]) -> list[torch.Tensor]:
         """Views of several entries in one round trip; NotFound (and no lease taken) if one is missing."""
-        got = self._call(protocol.Get(self._next_rid(), self._refs(list(keys))))
-        assert isinstance(got, protocol.Got)
-        return [self._view(loc) for loc in got.items]
+        return self._views(self._call(self._get_request(keys)))
 
     def release(self, tensor_or_key: torch.Tensor | str | Handle | list[Any]) -> None:
         """End a lease now: of this tensor, or every lease this client holds on a key / handle.
@@ -264,10 +185,10 @@ class Client(Core):
         when there is nothing to release (for a list: when one item has nothing; nothing is sent then).
         """
         with self._lock:
-            ids = self._lease_ids_for(tensor_or_key) + self._take_collected()
+            frame = self._release_frame(tensor_or_key)
             if self._sock is not None:
                 try:
-                    self._sock.sendall(protocol.encode(protocol.Release(ids)))
+                    self._sock.sendall(frame)
                 except OSError as e:
                     raise unavailable(self.path, str(e)) from None
 
@@ -310,8 +231,3 @@ class Client(Core):
     def stats(self) -> dict[str, Any]:
         """The daemon's status: tiers, clients, leases, counters."""
         return dict(self._ok(protocol.Status(self._next_rid())))
-
-    def _ok(self, msg: protocol.Msg) -> Any:
-        reply = self._call(msg)
-        assert isinstance(reply, protocol.Ok)
-        return reply.value

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import array
+import contextlib
 import os
 import random
+import socket
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tierd import launch
+from tierd import launch, protocol
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -90,3 +94,88 @@ def wait_until(cond, timeout: float = 5.0, what: str = "condition"):
             return v
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class HungPeer:
+    """A Unix socket server that plays a daemon which stops answering: it accepts connections,
+    answers HELLO with a real WELCOME and arena memfd (or, with ``welcome=False``, never answers
+    it), optionally sends ``then`` (say, half a frame), and from there on only reads: every request
+    it gets is kept in ``received`` (as (type, payload) frames), none is ever answered."""
+
+    ARENA_BYTES = 1 << 20
+
+    def __init__(self, path: Path, *, welcome: bool = True, then: bytes = b"") -> None:
+        self.socket = path
+        self.welcome = welcome
+        self.then = then
+        self.received: list[tuple[int, bytes]] = []
+        self._srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._srv.bind(str(path))
+        self._srv.listen()
+        self._conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, name="hung-peer", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._srv.accept()
+            except OSError:  # close(): the listening socket was shut down
+                return
+            self._conns.append(conn)
+            self._talk(conn)
+
+    def _talk(self, conn: socket.socket) -> None:
+        frames = protocol.FrameReader(protocol.MAX_REQUEST_BYTES)
+        try:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return  # the client closed
+                frames.feed(data)
+                while (frame := frames.next_frame()) is not None:
+                    mtype, payload = frame
+                    self.received.append((mtype, bytes(payload)))
+                    if mtype == protocol.HELLO and self.welcome:
+                        self._send_welcome(conn)
+        except OSError:  # the client aborted the connection
+            return
+
+    def _send_welcome(self, conn: socket.socket) -> None:
+        fd = os.memfd_create("hung-peer-arena", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, self.ARENA_BYTES)
+            welcome = protocol.Welcome(protocol.PROTOCOL_VERSION, os.getpid(), 1, self.ARENA_BYTES, "hung")
+            conn.sendmsg(
+                [protocol.encode(welcome)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+            )
+        finally:
+            os.close(fd)
+        if self.then:
+            conn.sendall(self.then)
+
+    def close(self) -> None:
+        self._srv.shutdown(socket.SHUT_RDWR)
+        self._srv.close()
+        for c in self._conns:
+            with contextlib.suppress(OSError):  # already closed by the client
+                c.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout=10)
+        assert not self._thread.is_alive(), "the hung peer's thread did not stop"
+        for c in self._conns:
+            c.close()
+
+
+@pytest.fixture
+def hung_peer(short_tmp: Path) -> Iterator:
+    """Factory: hung_peer(welcome=True, then=b"") -> HungPeer listening on a fresh socket."""
+    peers: list[HungPeer] = []
+
+    def make(**kw) -> HungPeer:
+        p = HungPeer(short_tmp / f"hung{len(peers)}.sock", **kw)
+        peers.append(p)
+        return p
+
+    yield make
+    for p in peers:
+        p.close()

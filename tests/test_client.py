@@ -19,7 +19,17 @@ import torch
 from tests.conftest import wait_until
 from tierd.launch import Daemon
 from tierd.protocol import DTYPE_SIZES
-from tierd_client import Client, Handle, InvalidRequest, NotFound, NotLeased, TierFull, Unsupported
+from tierd_client import (
+    Client,
+    DaemonTimeout,
+    DaemonUnavailable,
+    Handle,
+    InvalidRequest,
+    NotFound,
+    NotLeased,
+    TierFull,
+    Unsupported,
+)
 
 
 def test_put_get_is_a_zero_copy_view_of_the_arena(daemon: Daemon) -> None:
@@ -359,3 +369,17 @@ def test_put_copy_paths(daemon: Daemon, make) -> None:
         c.put("cp/x", x)
         t = c.get("cp/x")
         assert torch.equal(t, x.resolve_conj()) and not t.is_conj()
+
+
+def test_a_hung_daemon_gives_a_typed_timeout_and_a_closed_client(hung_peer) -> None:
+    peer = hung_peer(then=b"\x10\x00\x00\x00\x91")  # half of a reply frame, never finished
+    c = Client(peer.socket, timeout=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(DaemonTimeout, match="did not answer Status"):
+        c.stats()
+    assert 0.28 <= time.monotonic() - t0 < 2.3
+    assert c.closed  # a late reply could not be matched: the connection is gone
+    with pytest.raises(DaemonUnavailable, match="closed"):
+        c.ls()
+    with pytest.raises(DaemonTimeout, match="HELLO"):
+        Client(hung_peer(welcome=False).socket, timeout=0.3)

@@ -174,6 +174,31 @@ def test_make_predictor_and_none() -> None:
     assert not p.wants_training()
 
 
+def test_a_predictor_registers_itself_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tierd.predict import base
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # this test's registrations go with it
+
+    @base.register
+    class Echo(Predictor):
+        name = "echo"
+
+        def __init__(self, *, k: int = 1) -> None:
+            self.k = k
+
+    p = make_predictor("echo", k=3)
+    assert isinstance(p, Echo) and p.k == 3 and base.predictor_names()[-1] == "echo"
+
+    class Impostor(Predictor):
+        name = "sequence"
+
+    with pytest.raises(ValueError, match="already taken"):
+        base.register(Impostor)
+    assert isinstance(make_predictor("sequence"), SequencePredictor)
+    with pytest.raises(TypeError, match="takes no options"):
+        make_predictor("none", depth=2)
+
+
 def test_sequence_learns_a_cycle_after_one_lap() -> None:
     p = SequencePredictor()
     feed(p, ["A", "B", "C", "A"])  # one lap, back at A

@@ -4,6 +4,7 @@ prefetch never evicts a leased entry; a predictor that throws or hangs does not 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import torch
 from tests.conftest import wait_until
 from tierd.manager import Manager
 from tierd.placement import Placement
+from tierd.predict import DEFAULT_MIN_CONFIDENCE
+from tierd.predict.simulate import replay
 from tierd.prefetch import Prefetcher
 from tierd.protocol import Put
 from tierd.tiers.disk import DiskTier
@@ -66,6 +69,9 @@ def test_cyclic_reads_are_served_from_ram_once_learned(start_daemon, predictor: 
         assert min(rates[2:]) >= 0.75, f"after learning, reads should hit RAM: {rates}"
         assert st["counters"]["prefetch_used"] > 0 and st["prefetch"]["predictor"] == predictor
         assert st["prefetch"]["recent_hit_rate"] is not None
+        # the daemon acts on the threshold that offline replay measures with
+        replay_default = inspect.signature(replay).parameters["min_confidence"].default
+        assert st["prefetch"]["min_confidence"] == replay_default == DEFAULT_MIN_CONFIDENCE
 
 
 def test_without_a_predictor_cyclic_reads_keep_missing(start_daemon) -> None:

@@ -1,4 +1,4 @@
-"""One client connection: cutting frames out of the byte stream and answering each request.
+"""One client connection: frames in (cut by :class:`tierd.protocol.FrameReader`), each request answered.
 
 A :class:`Connection` (an asyncio Protocol, one per client) decodes each frame into its typed
 message and hands it to the :class:`~tierd.manager.Manager` (the entry table) or, for anything that
@@ -17,29 +17,52 @@ import os
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
 from tierd import __version__, protocol
 from tierd.errors import InvalidRequest, NotFound, ProtocolError, TierdError, VersionMismatch
-from tierd.protocol import HEADER, HEADER_SIZE, MAX_REQUEST_BYTES, Error, Got, Ok, PutReady, Welcome
+from tierd.protocol import MAX_REQUEST_BYTES, Error, Got, Ok, PutReady, Welcome
 
 if TYPE_CHECKING:
-    from tierd.server import Server
+    from tierd.manager import Manager
+    from tierd.placement import Placement
+    from tierd.prefetch import Prefetcher
 
 log = logging.getLogger("tierd")
 _PEERCRED = struct.Struct("3i")
 
 
+class Host(Protocol):
+    """What a connection needs from the daemon that accepted it (``tierd.server.Server`` is one).
+
+    Declared here, so that this module does not import the server that imports it.
+    """
+
+    manager: Manager
+    placement: Placement
+    prefetcher: Prefetcher
+    #: open connections (a connection adds itself when made, removes itself when lost)
+    connections: set[Connection]
+    #: tasks of requests that wait (on the disk): the server waits for them at shutdown
+    tasks: set[asyncio.Task[Any]]
+
+    def peer_allowed(self, uid: int, gid: int) -> bool: ...
+
+    def check_codec(self, m: protocol.Put) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
 class Connection(asyncio.Protocol):
     """One client connection. All state changes go through the manager, on the loop."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Host) -> None:
         self.server = server
         self.manager = server.manager
         self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
+        self.reader = protocol.FrameReader(MAX_REQUEST_BYTES)
         self.client_id = 0  # set by HELLO
         self.peer_pid = self.peer_uid = self.peer_gid = -1
         self.closed = False
@@ -73,29 +96,23 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        pos = 0
-        n = len(buf)
-        while n - pos >= HEADER_SIZE and not self.closed:
-            length, mtype = HEADER.unpack_from(buf, pos)
-            if length > MAX_REQUEST_BYTES:
+        reader = self.reader
+        if self.closed or reader.broken:
+            return
+        reader.feed(data)
+        while not self.closed:
+            try:
+                frame = reader.next_frame()
+            except ProtocolError as e:  # a length prefix over the limit: the stream cannot go on
                 self.manager.counters["bad_frames"] += 1
-                self._fatal(
-                    ProtocolError(f"frame of {length} bytes exceeds the {MAX_REQUEST_BYTES}-byte limit")
-                )
+                self._fatal(e)
                 return
-            end = pos + HEADER_SIZE + length
-            if end > n:
-                break
-            payload = bytes(buf[pos + HEADER_SIZE : end])
-            pos = end
-            self._handle(mtype, payload)
-        if pos:
-            del buf[:pos]
+            if frame is None:
+                return
+            self._handle(*frame)
 
     # -- dispatch --------------------------------------------------------------------------------
-    def _handle(self, mtype: int, payload: bytes) -> None:
+    def _handle(self, mtype: int, payload: bytes | memoryview) -> None:
         decoder = protocol.REQUEST_DECODERS.get(mtype)
         if decoder is None:
             self.manager.counters["bad_frames"] += 1
@@ -354,7 +371,7 @@ _HANDLERS: dict[int, Any] = {
 }
 
 
-def _guess_rid(payload: bytes) -> int:
+def _guess_rid(payload: bytes | memoryview) -> int:
     """The request id of a payload that failed validation, when its first field is still an int."""
     try:
         obj = msgspec.msgpack.decode(payload)

@@ -36,6 +36,14 @@ class DaemonUnavailable(TierdError):
     recoverable = False
 
 
+class DaemonTimeout(DaemonUnavailable):
+    """The daemon did not answer within the client's ``timeout``. Not recoverable on this connection:
+    the client closes it (a late reply could not be matched safely), so its leases end. The call
+    that timed out may or may not have taken effect; open a new Client to go on."""
+
+    code = "timeout"
+
+
 class ProtocolError(TierdError):
     """The peer sent something that is not valid tierd protocol. Not recoverable on this connection."""
 
@@ -95,6 +103,7 @@ ERRORS_BY_CODE: dict[str, type[TierdError]] = {
     for cls in (
         TierdError,
         DaemonUnavailable,
+        DaemonTimeout,
         ProtocolError,
         VersionMismatch,
         InvalidRequest,

@@ -34,7 +34,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from tierd.errors import TierdError
-from tierd.predict import make_predictor
+from tierd.predict import DEFAULT_MIN_CONFIDENCE, make_predictor
 from tierd.predict.log import Access, AccessLog
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ class Prefetcher:
         predictor: str = "auto",
         budget_bytes: int = 0,
         depth: int = 2,
-        min_confidence: float = 0.25,
+        min_confidence: float = DEFAULT_MIN_CONFIDENCE,
         log_capacity: int = 65536,
     ) -> None:
         self.placement = placement

@@ -1,4 +1,4 @@
-"""The tierd wire protocol: typed messages in length-prefixed frames, no pickle.
+"""The tierd wire protocol: typed messages in length-prefixed frames, no pickle, and its framing.
 
 Frame layout (all integers little-endian)::
 
@@ -10,7 +10,7 @@ Frame layout (all integers little-endian)::
 straight into it by msgspec, which validates every field: a frame that does not fit its type is an
 ``invalid`` error, never a crash. Tensor bytes never appear in a frame: only (dtype, shape, offset)
 cross the socket; the bytes stay in the RAM arena, a memfd the daemon sends once, with SCM_RIGHTS,
-in its reply to HELLO.
+in its reply to HELLO (file descriptors travel beside the bytes, never inside a frame).
 
 A connection goes: HELLO -> WELCOME (+ arena fd) -> requests. Every request but RELEASE carries a
 request id ``rid`` echoed by its reply (an ``Ok``, ``PutReady``, ``Got`` or ``Error``); RELEASE is
@@ -19,6 +19,19 @@ one-way so a get + release costs one round trip. Messages on one connection are 
 put is two steps: PUT reserves a region (the entry is invisible to everyone), the client copies its
 bytes into the arena, SEAL publishes it as the key's newest version. A client that dies between the
 two leaves nothing behind.
+
+Framing is written once, here, and does no I/O (in the manner of h11): the daemon's connection and
+both clients own a socket and pass what they read to a :class:`FrameReader`; what they send is
+:func:`encode` of a message (the writer: stateless, one frame per message). The reader's states::
+
+    HEADER --(5 header bytes buffered; length <= limit)--> PAYLOAD
+    PAYLOAD --(length payload bytes buffered)------------> HEADER, one frame out
+    HEADER --(a length prefix over the limit)------------> BROKEN (ProtocolError; nothing more is read)
+
+Each side picks its limit: the daemon ``MAX_REQUEST_BYTES``, a client ``MAX_REPLY_BYTES``. The reader
+copies a payload at most once: a frame wholly inside one fed chunk comes out as a memoryview of that
+chunk (no copy); a frame split across chunks is assembled in a buffer (one copy), which is handed
+over as the payload when the frame ends it, and copied out only when more bytes follow in it.
 """
 
 from __future__ import annotations
@@ -27,6 +40,8 @@ import struct
 from typing import Any
 
 import msgspec
+
+from tierd.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("<IB")
@@ -252,20 +267,94 @@ DecodeError = msgspec.DecodeError  # ValidationError is a subclass
 
 
 def encode(msg: Msg) -> bytes:
-    """One whole frame (header + payload) for ``msg``."""
+    """The framing's writer: one whole frame (header + payload) for ``msg``."""
     payload = _encoder.encode(msg)
     return HEADER.pack(len(payload), TYPE_OF[type(msg)]) + payload
 
 
-def encode_many(msgs: list[Msg]) -> bytes:
-    return b"".join(encode(m) for m in msgs)
-
-
 def decode_reply(mtype: int, payload: bytes | memoryview) -> Msg:
+    """A reply frame's message; DecodeError for an unknown type or a payload that does not fit it."""
     dec = REPLY_DECODERS.get(mtype)
     if dec is None:
         raise msgspec.DecodeError(f"unknown reply type 0x{mtype:02x}")
     return dec.decode(payload)
+
+
+class FrameReader:
+    """The framing's reader: fed bytes as they arrive, gives back whole frames ``(type, payload)``.
+
+    ``feed(data)`` then ``next_frame()`` until it returns None (a frame is not all there yet). A
+    length prefix over ``max_payload`` raises ProtocolError and leaves the reader BROKEN: the stream
+    cannot be re-synchronised, so the caller closes the connection. A payload is a memoryview of a
+    fed chunk, of a buffer the reader has let go of, or a bytes copy: it stays valid and unchanged
+    after later feeds.
+    """
+
+    __slots__ = ("_buf", "_pos", "broken", "max_payload")
+
+    def __init__(self, max_payload: int) -> None:
+        self.max_payload = max_payload
+        #: the bytes not yet cut into frames are ``_buf[_pos:]``: a fed chunk as is (bytes, read
+        #: in place) or, once a frame spans chunks, a bytearray that the next chunks are appended to
+        self._buf: bytes | bytearray = b""
+        self._pos = 0
+        self.broken = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes fed and not yet returned as frames (a partial frame)."""
+        return len(self._buf) - self._pos
+
+    @property
+    def state(self) -> str:
+        """``HEADER``, ``PAYLOAD`` or ``BROKEN`` (see the module docstring)."""
+        if self.broken:
+            return "BROKEN"
+        return "PAYLOAD" if self.buffered >= HEADER_SIZE else "HEADER"
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes read from the peer (a ``bytes`` chunk; it is kept, never changed)."""
+        if self.broken:
+            raise ProtocolError("the frame reader is broken: the connection must close")
+        if not data:
+            return
+        buf, pos = self._buf, self._pos
+        if pos >= len(buf):  # everything before was consumed: read the new chunk in place
+            self._buf, self._pos = data, 0
+        elif isinstance(buf, bytearray):
+            if pos:
+                del buf[:pos]  # cheap: CPython moves a bytearray's start for a prefix delete
+                self._pos = 0
+            buf += data
+        else:  # the tail of an earlier chunk plus this one: assemble them
+            tail = bytearray(memoryview(buf)[pos:])
+            tail += data
+            self._buf, self._pos = tail, 0
+
+    def next_frame(self) -> tuple[int, bytes | memoryview] | None:
+        """The next whole frame as (type, payload), or None until more bytes are fed."""
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < HEADER_SIZE:
+            return None
+        length, mtype = HEADER.unpack_from(buf, pos)
+        if length > self.max_payload:
+            self.broken = True
+            raise ProtocolError(f"frame of {length} bytes exceeds the {self.max_payload}-byte limit")
+        start = pos + HEADER_SIZE
+        end = start + length
+        if end > len(buf):
+            return None
+        self._pos = end
+        payload: bytes | memoryview
+        if end == len(buf):  # all consumed: let go of the chunk (or hand the assembly buffer over)
+            payload = memoryview(buf)[start:end]
+            self._buf, self._pos = b"", 0
+        elif isinstance(buf, bytes):
+            payload = memoryview(buf)[start:end]
+        else:  # more follows in the assembly buffer, which will be resized: copy this frame out
+            with memoryview(buf) as view:
+                payload = bytes(view[start:end])
+        return mtype, payload
 
 
 def check_key(key: str) -> str | None:

@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from tierd.predict.base import DEFAULT_MIN_CONFIDENCE, Predictor, make_predictor
+from tierd.predict import learned, sequence  # noqa: F401  (its default candidates: registered on import)
+from tierd.predict.base import DEFAULT_MIN_CONFIDENCE, Predictor, make_predictor, register
 from tierd.predict.log import Access
 
 
@@ -44,6 +45,7 @@ class _Score:
         return self.used / self.made if self.made else None
 
 
+@register
 class AutoPredictor(Predictor):
     name = "auto"
 

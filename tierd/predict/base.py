@@ -1,30 +1,38 @@
-"""The predictor interface, the trivial ``none`` predictor and ``make_predictor``.
+"""The predictor interface, the trivial ``none`` predictor, and the registry behind ``make_predictor``.
 
 A predictor sees every access in order (``observe``) and, after a get, names the keys it expects
 to be read next (``predict``) with a confidence in [0, 1], most useful first. The daemon prefetches
-the first few whose confidence clears its threshold, within a RAM budget for speculative bytes.
+the first few whose confidence reaches ``DEFAULT_MIN_CONFIDENCE``, within a RAM budget for
+speculative bytes; offline replay (``tierd.predict.simulate``) uses the same threshold.
 
-Contract, for every predictor here:
-- ``observe`` and ``predict`` are cheap (tens of microseconds; well under a millisecond) and run
-  on the daemon's loop. ``predict`` never returns ``a.key`` and never the same key twice.
-- Heavy work (model fitting) happens only in ``train(history)``, which the daemon runs in a worker
-  thread: it must not read or write the predictor's live state. ``install(model)`` then swaps the
-  result in, quickly, on the caller's thread. ``wants_training()`` says whether it is time.
-- ``stats()`` returns plain JSON-able data for ``tierctl status``.
+Where each method runs in the daemon (``tierd.prefetch``):
+- ``observe`` and ``predict`` run on one predictor thread, in access order, never on the event
+  loop. They should be cheap (tens of microseconds): when the thread falls behind, accesses are
+  dropped and counted, not queued without bound. ``predict`` never returns ``a.key`` and never the
+  same key twice.
+- ``train(history)`` runs in a separate, niced child process, on a fresh predictor built from the
+  same name and options: it may read only its options and ``history`` (oldest first), and returns a
+  picklable model. ``install(model)`` then swaps that model in on the predictor thread, so
+  ``observe`` / ``predict`` never see a half-installed one. ``wants_training()`` (asked on the
+  loop, every few thousand accesses) says whether it is time.
+- ``stats()`` runs on the loop (``tierctl status``) and returns plain JSON-able data.
 
-The daemon guards every call (an exception or a slow predictor turns prefetching off for a while);
-the predictors here do not rely on that, but they do not catch their own bugs either.
+The daemon catches what these raise: an exception costs that access's predictions (counted in
+``predictor_errors``), a failed training keeps the old model; the predictors here do not catch
+their own bugs. A predictor registers itself by name with ``@register``; this module imports none
+of them (``tierd.predict`` imports each, so importing the package registers them all).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from tierd.predict.log import Access
 
-PREDICTOR_NAMES = ("none", "sequence", "learned", "auto")
 DEFAULT_MIN_CONFIDENCE = 0.2
-"""Predictions below this confidence are not worth a prefetch (replay's default; the daemon's choice)."""
+"""Predictions below this confidence are not worth a prefetch: the daemon's threshold and offline
+replay's default (README's prefetching table was measured at it)."""
 
 
 class Predictor:
@@ -47,33 +55,40 @@ class Predictor:
         return False
 
     def train(self, history: list[Access]) -> object:
-        """Fit a model on ``history`` (oldest first). Runs in a worker thread: no live state."""
+        """Fit a model on ``history`` (oldest first). Runs in another process: no live state."""
         return None
 
     def install(self, model: object) -> None:
         """Swap in what ``train`` returned (None: nothing to do)."""
 
 
+_REGISTRY: dict[str, Callable[..., Predictor]] = {}
+P = TypeVar("P", bound=type[Predictor])
+
+
+def register(cls: P) -> P:
+    """Class decorator: make ``cls`` available to ``make_predictor`` under ``cls.name``."""
+    if _REGISTRY.get(cls.name, cls) is not cls:
+        raise ValueError(f"predictor name {cls.name!r} is already taken by {_REGISTRY[cls.name]!r}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def predictor_names() -> tuple[str, ...]:
+    """The registered predictors' names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+@register
 class NonePredictor(Predictor):
     name = "none"
 
 
 def make_predictor(name: str, **opts: Any) -> Predictor:
-    """A fresh predictor by name (one of PREDICTOR_NAMES); ``opts`` go to its constructor."""
-    if name == "none":
-        if opts:
-            raise TypeError(f"predictor 'none' takes no options, got {', '.join(sorted(opts))}")
-        return NonePredictor()
-    if name == "sequence":
-        from tierd.predict.sequence import SequencePredictor
-
-        return SequencePredictor(**opts)
-    if name == "learned":
-        from tierd.predict.learned import LearnedPredictor
-
-        return LearnedPredictor(**opts)
-    if name == "auto":
-        from tierd.predict.auto import AutoPredictor
-
-        return AutoPredictor(**opts)
-    raise ValueError(f"unknown predictor {name!r} (known: {', '.join(PREDICTOR_NAMES)})")
+    """A fresh predictor by registered name; ``opts`` go to its constructor."""
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        raise ValueError(f"unknown predictor {name!r} (known: {', '.join(_REGISTRY)})")
+    if factory is NonePredictor and opts:
+        raise TypeError(f"predictor 'none' takes no options, got {', '.join(sorted(opts))}")
+    return factory(**opts)

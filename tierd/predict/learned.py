@@ -35,7 +35,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
-from tierd.predict.base import Predictor
+from tierd.predict.base import Predictor, register
 from tierd.predict.log import Access
 from tierd.predict.sequence import RowTable
 
@@ -358,6 +358,7 @@ def _fallback(f: list[float]) -> float:
     return max(f[0], f[1], 0.9 * f[3], 0.8 * f[4], 0.5 * f[2])
 
 
+@register
 class LearnedPredictor(Predictor):
     name = "learned"
 

@@ -24,7 +24,7 @@ import heapq
 from collections import OrderedDict
 from typing import Any
 
-from tierd.predict.base import Predictor
+from tierd.predict.base import Predictor, register
 from tierd.predict.log import Access
 
 N_BUCKETS = 5
@@ -117,6 +117,7 @@ class RowTable:
         return sum(len(r.succ) for r in self.rows.values())
 
 
+@register
 class SequencePredictor(Predictor):
     name = "sequence"
 
