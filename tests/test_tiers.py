@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 import torch
 
-from tierd.config import Config, ConfigError
+from tierd.config import Config, ConfigError, parse_tiers
 from tierd.errors import Unsupported
 from tierd.manager import Manager
 from tierd.placement import Placement
@@ -126,7 +126,7 @@ async def test_a_protected_version_is_neither_demoted_nor_freed_until_the_move_e
 
 
 def test_tier_list_configuration_is_checked() -> None:
-    assert [t.name for t in registry.parse(THREE)] == ["ram", "host", "disk"]
+    assert [t.name for t in parse_tiers(THREE)] == ["ram", "host", "disk"]
     for bad, why in [
         ("disk,ram", "must start with ram"),
         ("ram,ram", "twice"),
@@ -135,7 +135,7 @@ def test_tier_list_configuration_is_checked() -> None:
         ("ram,x=a:B@lots", "not a size"),
     ]:
         with pytest.raises(ConfigError, match=why):
-            registry.parse(bad)
+            parse_tiers(bad)
     with pytest.raises(ConfigError, match="cannot load"):
         registry.build(Config(ram_bytes="1MiB", disk_bytes="0", tiers="ram,x=no.such.module:T@1MiB"))
 

@@ -64,6 +64,41 @@ def total_ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+_TIER_ITEM = re.compile(r"^(?P<name>[a-z][a-z0-9_-]*)(?:=(?P<target>[\w.]+:\w+)@(?P<size>\S+))?$")
+BUILTIN_TIERS = ("ram", "disk")
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """One item of the ``tiers`` setting (``tierd.tiers.registry`` builds the tiers from these)."""
+
+    name: str
+    target: str = ""  # MODULE:CLASS; empty for a built-in tier
+    size: str = ""
+
+
+def parse_tiers(spec: str) -> list[TierSpec]:
+    """The items of a ``tiers`` value (see ``tierd.tiers.registry``); ConfigError when one is malformed
+    or the rules are broken."""
+    out: list[TierSpec] = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        m = _TIER_ITEM.match(item)
+        if m is None or (m["target"] is None and m["name"] not in BUILTIN_TIERS):
+            raise ConfigError(f"tiers: {item!r} is not ram, disk or NAME=MODULE:CLASS@SIZE")
+        if m["target"] is not None and m["name"] in BUILTIN_TIERS:
+            raise ConfigError(f"tiers: {m['name']!r} is a built-in tier; give yours another name")
+        out.append(TierSpec(m["name"], m["target"] or "", m["size"] or ""))
+    names = [t.name for t in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"tiers: a name appears twice in {spec!r}")
+    if not names or names[0] != "ram":
+        raise ConfigError(f"tiers: {spec!r} must start with ram (puts are written there)")
+    for t in out:
+        if t.size:
+            parse_size(t.size)
+    return out
+
+
 @dataclass
 class Config:
     """Everything the daemon can be told. Sizes stay strings here and resolve at start."""
@@ -177,9 +212,7 @@ class Config:
                 f"{self.ram_low_watermark} and {self.ram_high_watermark}"
             )
         self.tag_codec_map()
-        from tierd.tiers.registry import parse
-
-        parse(self.tiers)
+        parse_tiers(self.tiers)
         from tierd.predict import PREDICTOR_NAMES
 
         if self.predictor not in PREDICTOR_NAMES:

@@ -20,46 +20,13 @@ one chunk store (a move between two stores is not written yet).
 from __future__ import annotations
 
 import importlib
-import re
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tierd.config import ConfigError, parse_size
+from tierd.config import ConfigError, TierSpec, parse_size, parse_tiers
 from tierd.tiers.base import Tier
 
 if TYPE_CHECKING:
     from tierd.config import Config
-
-_ITEM = re.compile(r"^(?P<name>[a-z][a-z0-9_-]*)(?:=(?P<target>[\w.]+:\w+)@(?P<size>\S+))?$")
-BUILTIN = ("ram", "disk")
-
-
-@dataclass(frozen=True)
-class TierSpec:
-    name: str
-    target: str = ""  # MODULE:CLASS; empty for a built-in tier
-    size: str = ""
-
-
-def parse(spec: str) -> list[TierSpec]:
-    """The items of a ``tiers`` value; ConfigError when one is malformed or the rules are broken."""
-    out: list[TierSpec] = []
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        m = _ITEM.match(item)
-        if m is None or (m["target"] is None and m["name"] not in BUILTIN):
-            raise ConfigError(f"tiers: {item!r} is not ram, disk or NAME=MODULE:CLASS@SIZE")
-        if m["target"] is not None and m["name"] in BUILTIN:
-            raise ConfigError(f"tiers: {m['name']!r} is a built-in tier; give yours another name")
-        out.append(TierSpec(m["name"], m["target"] or "", m["size"] or ""))
-    names = [t.name for t in out]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"tiers: a name appears twice in {spec!r}")
-    if not names or names[0] != "ram":
-        raise ConfigError(f"tiers: {spec!r} must start with ram (puts are written there)")
-    for t in out:
-        if t.size:
-            parse_size(t.size)
-    return out
 
 
 def _load_class(spec: TierSpec) -> type[Tier]:
@@ -80,7 +47,7 @@ def build(cfg: Config) -> list[Tier]:
 
     built: list[Tier] = []
     try:
-        for spec in parse(cfg.tiers):
+        for spec in parse_tiers(cfg.tiers):
             if spec.name == "ram":
                 built.append(RamTier(cfg.ram_tier_bytes()))
             elif spec.name == "disk":
