@@ -1,10 +1,12 @@
 """The disk tier: one LMDB environment on the SSD, holding encoded chunks and their metadata.
 
-Layout of ``<state_dir>/tierd.lmdb`` (one file, plus LMDB's ``-lock`` file)::
+Layout of ``<state_dir>/tierd.lmdb`` (one file, plus LMDB's ``-lock`` file; ``statedir.py`` says what
+else the directory holds and what is refused at start)::
 
     db "meta"    version (8 bytes, big-endian) -> msgpack record: key, dtype, shape, tags, lifetime,
                                                   durable, codec plan, per-chunk (size, xxh3-64)
     db "chunks"  version + chunk index (8 + 4)  -> the chunk's encoded bytes
+    db "info"    b"id"                          -> this file's id (statedir.py)
 
 This is a :class:`~tierd.tiers.store.ChunkStore`: chunking, codecs and checksums are that
 module's, shared by every store; this one stores chunks and records. Each chunk commits in its own
@@ -35,6 +37,7 @@ from typing import Any, ClassVar, TypeVar
 import lmdb
 import numpy as np
 
+from tierd.tiers.statedir import StateDir, StateError
 from tierd.tiers.store import CHUNK_BYTES, ChunkStore, NoRoom, RecordMeta
 
 PAGE = 4096
@@ -88,14 +91,31 @@ class DiskTier(ChunkStore):
     def __init__(self, state_dir: Path, capacity: int, *, name: str = "disk") -> None:
         super().__init__()
         self.name = name
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.state = StateDir(state_dir)  # held (flock) until close; refuses what cannot be used
         self.path = state_dir / "tierd.lmdb"
         self._capacity = capacity - capacity % PAGE
-        self.env = lmdb.open(
-            str(self.path), map_size=self._capacity, subdir=False, max_dbs=2, readahead=True,
-            sync=True, metasync=False, lock=True, mode=0o600, max_readers=64,
-        )  # fmt: skip
-        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)  # for posix_fadvise only
+        try:
+            self.state.before_open(self.path)
+            try:
+                self.env = lmdb.open(
+                    str(self.path), map_size=self._capacity, subdir=False, max_dbs=3, readahead=True,
+                    sync=True, metasync=False, lock=True, mode=0o600, max_readers=64,
+                )  # fmt: skip
+            except lmdb.Error as e:
+                raise StateError(
+                    f"{self.path} cannot be opened as the disk tier's LMDB file ({e}). Restore it, or move "
+                    "it aside to start with an empty disk tier (its entries are then lost)"
+                ) from None
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)  # for posix_fadvise only
+            try:
+                self.state.after_open(self.path, self.env, self._fd)
+            except BaseException:
+                self.env.close()
+                os.close(self._fd)
+                raise
+        except BaseException:
+            self.state.close()
+            raise
         #: where LMDB mapped the file (offset 0): a value's file offset is its address minus this
         self._map_addr = _mapping_start(self._fd)
         self.meta_db = self.env.open_db(b"meta")
@@ -116,6 +136,7 @@ class DiskTier(ChunkStore):
             self._closed = True
             self.env.close()
             os.close(self._fd)
+            self.state.close()
 
     def _record_bytes(self, rec: RecordMeta) -> int:
         return sum(_pages(n) for n, _ in rec.chunks) + PAGE
