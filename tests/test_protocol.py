@@ -258,3 +258,28 @@ def test_seal_of_foreign_put_is_refused(seeded) -> None:
     assert isinstance(r, protocol.Error) and r.code == "invalid"
     a.close()  # a dies before sealing: its region is freed, nothing becomes visible
     still_serving(d, x)
+
+
+@pytest.mark.parametrize(
+    ("shape", "nbytes"),
+    [
+        ([2**32, 2**32], 0),  # the element count overflows 64 bits
+        ([2**62, 8], 2**64 - 1),  # so does the byte count
+        ([0, 2**63], 0),  # a zero dim beside a dim no stride can address: 0 bytes, no valid view
+        ([0, 2**40, 2**40], 0),
+        ([2**61, 2], 0),  # float32: the outer stride is 2**63 bytes
+    ],
+)
+def test_shapes_that_overflow_get_a_typed_error_and_nothing_leaks(seeded, shape, nbytes) -> None:
+    """The reply is a typed error whose details can be encoded (the connection stays), and no
+    reservation or lease is left behind."""
+    d, x = seeded
+    s = raw(d.socket)
+    s.sendall(protocol.encode(protocol.Put(5, "ns/overflow", "float32", shape, nbytes)))
+    r = read_reply(s)
+    assert isinstance(r, protocol.Error) and r.code == "invalid" and r.rid == 5, r
+    s.sendall(protocol.encode(protocol.Status(6)))  # the stream is still in sync
+    assert isinstance(read_reply(s), protocol.Ok)
+    with Client(d.socket) as c:
+        assert c.stats()["leases"] == 0 and "ns/overflow" not in {e["key"] for e in c.ls("ns/")}
+    still_serving(d, x)

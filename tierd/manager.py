@@ -49,6 +49,8 @@ from tierd.tiers.store import ChunkStore
 MAX_TAGS = 64
 MAX_TAG_LEN = 256
 MAX_DIMS = 64
+#: The largest stride a shape may imply, in bytes: torch indexes with int64.
+MAX_STRIDE_BYTES = 2**63 - 1
 
 
 class Manager:
@@ -183,6 +185,13 @@ class Manager:
             raise InvalidRequest(f"unsupported dtype {req.dtype!r}", dtype=req.dtype)
         if len(req.shape) > MAX_DIMS or any(d < 0 for d in req.shape):
             raise InvalidRequest(f"bad shape {req.shape!r}", shape=req.shape)
+        # Every stride (a product of dims, zero dims aside, times the item size) must fit torch's
+        # int64: else the put is accepted and every get fails in torch. The error's details stay
+        # small enough to encode (the product itself may not fit the wire's 64 bits).
+        if math.prod(max(d, 1) for d in req.shape) * size > MAX_STRIDE_BYTES:
+            raise InvalidRequest(
+                f"shape {req.shape!r} of {req.dtype} spans more than 2**63 bytes", dtype=req.dtype
+            )
         expect = math.prod(req.shape) * size
         if req.nbytes != expect:
             raise InvalidRequest(
