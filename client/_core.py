@@ -52,7 +52,7 @@ from tierd.errors import (
     Unsupported,
     from_wire,
 )
-from tierd.paths import default_socket_path
+from tierd.paths import default_socket_path, peer_uid, trusted_daemon_uids
 from tierd.protocol import DTYPE_SIZES
 
 if TYPE_CHECKING:
@@ -172,6 +172,24 @@ def unavailable(path: Path, why: str) -> DaemonUnavailable:
     )
 
 
+def check_peer(s: socket.socket, path: Path) -> None:
+    """Refuse, before a byte is sent, a process serving ``path`` as a user that is neither root, us,
+    nor ``$TIERD_DAEMON_USER``: whoever could create the socket first could otherwise collect every
+    tensor put through it."""
+    pid, uid = peer_uid(s)
+    try:
+        trusted = trusted_daemon_uids()
+    except (KeyError, ValueError) as e:
+        raise DaemonUnavailable(f"TIERD_DAEMON_USER names no user on this machine ({e})") from None
+    if uid not in trusted:
+        raise DaemonUnavailable(
+            f"the process serving {path} (pid {pid}) runs as uid {uid}, which is neither root, you, nor "
+            "$TIERD_DAEMON_USER: refusing to send it anything. If tierd runs as that user on purpose "
+            "(a system service), set TIERD_DAEMON_USER to it",
+            socket=str(path), uid=uid,
+        )  # fmt: skip
+
+
 def timed_out(path: Path, timeout: float | None, what: str) -> DaemonTimeout:
     return DaemonTimeout(
         f"tierd at {path} did not answer {what} within the client's timeout of {timeout} s; "
@@ -239,6 +257,11 @@ class Core:
         except PermissionError as e:
             s.close()
             raise DaemonUnavailable(f"not allowed to connect to tierd at {path}: {e.strerror}") from None
+        try:
+            check_peer(s, path)
+        except BaseException:
+            s.close()
+            raise
         fds = array.array("i")
         try:
             s.sendall(protocol.encode(self._hello()))

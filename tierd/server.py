@@ -237,10 +237,22 @@ class Server:
         parent = path.parent
         if not parent.exists():
             parent.mkdir(mode=0o700, parents=True)
-        pst = parent.stat()
-        if pst.st_uid != os.getuid() and os.getuid() != 0:
+        # Whoever can write the socket's directory can swap the socket for their own, and clients
+        # would send their tensors there: the directory must be ours (root's too: a root daemon does
+        # not take over a directory another user made first) and writable by no one else, unless it
+        # is sticky (/tmp: others may add files but not remove or rename ours).
+        pst = parent.lstat()
+        if not stat.S_ISDIR(pst.st_mode):
+            raise ConfigError(f"socket directory {parent} is not a directory (a symlink?): refusing it")
+        if pst.st_uid != os.getuid():
             raise ConfigError(
-                f"socket directory {parent} belongs to uid {pst.st_uid}, not to us: refusing it"
+                f"socket directory {parent} belongs to uid {pst.st_uid}, not to this daemon's uid "
+                f"{os.getuid()}: someone else could swap the socket; remove it or choose --socket"
+            )
+        if pst.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not pst.st_mode & stat.S_ISVTX:
+            raise ConfigError(
+                f"socket directory {parent} is writable by others (mode {stat.S_IMODE(pst.st_mode):o}): "
+                "someone else could swap the socket; chmod go-w it or choose --socket"
             )
         if path.exists() or path.is_symlink():
             if not stat.S_ISSOCK(path.lstat().st_mode):
