@@ -48,6 +48,7 @@ from tierd.errors import (
     InvalidRequest,
     NotLeased,
     ProtocolError,
+    StorageError,
     TierFull,
     Unsupported,
     from_wire,
@@ -368,7 +369,11 @@ class Core:
             raise
         try:
             sealed = yield protocol.Seal(self._next_rid(), ready.put_id)
-        except (TierFull, Unsupported):  # e.g. a durable put the disk cannot take: give the region back
+        except (
+            TierFull,
+            Unsupported,
+            StorageError,
+        ):  # a durable put the disk cannot take: give the region back
             yield protocol.Abort(self._next_rid(), ready.put_id)
             raise
         assert isinstance(sealed, protocol.Ok)

@@ -90,6 +90,14 @@ class Unsupported(TierdError):
     code = "unsupported"
 
 
+class StorageError(TierdError):
+    """A tier's device failed a read or write for a reason other than running out of room (an I/O
+    error). Recoverable: the request had no effect (a durable put is not durable: abort it or put it
+    again without durable=True); the daemon goes on, but the device may need attention."""
+
+    code = "storage"
+
+
 class CorruptEntry(TierdError):
     """An entry's stored bytes fail their checksum: it is not served. Recoverable only by deleting
     and putting it again; every other entry is unaffected."""
@@ -111,6 +119,7 @@ ERRORS_BY_CODE: dict[str, type[TierdError]] = {
         TierFull,
         NotLeased,
         Unsupported,
+        StorageError,
         CorruptEntry,
     )
 }

@@ -27,12 +27,13 @@ chunk store before the version is published and before the client is answered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from typing import Any
 
 from tierd.entry import SEALED, WRITING, Entry
-from tierd.errors import InvalidRequest, NotFound, TierFull, Unsupported
+from tierd.errors import InvalidRequest, NotFound, StorageError, TierFull, Unsupported
 from tierd.manager import Manager
 from tierd.moves import Mover
 from tierd.protocol import Located
@@ -404,18 +405,28 @@ class Placement:
             before = t.used_bytes
             try:
                 await self.demote(e, name)
-            except TierFull as ex:
+            except (TierFull, StorageError) as ex:  # the tier below is full or failing: try later
                 log.warning("cannot demote from %s: %s", name, ex)
                 break
             freed += max(0, before - t.used_bytes)
         return freed
 
     async def balancer(self) -> None:
-        """Keep each memory tier under its high watermark, demoting down to the low one."""
+        """Keep each memory tier under its high watermark, demoting down to the low one.
+
+        A round that ends still above the high watermark (the tier below full or failing, every
+        entry held) is tried again after a back-off of 1 s doubling to 30 s, as well as on the next
+        poke: when space comes back, demotion resumes without waiting for a put.
+        """
+        retry: float | None = None
         while True:
-            await self._wake.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), retry)
             self._wake.clear()
+            stuck = False
             for name, t in self.m.memory.items():
                 if t.used_bytes > t.ceiling * self.high:
                     freed = await self.balance_once(tier=name)
                     log.debug("watermark: demoted %d bytes from %s", freed, name)
+                    stuck |= t.used_bytes > t.ceiling * self.high
+            retry = min(30.0, 2 * retry if retry else 1.0) if stuck else None

@@ -24,6 +24,7 @@ its event loop. Writes are serialised by one lock (LMDB has a single writer anyw
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import math
@@ -37,6 +38,7 @@ from typing import Any, ClassVar, TypeVar
 import lmdb
 import numpy as np
 
+from tierd.errors import StorageError
 from tierd.tiers.statedir import StateDir, StateError
 from tierd.tiers.store import CHUNK_BYTES, ChunkStore, NoRoom, RecordMeta
 
@@ -157,20 +159,33 @@ class DiskTier(ChunkStore):
     def _commit(self, rec: RecordMeta, encoded: bytes) -> None:
         self._put(self.meta_db, _VKEY.pack(rec.version), encoded)
         if rec.durable:
-            self.env.sync(True)  # commits fsync their data; this makes the meta page durable too
+            with self._failing("sync", len(encoded)):
+                self.env.sync(True)  # commits fsync their data; this makes the meta page durable too
         with self.env.begin(db=self.chunk_db, buffers=True) as txn:  # written pages: not needed in RAM
             for i in range(len(rec.chunks)):
                 buf = txn.get(_CKEY.pack(rec.version, i))
                 if buf is not None:
                     self._drop_cached(buf)
 
+    @contextlib.contextmanager
+    def _failing(self, what: str, nbytes: int) -> Iterator[None]:
+        """LMDB's errors as the store's: NoRoom when the map or the filesystem is full, StorageError
+        for any other failure. LMDB reports a full filesystem as an I/O error, so the filesystem's
+        free space tells the two apart."""
+        try:
+            yield
+        except lmdb.MapFullError:
+            raise NoRoom("LMDB needs contiguous pages") from None
+        except lmdb.Error as e:
+            st = os.statvfs(self.path.parent)
+            free = st.f_bavail * st.f_frsize
+            if free < nbytes + 16 * PAGE:
+                raise NoRoom(f"the filesystem of {self.path} is full ({free} bytes free)") from None
+            raise StorageError(f"{self.path}: {what} failed ({e})", path=str(self.path)) from None
+
     def _put(self, db: Any, key: bytes, value: Any) -> None:
-        with self._write_lock:
-            try:
-                with self.env.begin(write=True, db=db) as txn:
-                    txn.put(key, value)
-            except lmdb.MapFullError:
-                raise NoRoom("LMDB needs contiguous pages") from None
+        with self._write_lock, self._failing("write", len(value)), self.env.begin(write=True, db=db) as txn:
+            txn.put(key, value)
 
     def _read_chunk(self, version: int, index: int, use: Callable[[Any], T]) -> T:
         with self.env.begin(db=self.chunk_db, buffers=True) as txn:
@@ -196,13 +211,17 @@ class DiskTier(ChunkStore):
         os.posix_fadvise(self._fd, start - self._map_addr, end - start, os.POSIX_FADV_DONTNEED)
 
     def _unpublish(self, version: int) -> None:
-        with self._write_lock, self.env.begin(write=True, db=self.meta_db) as txn:
+        with (
+            self._write_lock,
+            self._failing("unpublish", 0),
+            self.env.begin(write=True, db=self.meta_db) as txn,
+        ):
             txn.delete(_VKEY.pack(version))
 
     def _delete(self, version: int) -> None:
         """Record and chunks go in one transaction: deleting writes no data, so it stays short."""
         prefix = _VKEY.pack(version)
-        with self._write_lock, self.env.begin(write=True) as txn:
+        with self._write_lock, self._failing("delete", 0), self.env.begin(write=True) as txn:
             txn.delete(prefix, db=self.meta_db)
             cur = txn.cursor(db=self.chunk_db)
             if cur.set_range(prefix):

@@ -31,6 +31,7 @@ Writes of one store are not concurrent (placement has one writer thread); reads 
 
 from __future__ import annotations
 
+import logging
 import threading
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
@@ -42,8 +43,10 @@ import msgspec
 import xxhash
 
 from tierd.codecs import Plan, get_codec
-from tierd.errors import CorruptEntry, TierFull
+from tierd.errors import CorruptEntry, StorageError, TierFull
 from tierd.tiers.base import Tier
+
+log = logging.getLogger("tierd.store")
 
 #: Raw bytes per chunk. Small enough that a write transaction is short and LMDB finds contiguous
 #: free pages for it; large enough that per-chunk overhead is negligible.
@@ -208,7 +211,11 @@ class ChunkStore(Tier):
         except BaseException as e:
             for f in futures:
                 f.cancel()
-            self._delete(version)
+            try:
+                self._delete(version)
+            except StorageError as gone:  # a full device can refuse even a delete: the chunks left
+                log.warning("%s: could not remove the chunks of %r v%d (%s); the next start sweeps them",
+                            self.name, meta["key"], version, gone)  # fmt: skip
             if isinstance(e, NoRoom):
                 free = max(0, self.capacity_bytes - self.counts.used_bytes)
                 raise TierFull(
