@@ -38,10 +38,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from tierd.entry import ABORTED, COUNTERS, FREED, SEALED, WRITING, ClientInfo, Entry
+from tierd.entry import ABORTED, COUNTERS, FREED, SEALED, WRITING, ClientInfo, Entry, PutSpec
 from tierd.errors import InvalidRequest, NotFound, TierFull, Unsupported
 from tierd.policy import LRU
-from tierd.protocol import DTYPE_SIZES, SCOPES, Located, Put, check_key
+from tierd.protocol import DTYPE_SIZES, SCOPES, Located, check_key
 from tierd.tiers.base import Tier
 from tierd.tiers.memory import MemoryTier
 from tierd.tiers.store import ChunkStore
@@ -134,7 +134,7 @@ class Manager:
             capacity_bytes=st.capacity_bytes,
         )
 
-    def begin_put(self, cid: int, req: Put, offset: int | None = None) -> tuple[int, int]:
+    def begin_put(self, cid: int, req: PutSpec, offset: int | None = None) -> tuple[int, int]:
         """Reserve a region for a new version of ``req.key``; returns (put id = version, offset).
 
         ``offset``: a region the caller already allocated (after making room); else one is taken
@@ -174,7 +174,7 @@ class Manager:
                 self._hide(old)
             self._next_version = max(self._next_version, e.version + 1)
 
-    def validate_put(self, req: Put) -> None:
+    def validate_put(self, req: PutSpec) -> None:
         why = check_key(req.key)
         if why:
             raise InvalidRequest(why, key=req.key)
@@ -214,7 +214,8 @@ class Manager:
             if req.codec not in CODEC_NAMES:
                 raise InvalidRequest(f"unknown codec {req.codec!r} (known: auto, {', '.join(CODEC_NAMES)})")
 
-    def _writing(self, cid: int, put_id: int) -> Entry:
+    def writing(self, cid: int, put_id: int) -> Entry:
+        """The version put ``put_id`` of client ``cid`` is writing; InvalidRequest if there is none."""
         e = self.versions.get(put_id)
         if e is None or e.state != WRITING or e.owner != cid:
             raise InvalidRequest(f"no put {put_id} in progress on this connection", put_id=put_id)
@@ -222,7 +223,7 @@ class Manager:
 
     def seal(self, cid: int, put_id: int) -> tuple[str, int]:
         """Publish a written version as its key's current one; the previous version is hidden."""
-        e = self._writing(cid, put_id)
+        e = self.writing(cid, put_id)
         self.clients[cid].puts.discard(put_id)
         e.state = SEALED
         old = self.entries.get(e.key)
@@ -236,7 +237,7 @@ class Manager:
         return e.key, e.version
 
     def abort(self, cid: int, put_id: int) -> None:
-        self._writing(cid, put_id)
+        self.writing(cid, put_id)
         self.clients[cid].puts.discard(put_id)
         self._drop_writing(put_id)
 

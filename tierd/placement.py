@@ -304,7 +304,7 @@ class Placement:
     # ---- durable put, delete, evict ------------------------------------------------------------
     async def seal_durable(self, cid: int, put_id: int) -> tuple[str, int]:
         """Write a durable put through to the durable store, then publish it."""
-        e = self.m._writing(cid, put_id)
+        e = self.m.writing(cid, put_id)
         await self.store(e)
         if e.state != WRITING or cid not in self.m.clients:
             raise InvalidRequest(f"put {put_id} was aborted while it was being written", put_id=put_id)
