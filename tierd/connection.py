@@ -59,7 +59,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, server: Host) -> None:
         self.server = server
         self.service = server.service
-        self.counters = server.service.counters
+        self.metrics = server.service.metrics
         self.transport: asyncio.Transport | None = None
         self.reader = protocol.FrameReader(MAX_REQUEST_BYTES)
         self.client_id = 0  # set by HELLO
@@ -103,7 +103,7 @@ class Connection(asyncio.Protocol):
             try:
                 frame = reader.next_frame()
             except ProtocolError as e:  # a length prefix over the limit: the stream cannot go on
-                self.counters["bad_frames"] += 1
+                self.metrics.bad_frames += 1
                 self._fatal(e)
                 return
             if frame is None:
@@ -114,13 +114,13 @@ class Connection(asyncio.Protocol):
     def _handle(self, mtype: int, payload: bytes | memoryview) -> None:
         decoder = protocol.REQUEST_DECODERS.get(mtype)
         if decoder is None:
-            self.counters["bad_frames"] += 1
+            self.metrics.bad_frames += 1
             self._reply(Error(_guess_rid(payload), "protocol", f"unknown message type 0x{mtype:02x}"))
             return
         try:
             msg = decoder.decode(payload)
         except protocol.DecodeError as e:
-            self.counters["bad_frames"] += 1
+            self.metrics.bad_frames += 1
             self._reply(
                 Error(_guess_rid(payload), InvalidRequest.code, f"malformed {decoder.type.__name__}: {e}")
             )
@@ -143,7 +143,7 @@ class Connection(asyncio.Protocol):
             self._count_error(e)
             reply = Error(rid, *e.to_wire())
         except Exception as e:  # a daemon bug costs one request (logged), never the daemon
-            self.counters["internal_errors"] += 1
+            self.metrics.internal_errors += 1
             log.exception("internal error handling %s", type(msg).__name__)
             reply = Error(rid, "error", f"internal error in tierd: {type(e).__name__}: {e}")
         if asyncio.iscoroutine(reply):  # the request waits on the disk: answer when it is done
@@ -155,7 +155,10 @@ class Connection(asyncio.Protocol):
 
     def _count_error(self, e: TierdError) -> None:
         # a lookup of a key that is not there is an answer, not a failure (a cache's miss)
-        self.counters["not_found" if isinstance(e, NotFound) else "errors"] += 1
+        if isinstance(e, NotFound):
+            self.metrics.not_found += 1
+        else:
+            self.metrics.errors += 1
 
     async def _finish(self, rid: int, what: str, coro: Any) -> None:
         try:
@@ -164,7 +167,7 @@ class Connection(asyncio.Protocol):
             self._count_error(e)
             reply = Error(rid, *e.to_wire())
         except Exception as e:  # a daemon bug costs one request (logged), never the daemon
-            self.counters["internal_errors"] += 1
+            self.metrics.internal_errors += 1
             log.exception("internal error handling %s", what)
             reply = Error(rid, "error", f"internal error in tierd: {type(e).__name__}: {e}")
         self._reply(reply)

@@ -22,14 +22,6 @@ from tierd.tiers.store import RecordMeta
 
 WRITING, SEALED, ABORTED, FREED = "writing", "sealed", "aborted", "freed"
 
-COUNTERS = (
-    "puts", "gets", "hits_ram", "reads_disk", "releases", "bad_releases", "deletes",
-    "expired", "prefetch_hints", "prefetch_issued", "prefetch_used", "demotions", "promotions",
-    "tier_full", "errors", "internal_errors", "bad_frames", "pressure_demoted_bytes",
-    "prefetch_wasted_bytes", "prefetch_hinted", "prefetch_dropped", "stall_us",
-    "pressure_released_bytes", "not_found", "prefetch_taken", "demand_waits_for_prefetch",
-)  # fmt: skip
-
 
 class PutSpec(Protocol):
     """What a put asks for: the new version's name, shape and lifetime (checked by

@@ -38,8 +38,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from tierd.entry import ABORTED, COUNTERS, FREED, SEALED, WRITING, ClientInfo, Entry, PutSpec
+from tierd.entry import ABORTED, FREED, SEALED, WRITING, ClientInfo, Entry, PutSpec
 from tierd.errors import InvalidRequest, NotFound, TierFull, Unsupported
+from tierd.metrics import Metrics
 from tierd.policy import LRU
 from tierd.protocol import DTYPE_SIZES, SCOPES, Located, check_key
 from tierd.tiers.base import Tier
@@ -52,7 +53,14 @@ MAX_DIMS = 64
 
 
 class Manager:
-    def __init__(self, home: MemoryTier, *lower: Tier, clock=time.time, mono=time.monotonic) -> None:
+    def __init__(
+        self,
+        home: MemoryTier,
+        *lower: Tier,
+        metrics: Metrics | None = None,
+        clock=time.time,
+        mono=time.monotonic,
+    ) -> None:
         #: the home tier: puts are written here, leases point here
         self.ram = home
         #: every tier, fastest first
@@ -79,7 +87,8 @@ class Manager:
         self.versions: dict[int, Entry] = {}  # every version whose bytes are held
         self.leases: dict[int, tuple[int, Entry]] = {}  # lease id -> (client id, version)
         self.clients: dict[int, ClientInfo] = {}
-        self.counters: collections.Counter[str] = collections.Counter({c: 0 for c in COUNTERS})
+        #: the daemon's counters (their one owner; see tierd.metrics)
+        self.metrics = metrics if metrics is not None else Metrics()
         #: bytes in RAM that were prefetched and not read yet (the speculative budget's use)
         self.spec_bytes = 0
         self._next_version = 1
@@ -112,7 +121,7 @@ class Manager:
         """The TierFull for a region of ``nbytes`` in memory tier ``tier`` that cannot be had
         (counted in tier_full unless ``count`` is false)."""
         if count:
-            self.counters["tier_full"] += 1
+            self.metrics.tier_full += 1
         t = self.memory[tier]
         st = t.space()
         need = t.region_bytes(nbytes)
@@ -233,7 +242,7 @@ class Manager:
             self.policy.on_put(e.version, e)
         if old is not None:
             self._hide(old)
-        self.counters["puts"] += 1
+        self.metrics.puts += 1
         return e.key, e.version
 
     def abort(self, cid: int, put_id: int) -> None:
@@ -288,11 +297,12 @@ class Manager:
             if e.prefetched:
                 e.prefetched = False
                 self.spec_bytes -= self.ram.region_bytes(e.nbytes)
-                self.counters["prefetch_used"] += 1
+                self.metrics.prefetch_used += 1
             self.policy.on_hit(e.version)
             out.append(Located(e.key, e.version, e.dtype, e.shape, offset, e.nbytes, lid))
-        self.counters["gets"] += len(found)
-        self.counters["hits_ram"] += len(found) - loaded
+        metrics = self.metrics
+        metrics.gets += len(found)
+        metrics.hits_ram += len(found) - loaded
         return out
 
     def release(self, cid: int, lease_ids: list[int]) -> int:
@@ -304,8 +314,9 @@ class Manager:
                 bad += 1
                 continue
             self._end_lease(lid)
-        self.counters["releases"] += len(lease_ids) - bad
-        self.counters["bad_releases"] += bad
+        metrics = self.metrics
+        metrics.releases += len(lease_ids) - bad
+        metrics.bad_releases += bad
         return bad
 
     def _end_lease(self, lid: int) -> None:
@@ -320,7 +331,7 @@ class Manager:
     def delete(self, key: str) -> None:
         e = self.resolve(key)
         self._hide(e)
-        self.counters["deletes"] += 1
+        self.metrics.deletes += 1
 
     def _hide(self, e: Entry) -> None:
         """Take a version out of the key index; its bytes go when its last lease does."""
@@ -357,7 +368,7 @@ class Manager:
 
     def prefetch_hint(self, keys: list[str]) -> int:
         """Record hints (the prefetcher acts on them); returns how many keys are known."""
-        self.counters["prefetch_hints"] += len(keys)
+        self.metrics.prefetch_hints += len(keys)
         return sum(1 for k in keys if k in self.entries)
 
     def expire(self) -> list[str]:
@@ -369,7 +380,7 @@ class Manager:
         ]  # fmt: skip
         for e in gone:
             self._hide(e)
-        self.counters["expired"] += len(gone)
+        self.metrics.expired += len(gone)
         return [e.key for e in gone]
 
     def _maybe_free(self, e: Entry) -> None:
@@ -399,7 +410,7 @@ class Manager:
         if e.prefetched:
             e.prefetched = False
             self.spec_bytes -= self.ram.region_bytes(e.nbytes)
-            self.counters["prefetch_wasted_bytes"] += e.nbytes
+            self.metrics.prefetch_wasted_bytes += e.nbytes
 
     def place(self, e: Entry, tier: str, location: Any) -> None:
         """Publish a copy of ``e`` in ``tier`` (the end of a move); ``where`` stays in tier order."""
@@ -452,7 +463,7 @@ class Manager:
             "tiers": tiers,
             "clients": len(self.clients),
             "leases": len(self.leases),
-            "counters": dict(self.counters),
+            "counters": self.metrics.snapshot(),
         }
 
     def check(self) -> None:

@@ -47,7 +47,7 @@ class Relief:
         ram.on_release = self._released
 
     def _released(self, n: int) -> None:
-        self.m.counters["pressure_released_bytes"] += n
+        self.m.metrics.pressure_released_bytes += n
 
     async def poll(self) -> None:
         """Read the monitor once and act on its level."""
@@ -59,16 +59,16 @@ class Relief:
             if p.level == "none" and ram.ceiling < ram.capacity_bytes:
                 placement.raise_ceiling(int(CEILING_STEP * ram.capacity_bytes))
             return
-        counters = self.m.counters
+        metrics = self.m.metrics
         ceiling = placement.lower_ceiling(ram.used_bytes - p.shrink_bytes)
         released = 0
         for start, size in ram.alloc.holes(min_size=MIN_RELEASE_BYTES):
             released += release_pages(ram.mmap, start, size)
-        counters["pressure_released_bytes"] += released
+        metrics.pressure_released_bytes += released
         log.warning("memory pressure %s (%s): RAM tier held at %.0f MiB (of %.0f), free pages returned: "
                     "%.0f MiB; demoting down to it", p.level, ", ".join(p.reasons), ceiling / 2**20,
                     ram.capacity_bytes / 2**20, released / 2**20)  # fmt: skip
         # regions freed from here on return their pages as they go (ram.ceiling is down)
         freed = await placement.balance_once(target_used=ceiling, take_prefetched=True)
-        counters["pressure_demoted_bytes"] += freed
+        metrics.pressure_demoted_bytes += freed
         log.info("memory pressure: demoted %.0f MiB", freed / 2**20)

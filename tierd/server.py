@@ -34,6 +34,7 @@ from tierd.config import Config, ConfigError, load
 from tierd.connection import Connection
 from tierd.loops import loop_factory
 from tierd.manager import Manager
+from tierd.metrics import Metrics
 from tierd.monitor import Monitor, limit_heap_retention
 from tierd.notify import Notifier
 from tierd.placement import Placement
@@ -54,6 +55,8 @@ class Server:
         self.notifier = Notifier()
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
+        #: the daemon's counters (status reads them; a metrics exporter will too)
+        self.metrics = Metrics()
         self.manager: Manager  # built in startup
         self.ram: RamTier
         self.placement: Placement
@@ -96,7 +99,7 @@ class Server:
         ram = tiers[0]
         assert isinstance(ram, RamTier)  # registry.build: ram is first
         self.ram = ram
-        self.manager = Manager(ram, *tiers[1:])
+        self.manager = Manager(ram, *tiers[1:], metrics=self.metrics)
         self.placement = Placement(self.manager, high=cfg.ram_high_watermark, low=cfg.ram_low_watermark,
                                    tag_codecs=cfg.tag_codec_map())  # fmt: skip
         self.relief = Relief(self.placement, ram, self.monitor)

@@ -33,6 +33,7 @@ from tierd.protocol import Located
 if TYPE_CHECKING:
     from tierd.entry import Entry
     from tierd.manager import Manager
+    from tierd.metrics import Metrics
     from tierd.placement import Placement
     from tierd.prefetch import Prefetcher
     from tierd.tiers.memory import MapHandle
@@ -64,8 +65,8 @@ class Service:
         self.m = manager
         self.placement = placement
         self.prefetcher = prefetcher
-        #: the daemon's counters (status shows them)
-        self.counters = manager.counters
+        #: the daemon's counters (their owner: tierd.metrics)
+        self.metrics: Metrics = manager.metrics
         #: the daemon's own part of status (its pid, version, socket, the last pressure reading)
         self._describe = describe
         self._record = prefetcher.record
@@ -175,7 +176,7 @@ class Service:
         tiers = [e.tiers[0] for e in found]
         t0 = time.perf_counter()
         got = await self.placement.get(cid, found)
-        self.counters["stall_us"] += int((time.perf_counter() - t0) * 1e6)
+        self.metrics.stall_us += int((time.perf_counter() - t0) * 1e6)
         record = self._record
         for e, tier in zip(found, tiers, strict=True):
             record(cid, e, "get", tier)
