@@ -71,14 +71,14 @@ async def test_a_demand_read_takes_the_room_of_prefetches_in_flight() -> None:
         await _until(lambda: len(pl.moves.speculative["ram"]) == 2 and ram.used_bytes == full)
 
         demand = asyncio.create_task(pl.get(cid, [m.resolve("t/x")]))
-        await _until(lambda: m.counters["demand_waits_for_prefetch"] > 0)
+        await _until(lambda: m.metrics.demand_waits_for_prefetch > 0)
         assert not demand.done()  # waiting for the room, not refused
         store.gate.set()
         [loc] = await asyncio.wait_for(demand, 30)
         await asyncio.gather(*prefetches)
 
         assert bytes(ram.view(loc.offset, MiB)) == bytes([5]) * MiB
-        assert m.counters["prefetch_taken"] == 1 and m.counters["tier_full"] == 0
+        assert m.metrics.prefetch_taken == 1 and m.metrics.tier_full == 0
         assert sum(1 for e in spec if "ram" in e.where) == 1  # one kept, one taken
         m.check()
         m.release(cid, [loc.lease, *(h.lease for h in held)])

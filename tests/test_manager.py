@@ -55,7 +55,7 @@ def test_put_get_release(m: Manager) -> None:
     assert m.release(c, [loc.lease]) == 0
     assert m.status()["leases"] == 0
     assert m.release(c, [loc.lease]) == 1  # twice: counted as bad, nothing else happens
-    assert m.counters["bad_releases"] == 1
+    assert m.metrics.bad_releases == 1
     m.check()
 
 
@@ -184,7 +184,7 @@ def test_ttl_counts_from_last_access_and_waits_for_leases(m: Manager, clock: Clo
     assert m.expire() == []  # leased: waits
     m.release(a, [lid])
     assert m.expire() == ["ns/t"]
-    assert m.ram.used_bytes == 0 and m.counters["expired"] == 1
+    assert m.ram.used_bytes == 0 and m.metrics.expired == 1
 
 
 def test_pin_unpin(m: Manager) -> None:

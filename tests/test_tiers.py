@@ -66,9 +66,9 @@ async def test_a_configured_third_tier_takes_demotions_and_gives_them_back(three
     where = {e.key: e.tiers for e in m.entries.values()}
     assert where["w/13"][0] == "ram" and where["w/0"] == ["disk"]
     assert any(t == ["host"] for t in where.values()), where  # demoted from RAM into host only
-    assert m.tiers["host"].used_bytes > 0 and m.counters["demotions"] > 0
+    assert m.tiers["host"].used_bytes > 0 and m.metrics.demotions > 0
     # read everything back: from host (a memory copy, no disk read), from disk, or from RAM
-    before = dict(m.counters)
+    before = m.metrics.snapshot()
     sources = []
     for i in range(14):
         e = m.entries[f"w/{i}"]
@@ -79,8 +79,8 @@ async def test_a_configured_third_tier_takes_demotions_and_gives_them_back(three
         m.release(cid, [loc.lease])
         m.check()
     assert "host" in sources and "disk" in sources, sources
-    assert m.counters["promotions"] - before["promotions"] == sum(s != "ram" for s in sources)
-    assert m.counters["reads_disk"] - before["reads_disk"] == sources.count("disk")
+    assert m.metrics.promotions - before["promotions"] == sum(s != "ram" for s in sources)
+    assert m.metrics.reads_disk - before["reads_disk"] == sources.count("disk")
     st = {t["name"]: t for t in m.status()["tiers"]}
     assert list(st) == ["ram", "host", "disk"] and st["host"]["entries"] > 0
     # evict pushes an entry out of every memory tier; pin holds it in the tier named

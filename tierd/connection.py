@@ -1,8 +1,13 @@
 """One client connection: frames in (cut by :class:`tierd.protocol.FrameReader`), each request answered.
 
-A :class:`Connection` (an asyncio Protocol, one per client) decodes each frame into its typed
-message and hands it to the :class:`~tierd.manager.Manager` (the entry table) or, for anything that
-waits on the disk, to :class:`~tierd.placement.Placement`, whose coroutine answers when it is done.
+A :class:`Connection` (an asyncio Protocol, one per client) does the wire's part and nothing else:
+it feeds the bytes it receives to its frame reader, decodes each frame into its typed message,
+calls that verb's use case on the :class:`~tierd.service.Service` with the message's fields, and
+encodes the result (or the typed error raised) as the reply. A use case that has to wait hands
+back a coroutine; the reply is written when it is done, from a task the server tracks. What stays
+here is what belongs to the connection: HELLO (protocol version, the peer's credentials, the arena
+fd sent over ``SCM_RIGHTS``) and the client id its requests and leases belong to.
+
 Anything a client sends gets a typed reply or, when the stream cannot be framed, a closed
 connection: the loop itself never sees an exception from a client.
 """
@@ -16,19 +21,18 @@ import logging
 import os
 import socket
 import struct
-import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
 from tierd import __version__, protocol
 from tierd.errors import InvalidRequest, NotFound, ProtocolError, TierdError, VersionMismatch
-from tierd.protocol import MAX_REQUEST_BYTES, Error, Got, Ok, PutReady, Welcome
+from tierd.protocol import MAX_REQUEST_BYTES, Error, Got, Located, Ok, PutReady, Welcome
 
 if TYPE_CHECKING:
-    from tierd.manager import Manager
-    from tierd.placement import Placement
-    from tierd.prefetch import Prefetcher
+    from collections.abc import Coroutine
+
+    from tierd.service import Service
 
 log = logging.getLogger("tierd")
 _PEERCRED = struct.Struct("3i")
@@ -40,9 +44,7 @@ class Host(Protocol):
     Declared here, so that this module does not import the server that imports it.
     """
 
-    manager: Manager
-    placement: Placement
-    prefetcher: Prefetcher
+    service: Service
     #: open connections (a connection adds itself when made, removes itself when lost)
     connections: set[Connection]
     #: tasks of requests that wait (on the disk): the server waits for them at shutdown
@@ -50,17 +52,14 @@ class Host(Protocol):
 
     def peer_allowed(self, uid: int, gid: int) -> bool: ...
 
-    def check_codec(self, m: protocol.Put) -> None: ...
-
-    def status(self) -> dict[str, Any]: ...
-
 
 class Connection(asyncio.Protocol):
-    """One client connection. All state changes go through the manager, on the loop."""
+    """One client connection. All state changes go through the service's use cases, on the loop."""
 
     def __init__(self, server: Host) -> None:
         self.server = server
-        self.manager = server.manager
+        self.service = server.service
+        self.metrics = server.service.metrics
         self.transport: asyncio.Transport | None = None
         self.reader = protocol.FrameReader(MAX_REQUEST_BYTES)
         self.client_id = 0  # set by HELLO
@@ -83,7 +82,7 @@ class Connection(asyncio.Protocol):
         self.closed = True
         self.server.connections.discard(self)
         if self.client_id:
-            self.manager.client_gone(self.client_id)
+            self.service.leave(self.client_id)
             log.debug("client %d gone", self.client_id)
 
     def pause_writing(self) -> None:
@@ -104,7 +103,7 @@ class Connection(asyncio.Protocol):
             try:
                 frame = reader.next_frame()
             except ProtocolError as e:  # a length prefix over the limit: the stream cannot go on
-                self.manager.counters["bad_frames"] += 1
+                self.metrics.bad_frames += 1
                 self._fatal(e)
                 return
             if frame is None:
@@ -115,13 +114,13 @@ class Connection(asyncio.Protocol):
     def _handle(self, mtype: int, payload: bytes | memoryview) -> None:
         decoder = protocol.REQUEST_DECODERS.get(mtype)
         if decoder is None:
-            self.manager.counters["bad_frames"] += 1
+            self.metrics.bad_frames += 1
             self._reply(Error(_guess_rid(payload), "protocol", f"unknown message type 0x{mtype:02x}"))
             return
         try:
             msg = decoder.decode(payload)
         except protocol.DecodeError as e:
-            self.manager.counters["bad_frames"] += 1
+            self.metrics.bad_frames += 1
             self._reply(
                 Error(_guess_rid(payload), InvalidRequest.code, f"malformed {decoder.type.__name__}: {e}")
             )
@@ -144,7 +143,7 @@ class Connection(asyncio.Protocol):
             self._count_error(e)
             reply = Error(rid, *e.to_wire())
         except Exception as e:  # a daemon bug costs one request (logged), never the daemon
-            self.manager.counters["internal_errors"] += 1
+            self.metrics.internal_errors += 1
             log.exception("internal error handling %s", type(msg).__name__)
             reply = Error(rid, "error", f"internal error in tierd: {type(e).__name__}: {e}")
         if asyncio.iscoroutine(reply):  # the request waits on the disk: answer when it is done
@@ -156,7 +155,10 @@ class Connection(asyncio.Protocol):
 
     def _count_error(self, e: TierdError) -> None:
         # a lookup of a key that is not there is an answer, not a failure (a cache's miss)
-        self.manager.counters["not_found" if isinstance(e, NotFound) else "errors"] += 1
+        if isinstance(e, NotFound):
+            self.metrics.not_found += 1
+        else:
+            self.metrics.errors += 1
 
     async def _finish(self, rid: int, what: str, coro: Any) -> None:
         try:
@@ -165,7 +167,7 @@ class Connection(asyncio.Protocol):
             self._count_error(e)
             reply = Error(rid, *e.to_wire())
         except Exception as e:  # a daemon bug costs one request (logged), never the daemon
-            self.manager.counters["internal_errors"] += 1
+            self.metrics.internal_errors += 1
             log.exception("internal error handling %s", what)
             reply = Error(rid, "error", f"internal error in tierd: {type(e).__name__}: {e}")
         self._reply(reply)
@@ -178,12 +180,12 @@ class Connection(asyncio.Protocol):
                 daemon=protocol.PROTOCOL_VERSION, client=msg.version,
             ))  # fmt: skip
             return
-        self.client_id = self.manager.add_client(self.peer_pid, self.peer_uid, msg.name)
-        ram_bytes = self.manager.ram.capacity_bytes
+        service = self.service
+        self.client_id = service.join(self.peer_pid, self.peer_uid, msg.name)
         welcome = protocol.encode(
-            Welcome(protocol.PROTOCOL_VERSION, os.getpid(), self.client_id, ram_bytes, __version__)
+            Welcome(protocol.PROTOCOL_VERSION, os.getpid(), self.client_id, service.home_bytes, __version__)
         )
-        fds = array.array("i", [self.manager.ram.map_handle().fd])
+        fds = array.array("i", [service.home_map().fd])
         try:
             with self._raw_socket() as s:
                 s.sendmsg([welcome], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
@@ -193,138 +195,65 @@ class Connection(asyncio.Protocol):
             return
         log.debug("client %d: pid %d uid %d %r", self.client_id, self.peer_pid, self.peer_uid, msg.name)
 
-    # -- verbs -----------------------------------------------------------------------------------
+    # -- verbs: message fields in, use case called, its result as the reply ----------------------
     def on_put(self, m: protocol.Put) -> Any:
-        mgr = self.manager
-        mgr.validate_put(m)
-        self.server.check_codec(m)
-        offset = mgr.ram.allocate(m.nbytes)
-        if offset is None:
-            return self._put_after_room(m)
-        put_id, offset = mgr.begin_put(self.client_id, m, offset)
-        self.server.placement.poke()
-        return PutReady(m.rid, put_id, offset, put_id)
-
-    async def _put_after_room(self, m: protocol.Put) -> PutReady:
-        offset = await self.server.placement.alloc(m.key, m.nbytes)
-        if self.client_id not in self.manager.clients:  # went while we made room
-            self.manager.ram.free(offset)
-            raise ProtocolError("client gone")
-        put_id, offset = self.manager.begin_put(self.client_id, m, offset)
-        self.server.placement.poke()
-        return PutReady(m.rid, put_id, offset, put_id)
+        r = self.service.put(self.client_id, m)  # a PUT message is a PutSpec
+        if isinstance(r, tuple):
+            return PutReady(m.rid, r[0], r[1], r[0])
+        return _put_ready(m.rid, r)
 
     def on_seal(self, m: protocol.Seal) -> Any:
-        e = self.manager._writing(self.client_id, m.put_id)
-        if self.server.placement.may_be_lossy(e):
-            return self._seal_lossy(m)
-        return self._seal(m)
-
-    def _seal(self, m: protocol.Seal) -> Any:
-        mgr = self.manager
-        e = mgr._writing(self.client_id, m.put_id)
-        if e.durable:
-            return self._seal_durable(m)
-        old = mgr.entries.get(e.key)
-        old_on_disk = old is not None and old.durable and old.record is not None
-        sealed = list(mgr.seal(self.client_id, m.put_id))
-        self.server.prefetcher.record(self.client_id, e, "put", "-")
-        if old_on_disk:
-            return self._after_unpublish(Ok(m.rid, sealed))  # the old durable copy must be gone first
-        return Ok(m.rid, sealed)
-
-    async def _seal_lossy(self, m: protocol.Seal) -> Ok:
-        """A put whose disk codec is lossy: its RAM bytes become the decoded ones first."""
-        await self.server.placement.round_trip(self.manager._writing(self.client_id, m.put_id))
-        reply = self._seal(m)
-        return await reply if asyncio.iscoroutine(reply) else reply
-
-    async def _seal_durable(self, m: protocol.Seal) -> Ok:
-        e = self.manager._writing(self.client_id, m.put_id)
-        key, version = await self.server.placement.seal_durable(self.client_id, m.put_id)
-        self.server.prefetcher.record(self.client_id, e, "put", "-")
-        return Ok(m.rid, [key, version])
-
-    async def _after_unpublish(self, reply: Ok) -> Ok:
-        await self.server.placement.settled()
-        return reply
+        r = self.service.seal(self.client_id, m.put_id)
+        if isinstance(r, tuple):
+            return Ok(m.rid, list(r))
+        return _sealed(m.rid, r)
 
     def on_abort(self, m: protocol.Abort) -> Ok:
-        self.manager.abort(self.client_id, m.put_id)
+        self.service.abort(self.client_id, m.put_id)
         return Ok(m.rid)
 
     def on_get(self, m: protocol.Get) -> Any:
-        found = [self.manager.resolve(k, v) for k, v in m.refs]
-        placement = self.server.placement
-        if placement.resident(found):
-            got = Got(m.rid, self.manager.lease(self.client_id, found))
-            record = self.server.prefetcher.record
-            for e in found:
-                record(self.client_id, e, "get", "ram")
-            return got
-        return self._get_slow(m.rid, found)
-
-    async def _get_slow(self, rid: int, found: list[Any]) -> Got:
-        tiers = [e.tiers[0] for e in found]
-        t0 = time.perf_counter()
-        got = Got(rid, await self.server.placement.get(self.client_id, found))
-        self.manager.counters["stall_us"] += int((time.perf_counter() - t0) * 1e6)
-        record = self.server.prefetcher.record
-        for e, tier in zip(found, tiers, strict=True):
-            record(self.client_id, e, "get", tier)
-        return got
+        r = self.service.get(self.client_id, m.refs)
+        if isinstance(r, list):
+            return Got(m.rid, r)
+        return _got(m.rid, r)
 
     def on_release(self, m: protocol.Release) -> None:
-        bad = self.manager.release(self.client_id, m.leases)
-        if bad:
-            log.debug("client %d released %d lease ids it did not hold", self.client_id, bad)
+        self.service.release(self.client_id, m.leases)
 
     def on_delete(self, m: protocol.Delete) -> Any:
-        e = self.manager.resolve(m.key)
-        on_disk = e.durable and e.record is not None
-        self.manager.delete(m.key)
-        if on_disk:
-            return self._after_unpublish(Ok(m.rid))  # answered once a restart cannot bring it back
-        return Ok(m.rid)
+        r = self.service.delete(m.key)
+        if r is None:
+            return Ok(m.rid)
+        return _ok(m.rid, r)  # answered once a restart cannot bring it back
 
     def on_evict(self, m: protocol.Evict) -> Any:
-        return self._evict(m)
-
-    async def _evict(self, m: protocol.Evict) -> Ok:
-        return Ok(m.rid, await self.server.placement.evict(m.key))
+        return _ok(m.rid, self.service.evict(m.key))
 
     def on_verify(self, m: protocol.Verify) -> Any:
-        return self._verify(m)
-
-    async def _verify(self, m: protocol.Verify) -> Ok:
-        return Ok(m.rid, await self.server.placement.verify(m.prefix))
+        return _ok(m.rid, self.service.verify(m.prefix))
 
     def on_pin(self, m: protocol.Pin) -> Ok:
-        self.manager.pin(m.key, m.tier)
+        self.service.pin(m.key, m.tier)
         return Ok(m.rid)
 
     def on_unpin(self, m: protocol.Unpin) -> Ok:
-        return Ok(m.rid, self.manager.unpin(m.key))
+        return Ok(m.rid, self.service.unpin(m.key))
 
     def on_ls(self, m: protocol.Ls) -> Ok:
-        return Ok(m.rid, self.manager.ls(m.prefix))
+        return Ok(m.rid, self.service.ls(m.prefix))
 
     def on_stat(self, m: protocol.Stat) -> Ok:
-        return Ok(m.rid, self.manager.stat(m.key))
+        return Ok(m.rid, self.service.stat(m.key))
 
     def on_status(self, m: protocol.Status) -> Ok:
-        return Ok(m.rid, self.server.status())
+        return Ok(m.rid, self.service.status())
 
     def on_prefetch(self, m: protocol.Prefetch) -> Ok:
-        self.manager.prefetch_hint(m.keys)
-        return Ok(m.rid, self.server.prefetcher.hint(self.client_id, m.keys))
+        return Ok(m.rid, self.service.prefetch(self.client_id, m.keys))
 
     def on_trace(self, m: protocol.Trace) -> Ok:
-        from tierd.predict.log import to_row
-
-        accesses = self.server.prefetcher.log.since(m.since)[: max(0, m.limit)]
-        now = self.server.prefetcher.log_time()
-        return Ok(m.rid, {"now": now, "accesses": [to_row(a) for a in accesses]})
+        return Ok(m.rid, self.service.trace(m.since, m.limit))
 
     # -- plumbing --------------------------------------------------------------------------------
     def _reply(self, msg: protocol.Msg) -> None:
@@ -369,6 +298,24 @@ _HANDLERS: dict[int, Any] = {
     protocol.VERIFY: Connection.on_verify,
     protocol.TRACE: Connection.on_trace,
 }
+
+
+# -- replies to use cases that waited (a coroutine's result, then the reply) --------------------------
+async def _put_ready(rid: int, later: Coroutine[Any, Any, tuple[int, int]]) -> PutReady:
+    put_id, offset = await later
+    return PutReady(rid, put_id, offset, put_id)
+
+
+async def _sealed(rid: int, later: Coroutine[Any, Any, tuple[str, int]]) -> Ok:
+    return Ok(rid, list(await later))
+
+
+async def _got(rid: int, later: Coroutine[Any, Any, list[Located]]) -> Got:
+    return Got(rid, await later)
+
+
+async def _ok(rid: int, later: Coroutine[Any, Any, Any]) -> Ok:
+    return Ok(rid, await later)
 
 
 def _guess_rid(payload: bytes | memoryview) -> int:

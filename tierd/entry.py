@@ -14,20 +14,53 @@ published or a copy is dropped, so a reader that finds a location finds whole by
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from tierd.tiers.store import RecordMeta
 
 WRITING, SEALED, ABORTED, FREED = "writing", "sealed", "aborted", "freed"
 
-COUNTERS = (
-    "puts", "gets", "hits_ram", "reads_disk", "releases", "bad_releases", "deletes",
-    "expired", "prefetch_hints", "prefetch_issued", "prefetch_used", "demotions", "promotions",
-    "tier_full", "errors", "internal_errors", "bad_frames", "pressure_demoted_bytes",
-    "prefetch_wasted_bytes", "prefetch_hinted", "prefetch_dropped", "stall_us",
-    "pressure_released_bytes", "not_found", "prefetch_taken", "demand_waits_for_prefetch",
-)  # fmt: skip
+
+class PutSpec(Protocol):
+    """What a put asks for: the new version's name, shape and lifetime (checked by
+    :meth:`tierd.manager.Manager.validate_put`). A decoded PUT message is one, so the daemon passes
+    it on without copying; :class:`PutArgs` is one for callers without the wire."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def shape(self) -> Sequence[int]: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def tags(self) -> Sequence[str]: ...
+    @property
+    def durable(self) -> bool: ...
+    @property
+    def codec(self) -> str | None: ...
+    @property
+    def ttl(self) -> float | None: ...
+    @property
+    def scope(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PutArgs:
+    """A :class:`PutSpec` built in Python (tests, tools): the same defaults as the client's put."""
+
+    key: str
+    dtype: str
+    shape: Sequence[int]
+    nbytes: int
+    tags: Sequence[str] = ()
+    durable: bool = False
+    codec: str | None = None
+    ttl: float | None = None
+    scope: str = "shared"
 
 
 @dataclass(eq=False)

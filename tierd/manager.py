@@ -38,10 +38,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from tierd.entry import ABORTED, COUNTERS, FREED, SEALED, WRITING, ClientInfo, Entry
+from tierd.entry import ABORTED, FREED, SEALED, WRITING, ClientInfo, Entry, PutSpec
 from tierd.errors import InvalidRequest, NotFound, TierFull, Unsupported
+from tierd.metrics import Metrics
 from tierd.policy import LRU
-from tierd.protocol import DTYPE_SIZES, SCOPES, Located, Put, check_key
+from tierd.protocol import DTYPE_SIZES, SCOPES, Located, check_key
 from tierd.tiers.base import Tier
 from tierd.tiers.memory import MemoryTier
 from tierd.tiers.store import ChunkStore
@@ -54,7 +55,14 @@ MAX_STRIDE_BYTES = 2**63 - 1
 
 
 class Manager:
-    def __init__(self, home: MemoryTier, *lower: Tier, clock=time.time, mono=time.monotonic) -> None:
+    def __init__(
+        self,
+        home: MemoryTier,
+        *lower: Tier,
+        metrics: Metrics | None = None,
+        clock=time.time,
+        mono=time.monotonic,
+    ) -> None:
         #: the home tier: puts are written here, leases point here
         self.ram = home
         #: every tier, fastest first
@@ -81,7 +89,8 @@ class Manager:
         self.versions: dict[int, Entry] = {}  # every version whose bytes are held
         self.leases: dict[int, tuple[int, Entry]] = {}  # lease id -> (client id, version)
         self.clients: dict[int, ClientInfo] = {}
-        self.counters: collections.Counter[str] = collections.Counter({c: 0 for c in COUNTERS})
+        #: the daemon's counters (their one owner; see tierd.metrics)
+        self.metrics = metrics if metrics is not None else Metrics()
         #: bytes in RAM that were prefetched and not read yet (the speculative budget's use)
         self.spec_bytes = 0
         self._next_version = 1
@@ -114,7 +123,7 @@ class Manager:
         """The TierFull for a region of ``nbytes`` in memory tier ``tier`` that cannot be had
         (counted in tier_full unless ``count`` is false)."""
         if count:
-            self.counters["tier_full"] += 1
+            self.metrics.tier_full += 1
         t = self.memory[tier]
         st = t.space()
         need = t.region_bytes(nbytes)
@@ -136,7 +145,7 @@ class Manager:
             capacity_bytes=st.capacity_bytes,
         )
 
-    def begin_put(self, cid: int, req: Put, offset: int | None = None) -> tuple[int, int]:
+    def begin_put(self, cid: int, req: PutSpec, offset: int | None = None) -> tuple[int, int]:
         """Reserve a region for a new version of ``req.key``; returns (put id = version, offset).
 
         ``offset``: a region the caller already allocated (after making room); else one is taken
@@ -176,7 +185,7 @@ class Manager:
                 self._hide(old)
             self._next_version = max(self._next_version, e.version + 1)
 
-    def validate_put(self, req: Put) -> None:
+    def validate_put(self, req: PutSpec) -> None:
         why = check_key(req.key)
         if why:
             raise InvalidRequest(why, key=req.key)
@@ -223,7 +232,8 @@ class Manager:
             if req.codec not in CODEC_NAMES:
                 raise InvalidRequest(f"unknown codec {req.codec!r} (known: auto, {', '.join(CODEC_NAMES)})")
 
-    def _writing(self, cid: int, put_id: int) -> Entry:
+    def writing(self, cid: int, put_id: int) -> Entry:
+        """The version put ``put_id`` of client ``cid`` is writing; InvalidRequest if there is none."""
         e = self.versions.get(put_id)
         if e is None or e.state != WRITING or e.owner != cid:
             raise InvalidRequest(f"no put {put_id} in progress on this connection", put_id=put_id)
@@ -231,7 +241,7 @@ class Manager:
 
     def seal(self, cid: int, put_id: int) -> tuple[str, int]:
         """Publish a written version as its key's current one; the previous version is hidden."""
-        e = self._writing(cid, put_id)
+        e = self.writing(cid, put_id)
         self.clients[cid].puts.discard(put_id)
         e.state = SEALED
         old = self.entries.get(e.key)
@@ -241,11 +251,11 @@ class Manager:
             self.policy.on_put(e.version, e)
         if old is not None:
             self._hide(old)
-        self.counters["puts"] += 1
+        self.metrics.puts += 1
         return e.key, e.version
 
     def abort(self, cid: int, put_id: int) -> None:
-        self._writing(cid, put_id)
+        self.writing(cid, put_id)
         self.clients[cid].puts.discard(put_id)
         self._drop_writing(put_id)
 
@@ -296,11 +306,12 @@ class Manager:
             if e.prefetched:
                 e.prefetched = False
                 self.spec_bytes -= self.ram.region_bytes(e.nbytes)
-                self.counters["prefetch_used"] += 1
+                self.metrics.prefetch_used += 1
             self.policy.on_hit(e.version)
             out.append(Located(e.key, e.version, e.dtype, e.shape, offset, e.nbytes, lid))
-        self.counters["gets"] += len(found)
-        self.counters["hits_ram"] += len(found) - loaded
+        metrics = self.metrics
+        metrics.gets += len(found)
+        metrics.hits_ram += len(found) - loaded
         return out
 
     def release(self, cid: int, lease_ids: list[int]) -> int:
@@ -312,8 +323,9 @@ class Manager:
                 bad += 1
                 continue
             self._end_lease(lid)
-        self.counters["releases"] += len(lease_ids) - bad
-        self.counters["bad_releases"] += bad
+        metrics = self.metrics
+        metrics.releases += len(lease_ids) - bad
+        metrics.bad_releases += bad
         return bad
 
     def _end_lease(self, lid: int) -> None:
@@ -328,7 +340,7 @@ class Manager:
     def delete(self, key: str) -> None:
         e = self.resolve(key)
         self._hide(e)
-        self.counters["deletes"] += 1
+        self.metrics.deletes += 1
 
     def _hide(self, e: Entry) -> None:
         """Take a version out of the key index; its bytes go when its last lease does."""
@@ -365,7 +377,7 @@ class Manager:
 
     def prefetch_hint(self, keys: list[str]) -> int:
         """Record hints (the prefetcher acts on them); returns how many keys are known."""
-        self.counters["prefetch_hints"] += len(keys)
+        self.metrics.prefetch_hints += len(keys)
         return sum(1 for k in keys if k in self.entries)
 
     def expire(self) -> list[str]:
@@ -377,7 +389,7 @@ class Manager:
         ]  # fmt: skip
         for e in gone:
             self._hide(e)
-        self.counters["expired"] += len(gone)
+        self.metrics.expired += len(gone)
         return [e.key for e in gone]
 
     def _maybe_free(self, e: Entry) -> None:
@@ -407,7 +419,7 @@ class Manager:
         if e.prefetched:
             e.prefetched = False
             self.spec_bytes -= self.ram.region_bytes(e.nbytes)
-            self.counters["prefetch_wasted_bytes"] += e.nbytes
+            self.metrics.prefetch_wasted_bytes += e.nbytes
 
     def place(self, e: Entry, tier: str, location: Any) -> None:
         """Publish a copy of ``e`` in ``tier`` (the end of a move); ``where`` stays in tier order."""
@@ -460,7 +472,7 @@ class Manager:
             "tiers": tiers,
             "clients": len(self.clients),
             "leases": len(self.leases),
-            "counters": dict(self.counters),
+            "counters": self.metrics.snapshot(),
         }
 
     def check(self) -> None:

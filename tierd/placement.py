@@ -148,11 +148,11 @@ class Placement:
         if src is None:
             raise NotFound(f"{e.key!r} v{e.version} has no bytes in any tier", key=e.key)
         if await self.moves.copy(e, src, home, self._room, for_prefetch):
-            self.m.counters["promotions"] += 1
+            self.m.metrics.promotions += 1
             if for_prefetch:
                 self.m.mark_prefetched(e)
             elif src in self.stores:
-                self.m.counters["reads_disk"] += 1
+                self.m.metrics.reads_disk += 1
             self._wake.set()
 
     # ---- room ----------------------------------------------------------------------------------
@@ -236,14 +236,14 @@ class Placement:
                 if speculative and not for_prefetch:
                     # the room is held by prefetches still being read: once one lands it is an
                     # unread prefetch, which a demand request may take (the victim above)
-                    self.m.counters["demand_waits_for_prefetch"] += 1
+                    self.m.metrics.demand_waits_for_prefetch += 1
                     await asyncio.wait(list(speculative.values()), return_when=asyncio.FIRST_COMPLETED)
                     continue
                 why = f"every entry in {name} is leased, pinned or moving" if self.below[name] else ""
                 # a prefetch that finds no room is dropped (counted as such), not a refused request
                 raise self.m.tier_full(name, key, nbytes, why, count=not for_prefetch)
             if e.prefetched and not for_prefetch:
-                self.m.counters["prefetch_taken"] += 1  # a demand request takes a prefetch's room
+                self.m.metrics.prefetch_taken += 1  # a demand request takes a prefetch's room
             await self.demote(e, name)
 
     def _room(self, tier: str, key: str, nbytes: int, for_prefetch: bool) -> Any:
@@ -284,7 +284,7 @@ class Placement:
             await self.moves.copy(e, name, below.name, self._room)
         if self._evictable(e, name) and self._has_lower_copy(e, name):
             self.m.drop(e, name)
-            self.m.counters["demotions"] += 1
+            self.m.metrics.demotions += 1
             return True
         return False
 
@@ -305,7 +305,7 @@ class Placement:
     # ---- durable put, delete, evict ------------------------------------------------------------
     async def seal_durable(self, cid: int, put_id: int) -> tuple[str, int]:
         """Write a durable put through to the durable store, then publish it."""
-        e = self.m._writing(cid, put_id)
+        e = self.m.writing(cid, put_id)
         await self.store(e)
         if e.state != WRITING or cid not in self.m.clients:
             raise InvalidRequest(f"put {put_id} was aborted while it was being written", put_id=put_id)

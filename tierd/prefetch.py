@@ -202,23 +202,26 @@ class Prefetcher:
             while self._queue:
                 prio, client, key, gen = self._queue.popleft()
                 if prio and self._gen[client] - gen > STALE_AFTER:
-                    self.m.counters["prefetch_dropped"] += 1
+                    self.m.metrics.prefetch_dropped += 1
                     continue
                 e = self.m.entries.get(key)
                 if e is None or self.placement.home in e.where:
                     continue
                 size = self.placement.ram.region_bytes(e.nbytes)
                 if prio and self.m.spec_bytes + size > self.budget:
-                    self.m.counters["prefetch_dropped"] += 1
+                    self.m.metrics.prefetch_dropped += 1
                     continue
                 await self._load(e, hinted=not prio)
 
     async def _load(self, e: Entry, hinted: bool) -> None:
-        self.m.counters["prefetch_hinted" if hinted else "prefetch_issued"] += 1
+        if hinted:
+            self.m.metrics.prefetch_hinted += 1
+        else:
+            self.m.metrics.prefetch_issued += 1
         try:
             await self.placement.load(e, for_prefetch=True)
         except TierdError as ex:  # full of leases / pins / unread prefetches: not worth forcing
-            self.m.counters["prefetch_dropped"] += 1
+            self.m.metrics.prefetch_dropped += 1
             log.debug("prefetch of %s dropped: %s", e.key, ex)
 
     def log_time(self) -> float:

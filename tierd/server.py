@@ -10,7 +10,9 @@ Life in four steps, as ``Server.serve`` runs them:
                close every connection (their leases end), remove the socket, free the arena.
 
 Each connection is a :class:`~tierd.connection.Connection` (an asyncio Protocol): it cuts frames out
-of the byte stream and answers each request; see :mod:`tierd.connection`.
+of the byte stream and calls the use case of each request on the one :class:`~tierd.service.Service`;
+see :mod:`tierd.connection` and :mod:`tierd.service`. The main loop's memory-pressure poll is
+:mod:`tierd.pressure`.
 """
 
 from __future__ import annotations
@@ -30,20 +32,20 @@ from typing import Any
 from tierd import __version__, protocol
 from tierd.config import Config, ConfigError, load
 from tierd.connection import Connection
-from tierd.errors import InvalidRequest
 from tierd.loops import loop_factory
 from tierd.manager import Manager
-from tierd.monitor import Monitor, Pressure, limit_heap_retention, release_pages
+from tierd.metrics import Metrics
+from tierd.monitor import Monitor, limit_heap_retention
 from tierd.notify import Notifier
 from tierd.placement import Placement
 from tierd.prefetch import Prefetcher
+from tierd.pressure import Relief
+from tierd.service import Service
 from tierd.tiers import registry
 from tierd.tiers.ram import ArenaError, RamTier
 
 log = logging.getLogger("tierd")
 _GIB = float(1 << 30)
-#: share of the RAM tier the pressure ceiling regrows by per calm poll (about 1 s)
-CEILING_STEP = 0.02
 
 
 class Server:
@@ -53,15 +55,18 @@ class Server:
         self.notifier = Notifier()
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
+        #: the daemon's counters (status reads them; a metrics exporter will too)
+        self.metrics = Metrics()
         self.manager: Manager  # built in startup
         self.ram: RamTier
         self.placement: Placement
         self.prefetcher: Prefetcher
+        self.service: Service
+        self.relief: Relief
         self.socket_path = config.socket_path()
         self._gid = config.socket_gid()
         self._stop = asyncio.Event()
         self.monitor = Monitor()
-        self.pressure: Pressure | None = None
         self._signals = 0
         self._server: asyncio.AbstractServer | None = None
         self._started = time.monotonic()
@@ -94,13 +99,14 @@ class Server:
         ram = tiers[0]
         assert isinstance(ram, RamTier)  # registry.build: ram is first
         self.ram = ram
-        self.manager = Manager(ram, *tiers[1:])
+        self.manager = Manager(ram, *tiers[1:], metrics=self.metrics)
         self.placement = Placement(self.manager, high=cfg.ram_high_watermark, low=cfg.ram_low_watermark,
                                    tag_codecs=cfg.tag_codec_map())  # fmt: skip
-        ram.on_release = lambda n: self.manager.counters.update(pressure_released_bytes=n)
+        self.relief = Relief(self.placement, ram, self.monitor)
         budget = cfg.prefetch_budget_bytes()
         self.prefetcher = Prefetcher(self.placement, predictor=cfg.predictor, budget_bytes=budget,
                                      depth=cfg.prefetch_depth)  # fmt: skip
+        self.service = Service(self.manager, self.placement, self.prefetcher, describe=self._describe)
         store = self.manager.durable_store
         if store is not None:
             n = self.placement.restore()
@@ -158,7 +164,7 @@ class Server:
             expired = self.manager.expire()
             if expired:
                 log.debug("expired %d entries", len(expired))
-            await self._relieve_pressure()
+            await self.relief.poll()
             if wd:
                 self.notifier.watchdog()
             now = time.monotonic()
@@ -191,37 +197,6 @@ class Server:
                 os.unlink(self.socket_path)
         self.notifier.close()
         log.info("tierd stopped")
-
-    async def _relieve_pressure(self) -> None:
-        """Give RAM back when the machine runs short, and keep it given back while it stays short.
-
-        ``high`` or worse: lower the tier's ceiling by what the monitor asks, demote down to it and
-        return the free pages to the kernel; while the ceiling is below capacity, regions freed
-        later return their pages too (placement.lower_ceiling). ``none``: the ceiling grows back by
-        ``CEILING_STEP`` of the capacity per poll, so a tier that was squeezed regrows slowly instead
-        of taking everything back at once and being squeezed again. ``low`` holds it where it is.
-        """
-        ram = self.ram
-        placement = self.placement
-        p = self.monitor.poll(ram.capacity_bytes)  # the arena is pre-faulted: all of it is resident
-        self.pressure = p
-        if p.shrink_bytes <= 0:
-            if p.level == "none" and ram.ceiling < ram.capacity_bytes:
-                placement.raise_ceiling(int(CEILING_STEP * ram.capacity_bytes))
-            return
-        counters = self.manager.counters
-        ceiling = placement.lower_ceiling(ram.used_bytes - p.shrink_bytes)
-        released = 0
-        for start, size in ram.alloc.holes(min_size=2 << 20):
-            released += release_pages(ram.mmap, start, size)
-        counters["pressure_released_bytes"] += released
-        log.warning("memory pressure %s (%s): RAM tier held at %.0f MiB (of %.0f), free pages returned: "
-                    "%.0f MiB; demoting down to it", p.level, ", ".join(p.reasons), ceiling / 2**20,
-                    ram.capacity_bytes / 2**20, released / 2**20)  # fmt: skip
-        # regions freed from here on return their pages as they go (ram.ceiling is down)
-        freed = await placement.balance_once(target_used=ceiling, take_prefetched=True)
-        counters["pressure_demoted_bytes"] += freed
-        log.info("memory pressure: demoted %.0f MiB", freed / 2**20)
 
     def _on_signal(self, sig: int) -> None:
         self._signals += 1
@@ -291,17 +266,6 @@ class Server:
         sock.setblocking(False)
         return sock
 
-    def check_codec(self, m: protocol.Put) -> None:
-        """An explicit codec must suit the tensor (int8 needs floats, ...): refused at put time."""
-        if m.codec in (None, "auto"):
-            return
-        from tierd.codecs import get_codec
-
-        why = get_codec(m.codec).why_not(m.dtype, list(m.shape))
-        if why is not None:
-            raise InvalidRequest(f"codec {m.codec!r} cannot store {m.dtype}{list(m.shape)}: {why}",
-                                 codec=m.codec)  # fmt: skip
-
     def peer_allowed(self, uid: int, gid: int) -> bool:
         if uid in (os.getuid(), 0):
             return True
@@ -310,28 +274,22 @@ class Server:
 
     # -- status ----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        s = self.manager.status()
-        s["daemon"] = {
-            "pid": os.getpid(),
-            "version": __version__,
-            "protocol": protocol.PROTOCOL_VERSION,
-            "loop": self.loop_name,
-            "socket": str(self.socket_path),
-            "uptime_s": round(time.monotonic() - self._started, 3),
+        return self.service.status()
+
+    def _describe(self) -> dict[str, Any]:
+        """The daemon's own part of status (the service adds it to the tiers' and counters')."""
+        p = self.relief.last
+        return {
+            "daemon": {
+                "pid": os.getpid(),
+                "version": __version__,
+                "protocol": protocol.PROTOCOL_VERSION,
+                "loop": self.loop_name,
+                "socket": str(self.socket_path),
+                "uptime_s": round(time.monotonic() - self._started, 3),
+            },
+            "pressure": p.as_dict() if p is not None else None,
         }
-        pl = self.placement
-        calib = pl.calibration
-        s["pressure"] = self.pressure.as_dict() if self.pressure is not None else None
-        s["prefetch"] = self.prefetcher.status()
-        s["placement"] = {
-            "policy": self.manager.policy.name,
-            "ram_high_watermark": pl.high,
-            "ram_low_watermark": pl.low,
-            "ram_ceiling_bytes": pl.ram.ceiling,
-            "tag_codecs": pl.tag_codecs,
-            "calibration": calib.to_dict() if calib is not None else None,
-        }
-        return s
 
     def _status_line(self) -> str:
         ram = self.manager.ram

@@ -1,0 +1,74 @@
+"""Memory pressure: give the home tier's memory back when the machine runs short, before the OOM killer.
+
+The server's loop calls :meth:`Relief.poll` about once a second. Each poll reads the
+:class:`~tierd.monitor.Monitor` and acts on its level:
+
+    high or worse   lower the home tier's ceiling by what the monitor asks (never below the bytes
+                    leased, pinned or being written), return the free arena pages to the kernel
+                    (``MADV_REMOVE``, holes of 2 MiB or more) and demote coldest first, unread
+                    prefetches included, down to the ceiling; while the ceiling is below capacity,
+                    regions freed later return their pages at once (the tier does it)
+    low             hold the ceiling where it is
+    none            let the ceiling grow back by ``CEILING_STEP`` of the capacity per poll, so a
+                    squeezed tier regrows slowly instead of taking everything back at once and
+                    being squeezed again
+
+Counters: ``pressure_released_bytes`` (pages returned, here and by later frees) and
+``pressure_demoted_bytes``. The last reading is kept for status (:attr:`Relief.last`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tierd.monitor import Monitor, Pressure, release_pages
+from tierd.placement import Placement
+from tierd.tiers.ram import RamTier
+
+log = logging.getLogger("tierd")
+#: share of the home tier the pressure ceiling regrows by per calm poll (about 1 s)
+CEILING_STEP = 0.02
+#: free holes smaller than this keep their pages (returning them costs more than it gives)
+MIN_RELEASE_BYTES = 2 << 20
+
+
+class Relief:
+    """Keeps the home tier within what the machine can spare (see the module docstring)."""
+
+    def __init__(self, placement: Placement, ram: RamTier, monitor: Monitor | None = None) -> None:
+        """``ram``: the home tier of ``placement`` (its arena's pages are what is given back)."""
+        assert ram is placement.ram
+        self.placement = placement
+        self.ram = ram
+        self.monitor = monitor or Monitor()
+        self.m = placement.m
+        #: the last reading (None before the first poll)
+        self.last: Pressure | None = None
+        ram.on_release = self._released
+
+    def _released(self, n: int) -> None:
+        self.m.metrics.pressure_released_bytes += n
+
+    async def poll(self) -> None:
+        """Read the monitor once and act on its level."""
+        placement = self.placement
+        ram = self.ram
+        p = self.monitor.poll(ram.capacity_bytes)  # the arena is pre-faulted: all of it is resident
+        self.last = p
+        if p.shrink_bytes <= 0:
+            if p.level == "none" and ram.ceiling < ram.capacity_bytes:
+                placement.raise_ceiling(int(CEILING_STEP * ram.capacity_bytes))
+            return
+        metrics = self.m.metrics
+        ceiling = placement.lower_ceiling(ram.used_bytes - p.shrink_bytes)
+        released = 0
+        for start, size in ram.alloc.holes(min_size=MIN_RELEASE_BYTES):
+            released += release_pages(ram.mmap, start, size)
+        metrics.pressure_released_bytes += released
+        log.warning("memory pressure %s (%s): RAM tier held at %.0f MiB (of %.0f), free pages returned: "
+                    "%.0f MiB; demoting down to it", p.level, ", ".join(p.reasons), ceiling / 2**20,
+                    ram.capacity_bytes / 2**20, released / 2**20)  # fmt: skip
+        # regions freed from here on return their pages as they go (ram.ceiling is down)
+        freed = await placement.balance_once(target_used=ceiling, take_prefetched=True)
+        metrics.pressure_demoted_bytes += freed
+        log.info("memory pressure: demoted %.0f MiB", freed / 2**20)

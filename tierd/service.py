@@ -1,0 +1,266 @@
+"""The daemon's use cases: what each verb does, on domain types, with no wire in sight.
+
+A :class:`Service` is the one object a connection (or a test, or a tool) calls to act on the tiers.
+Each use case takes domain values (a client id, a key, a version, a :class:`~tierd.entry.PutSpec`,
+lease ids) and returns domain results (offsets, :class:`~tierd.protocol.Located` items, plain
+dicts); errors are the typed ones of :mod:`tierd.errors`, raised. Turning a frame into a call and
+a result or an error into a reply is :mod:`tierd.connection`'s job, and nothing here knows it.
+
+Answered at once, or later: a use case that may wait (on a store, on room being made) returns its
+result directly when it does not have to wait, and otherwise a coroutine that the caller awaits
+(type :data:`Later`). The common case of a get (every version home) and of a put (room free) is
+thus a plain call: no coroutine, no task, nothing allocated beyond the answer. Use cases that
+always wait (evict, verify) are ``async def``. :func:`settle` awaits either kind.
+
+Every use case runs on the daemon's event loop; a caller must not call one from another thread.
+The pieces it drives are the entry table (:class:`~tierd.manager.Manager`), the moves between
+tiers (:class:`~tierd.placement.Placement`) and the access log with its prefetcher
+(:class:`~tierd.prefetch.Prefetcher`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+
+from tierd.entry import PutSpec
+from tierd.errors import InvalidRequest, ProtocolError
+from tierd.protocol import Located
+
+if TYPE_CHECKING:
+    from tierd.entry import Entry
+    from tierd.manager import Manager
+    from tierd.metrics import Metrics
+    from tierd.placement import Placement
+    from tierd.prefetch import Prefetcher
+    from tierd.tiers.memory import MapHandle
+
+log = logging.getLogger("tierd")
+T = TypeVar("T")
+#: a use case's answer: the result itself, or a coroutine that gives it once the wait is over
+Later: TypeAlias = T | Coroutine[Any, Any, T]
+
+
+async def settle(answer: Later[T]) -> T:
+    """The result of a use case, awaited if it had to wait (for callers that do not mind waiting)."""
+    if inspect.iscoroutine(answer):
+        return await answer
+    return answer  # type: ignore[return-value]
+
+
+class Service:
+    """put / seal / get / release / delete / evict / pin ... as calls on domain types."""
+
+    def __init__(
+        self,
+        manager: Manager,
+        placement: Placement,
+        prefetcher: Prefetcher,
+        *,
+        describe: Callable[[], dict[str, Any]] = dict,
+    ) -> None:
+        self.m = manager
+        self.placement = placement
+        self.prefetcher = prefetcher
+        #: the daemon's counters (their owner: tierd.metrics)
+        self.metrics: Metrics = manager.metrics
+        #: the daemon's own part of status (its pid, version, socket, the last pressure reading)
+        self._describe = describe
+        self._record = prefetcher.record
+
+    # ---- clients -------------------------------------------------------------------------------
+    def join(self, pid: int, uid: int, name: str) -> int:
+        """A new client (after its HELLO was accepted); returns its client id."""
+        return self.m.add_client(pid, uid, name)
+
+    def leave(self, cid: int) -> None:
+        """A client is gone: its leases, unsealed puts and scope="client" entries end."""
+        self.m.client_gone(cid)
+
+    def home_map(self) -> MapHandle:
+        """What a client needs to map the home tier (its memfd and size)."""
+        return self.m.ram.map_handle()
+
+    @property
+    def home_bytes(self) -> int:
+        return self.m.ram.capacity_bytes
+
+    # ---- put -----------------------------------------------------------------------------------
+    def put(self, cid: int, spec: PutSpec) -> Later[tuple[int, int]]:
+        """Reserve a home-tier region for a new version; returns (put id, offset).
+
+        At once when the tier has room under its ceiling; otherwise a coroutine that demotes cold
+        entries to make it (TierFull when it cannot). Invalid specs raise before anything is taken.
+        """
+        m = self.m
+        m.validate_put(spec)
+        check_codec(spec)
+        offset = m.ram.allocate(spec.nbytes)
+        if offset is None:
+            return self._put_after_room(cid, spec)
+        put_id, offset = m.begin_put(cid, spec, offset)
+        self.placement.poke()
+        return put_id, offset
+
+    async def _put_after_room(self, cid: int, spec: PutSpec) -> tuple[int, int]:
+        offset = await self.placement.alloc(spec.key, spec.nbytes)
+        if cid not in self.m.clients:  # went while we made room
+            self.m.ram.free(offset)
+            raise ProtocolError("client gone")
+        put_id, offset = self.m.begin_put(cid, spec, offset)
+        self.placement.poke()
+        return put_id, offset
+
+    def seal(self, cid: int, put_id: int) -> Later[tuple[str, int]]:
+        """Publish a written put as its key's current version; returns (key, version).
+
+        Waits when the put's store codec is lossy (its home bytes become the decoded ones first),
+        when it is durable (written through to the durable store first), and when it replaces a
+        durable version (answered once that one's record cannot come back at a restart).
+        """
+        e = self.m.writing(cid, put_id)
+        if self.placement.may_be_lossy(e):
+            return self._seal_lossy(cid, put_id, e)
+        return self._seal(cid, put_id)
+
+    def _seal(self, cid: int, put_id: int) -> Later[tuple[str, int]]:
+        m = self.m
+        e = m.writing(cid, put_id)
+        if e.durable:
+            return self._seal_durable(cid, put_id, e)
+        old = m.entries.get(e.key)
+        old_on_disk = old is not None and old.durable and old.record is not None
+        sealed = m.seal(cid, put_id)
+        self._record(cid, e, "put", "-")
+        if old_on_disk:
+            return self._after_unpublish(sealed)  # the old durable copy must be gone first
+        return sealed
+
+    async def _seal_lossy(self, cid: int, put_id: int, e: Entry) -> tuple[str, int]:
+        """A put whose store codec is lossy: its home bytes become the decoded ones first."""
+        await self.placement.round_trip(e)
+        return await settle(self._seal(cid, put_id))  # aborted meanwhile: InvalidRequest
+
+    async def _seal_durable(self, cid: int, put_id: int, e: Entry) -> tuple[str, int]:
+        sealed = await self.placement.seal_durable(cid, put_id)
+        self._record(cid, e, "put", "-")
+        return sealed
+
+    async def _after_unpublish(self, result: T) -> T:
+        await self.placement.settled()
+        return result
+
+    def abort(self, cid: int, put_id: int) -> None:
+        """Drop a put that was not sealed: its region is freed, nobody ever saw it."""
+        self.m.abort(cid, put_id)
+
+    # ---- get / release -------------------------------------------------------------------------
+    def get(self, cid: int, refs: list[tuple[str, int]]) -> Later[list[Located]]:
+        """Lease every version asked for ((key, version); version 0 = the current one), or none
+        when one is missing (NotFound). At once when all are home; otherwise a coroutine that
+        promotes the others first (the wait is counted in ``stall_us``)."""
+        m = self.m
+        found = [m.resolve(k, v) for k, v in refs]
+        if self.placement.resident(found):
+            got = m.lease(cid, found)
+            record = self._record
+            for e in found:
+                record(cid, e, "get", "ram")
+            return got
+        return self._get_slow(cid, found)
+
+    async def _get_slow(self, cid: int, found: list[Entry]) -> list[Located]:
+        tiers = [e.tiers[0] for e in found]
+        t0 = time.perf_counter()
+        got = await self.placement.get(cid, found)
+        self.metrics.stall_us += int((time.perf_counter() - t0) * 1e6)
+        record = self._record
+        for e, tier in zip(found, tiers, strict=True):
+            record(cid, e, "get", tier)
+        return got
+
+    def release(self, cid: int, lease_ids: list[int]) -> int:
+        """End leases of this client; returns how many ids were not its leases (they are ignored)."""
+        bad = self.m.release(cid, lease_ids)
+        if bad:
+            log.debug("client %d released %d lease ids it did not hold", cid, bad)
+        return bad
+
+    # ---- delete / evict / pin ------------------------------------------------------------------
+    def delete(self, key: str) -> Later[None]:
+        """Hide the key's current version (readers keep it until they release). Waits, for a
+        durable one, until its record is unpublished: a restart cannot bring it back."""
+        e = self.m.resolve(key)
+        on_disk = e.durable and e.record is not None
+        self.m.delete(key)
+        if on_disk:
+            return self._after_unpublish(None)
+        return None
+
+    async def evict(self, key: str) -> dict[str, Any]:
+        """Push an entry's bytes down out of every memory tier (``tierctl evict``)."""
+        return await self.placement.evict(key)
+
+    async def verify(self, prefix: str = "") -> list[dict[str, Any]]:
+        """Check the checksums of every stored copy of the entries under ``prefix``."""
+        return await self.placement.verify(prefix)
+
+    def pin(self, key: str, tier: str = "ram") -> None:
+        """Hold the key's current version in memory tier ``tier`` (it must be there already)."""
+        self.m.pin(key, tier)
+
+    def unpin(self, key: str) -> bool:
+        """Let the version go again; returns whether it was pinned."""
+        return self.m.unpin(key)
+
+    # ---- inspection and hints ------------------------------------------------------------------
+    def ls(self, prefix: str = "") -> list[dict[str, Any]]:
+        return self.m.ls(prefix)
+
+    def stat(self, key: str) -> dict[str, Any]:
+        return self.m.stat(key)
+
+    def status(self) -> dict[str, Any]:
+        """Tiers, clients, leases, counters, then the daemon's own part, prefetch and placement."""
+        s = self.m.status()
+        s.update(self._describe())
+        pl = self.placement
+        calib = pl.calibration
+        s["prefetch"] = self.prefetcher.status()
+        s["placement"] = {
+            "policy": self.m.policy.name,
+            "ram_high_watermark": pl.high,
+            "ram_low_watermark": pl.low,
+            "ram_ceiling_bytes": pl.ram.ceiling,
+            "tag_codecs": pl.tag_codecs,
+            "calibration": calib.to_dict() if calib is not None else None,
+        }
+        return s
+
+    def prefetch(self, cid: int, keys: list[str]) -> int:
+        """Hints: load these keys home soon, in this order; returns how many are known entries."""
+        self.m.prefetch_hint(keys)
+        return self.prefetcher.hint(cid, keys)
+
+    def trace(self, since: float = -1.0, limit: int = 100_000) -> dict[str, Any]:
+        """The access log after ``since`` (at most ``limit`` rows) and the log's clock now."""
+        from tierd.predict.log import to_row
+
+        pf = self.prefetcher
+        accesses = pf.log.since(since)[: max(0, limit)]
+        return {"now": pf.log_time(), "accesses": [to_row(a) for a in accesses]}
+
+
+def check_codec(spec: PutSpec) -> None:
+    """An explicit codec must suit the tensor (int8 needs floats, ...): refused at put time."""
+    if spec.codec in (None, "auto"):
+        return
+    from tierd.codecs import get_codec
+
+    why = get_codec(spec.codec).why_not(spec.dtype, list(spec.shape))
+    if why is not None:
+        raise InvalidRequest(f"codec {spec.codec!r} cannot store {spec.dtype}{list(spec.shape)}: {why}",
+                             codec=spec.codec)  # fmt: skip
