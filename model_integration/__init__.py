@@ -27,9 +27,9 @@ except ImportError as e:  # pragma: no cover - exercised in a venv without the e
 
 from tierd_integration.checkpoint import make_random_checkpoint, sample_inputs
 from tierd_integration.kvcache import TierdKVCache, cache_kwargs
+from tierd_integration.layout import RamTierTooSmall
 from tierd_integration.vision import disable_vision_cache, enable_vision_cache
 from tierd_integration.weights import (
-    RamTierTooSmall,
     detach,
     from_pretrained,
     ingest,

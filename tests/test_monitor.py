@@ -1,5 +1,5 @@
 """Memory pressure monitor: scripted scenarios on fake files, one poll of the real machine, and
-page release / prefault on a real memfd."""
+page release on a real memfd."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import psutil
 import pytest
 
-from tierd import monitor as monitor_mod
-from tierd.monitor import LEVELS, Monitor, MonitorConfig, parse_psi, prefault, release_pages
+from tierd.monitor import LEVELS, Monitor, MonitorConfig, parse_psi
+from tierd.pages import release_pages
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -473,11 +473,7 @@ def resident(fd: int) -> int:
     return os.fstat(fd).st_blocks * 512
 
 
-@pytest.mark.parametrize("populate_write", [True, False], ids=["populate-write", "touch-per-page"])
-def test_release_pages_and_prefault_on_a_real_memfd(
-    memfd_arena: tuple[int, mmap.mmap], populate_write: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(monitor_mod, "_populate_write_supported", populate_write)
+def test_release_pages_on_a_real_memfd(memfd_arena: tuple[int, mmap.mmap]) -> None:
     fd, mm = memfd_arena
     size = len(mm)
     assert resident(fd) == size
@@ -494,11 +490,8 @@ def test_release_pages_and_prefault_on_a_real_memfd(
     assert mm[:off] == b"L" * off and mm[off + length : off + length + 50] == b"R" * 50
     assert mm[off:PAGE] == b"x" * (PAGE - off)  # the partial first page was kept
     assert mm[PAGE : 20 * PAGE] == bytes(19 * PAGE)  # the hole reads as zeros
-
-    assert prefault(mm, off, length) == released
-    assert resident(fd) == size
-    assert mm[:off] == b"L" * off and mm[off + length : off + length + 50] == b"R" * 50
-    assert mm[PAGE : 20 * PAGE] == bytes(19 * PAGE)
+    mm[PAGE : 2 * PAGE] = b"y" * PAGE  # the hole takes writes again (its pages fault back in)
+    assert mm[PAGE : 2 * PAGE] == b"y" * PAGE and mm[2 * PAGE : 3 * PAGE] == bytes(PAGE)
 
 
 def test_release_pages_is_a_noop_below_a_page(memfd_arena: tuple[int, mmap.mmap]) -> None:
@@ -507,11 +500,10 @@ def test_release_pages_is_a_noop_below_a_page(memfd_arena: tuple[int, mmap.mmap]
     assert release_pages(mm, 0, PAGE - 1) == 0
     assert release_pages(mm, 10, PAGE) == 0  # a page's worth, but no whole page inside
     assert release_pages(mm, 5 * PAGE, 0) == 0
-    assert prefault(mm, 10, PAGE) == 0
     assert resident(fd) == size
     assert release_pages(mm, 2 * PAGE, PAGE) == PAGE  # exactly one aligned page
     assert resident(fd) == size - PAGE
     with pytest.raises(ValueError):
         release_pages(mm, size - PAGE, 2 * PAGE)
     with pytest.raises(ValueError):
-        prefault(mm, -1, PAGE)
+        release_pages(mm, -1, PAGE)

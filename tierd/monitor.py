@@ -74,9 +74,7 @@ Use, in the daemon's loop (``Server._relieve_pressure``; the placement owns the 
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
-import mmap
 import posixpath
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -91,17 +89,12 @@ __all__ = [
     "MonitorConfig",
     "Pressure",
     "VmStats",
-    "limit_heap_retention",
-    "prefault",
-    "release_pages",
 ]
 
 Level = Literal["none", "low", "high", "critical"]
 LEVELS: tuple[Level, ...] = ("none", "low", "high", "critical")
 _NONE, _LOW, _HIGH, _CRITICAL = range(4)
 
-PAGE = mmap.PAGESIZE
-MADV_POPULATE_WRITE = 23  # Linux 5.14+; older kernels answer EINVAL
 _MiB = 1 << 20
 _GiB = 1 << 30
 
@@ -505,82 +498,3 @@ class Monitor:
             },
             "config": asdict(self.config),
         }
-
-
-# -- giving pages back -------------------------------------------------------------------------
-
-_populate_write_supported = True
-
-
-def _inner_span(mm: mmap.mmap, offset: int, length: int) -> tuple[int, int]:
-    if offset < 0 or length < 0 or offset + length > len(mm):
-        raise ValueError(f"span [{offset}, {offset + length}) is outside the mapping of {len(mm)} bytes")
-    start = -(-offset // PAGE) * PAGE
-    end = (offset + length) // PAGE * PAGE
-    return start, max(start, end)
-
-
-def limit_heap_retention(threshold: int = 1 << 20) -> bool:
-    """Have glibc give freed memory back: allocations of ``threshold`` bytes and more get their own
-    mapping, unmapped on free, and what the heap holds free now is trimmed.
-
-    By default glibc raises that threshold as large blocks are freed (up to 32 MiB), so a forward's
-    activation buffers end up in a heap that never shrinks: on the 0.5B bench model a streaming
-    generate grew the process by ~200 MiB of free heap that a memory cgroup still counts. The daemon
-    calls this at start (its chunk buffers are the same story), and so does
-    ``tierd_integration.bind(mode="streaming")``, which exists to keep the model process small.
-    Returns False where it does not apply (not glibc).
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt, trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):
-        return False
-    m_mmap_threshold = -3
-    ok = bool(mallopt(m_mmap_threshold, int(threshold)))
-    trim(0)
-    return ok
-
-
-def release_pages(mm: mmap.mmap, offset: int, length: int) -> int:
-    """Give the physical pages of a FREE region back to the kernel; returns the bytes released.
-
-    Only whole pages inside ``[offset, offset + length)`` go (the partial pages at the ends may hold
-    a neighbour's bytes); a span with no whole page inside is a no-op returning 0.
-    ``madvise(MADV_REMOVE)`` punches a hole in the memfd itself: every mapping of it, the clients'
-    too, reads zeros there afterwards, and the pages stop counting in RAM and in the cgroup. So the
-    span must be free in the allocator and unleased. ``mm`` must be a MAP_SHARED, writable mapping.
-    The next write faults pages in again at first-touch speed: :func:`prefault` them before reuse.
-    """
-    start, end = _inner_span(mm, offset, length)
-    if end == start:
-        return 0
-    mm.madvise(mmap.MADV_REMOVE, start, end - start)
-    return end - start
-
-
-def prefault(mm: mmap.mmap, offset: int, length: int) -> int:
-    """Allocate the pages of a (released) FREE region again; returns the bytes touched.
-
-    Works on the same inner page span as :func:`release_pages`. Uses MADV_POPULATE_WRITE (Linux 5.14+),
-    which leaves contents as they are; on older kernels it reads and writes back one byte per page,
-    which is safe only because nobody writes into a free region. Raises OSError (ENOMEM) when the
-    memory cannot be had: call it from an executor for large spans.
-    """
-    global _populate_write_supported
-    start, end = _inner_span(mm, offset, length)
-    if end == start:
-        return 0
-    if _populate_write_supported:
-        try:
-            mm.madvise(MADV_POPULATE_WRITE, start, end - start)
-            return end - start
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            _populate_write_supported = False
-    with memoryview(mm) as mv, mv[start:end] as span, span[::PAGE] as firsts:
-        firsts[:] = bytes(firsts)
-    return end - start

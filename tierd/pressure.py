@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 
-from tierd.monitor import Monitor, Pressure, release_pages
+from tierd.monitor import Monitor, Pressure
+from tierd.pages import release_pages
 from tierd.placement import Placement
 from tierd.tiers.ram import RamTier
 

@@ -35,8 +35,9 @@ from tierd.connection import Connection
 from tierd.loops import loop_factory
 from tierd.manager import Manager
 from tierd.metrics import Metrics
-from tierd.monitor import Monitor, limit_heap_retention
+from tierd.monitor import Monitor
 from tierd.notify import Notifier
+from tierd.pages import limit_heap_retention
 from tierd.placement import Placement
 from tierd.prefetch import Prefetcher
 from tierd.pressure import Relief

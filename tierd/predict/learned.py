@@ -29,7 +29,6 @@ from __future__ import annotations
 import heapq
 import importlib.util
 import math
-import re
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import Any
 from tierd.predict.base import Predictor, register
 from tierd.predict.log import Access
 from tierd.predict.sequence import RowTable
+from tierd.predict.templates import instantiate, parse_key, relation
 
 FEATURES = (
     "t1",  # share of the candidate among the successors of the key just read (client stream)
@@ -57,77 +57,14 @@ FEATURES = (
 )
 N_FEATURES = len(FEATURES)
 
-# The variable parts of a key: hex ids (8+ hex digits with a letter and a digit, standing alone:
-# content hashes) and runs of decimal digits (layer numbers, tile numbers, padded image ids).
-_IDS = re.compile(
-    r"(?<![0-9A-Za-z])(?=[0-9a-fA-F]*[a-fA-F])(?=[0-9a-fA-F]*[0-9])[0-9a-fA-F]{8,}(?![0-9A-Za-z])|[0-9]+"
-)
-_HOLE = "\x01"
 _POP_HALF_LIFE = 4096.0
-
-
-def _parse(key: str) -> tuple[str, tuple[str, ...]]:
-    """("vis/img\x01/tile\x01", ("00042", "3")) for "vis/img00042/tile3";
-    ("vis/\x01/tile\x01", ("9f86d081884c", "0")) for "vis/9f86d081884c/tile0"."""
-    ids = tuple(_IDS.findall(key))
-    return (_IDS.sub(_HOLE, key) if ids else key), ids
-
-
-def _rel(x_ids: tuple[str, ...], y_tmpl: str, y_ids: tuple[str, ...]) -> str:
-    """How y's ids follow from x's: per id of y, "d<delta>" from x's id at the same place (|delta|
-    <= 2 for numbers, 0 = the same hash) or "=<literal>"."""
-    parts = []
-    for j, v in enumerate(y_ids):
-        if j < len(x_ids):
-            xv = x_ids[j]
-            if v.isdigit() and xv.isdigit():
-                d = int(v) - int(xv)
-                if -2 <= d <= 2:
-                    parts.append(f"d{d}")
-                    continue
-            elif v == xv:
-                parts.append("d0")
-                continue
-        parts.append("=" + v)
-    return y_tmpl + "\x00" + ",".join(parts)
-
-
-def _instantiate(rel: str, x_ids: tuple[str, ...]) -> str | None:
-    tmpl, _, spec = rel.partition("\x00")
-    if not spec:
-        return tmpl
-    vals: list[str] = []
-    for j, s in enumerate(spec.split(",")):
-        if s[0] == "=":
-            vals.append(s[1:])
-            continue
-        if j >= len(x_ids):
-            return None
-        xs = x_ids[j]
-        if not xs.isdigit():
-            if s != "d0":
-                return None
-            vals.append(xs)
-            continue
-        v = int(xs) + int(s[1:])
-        if v < 0:
-            return None
-        vals.append(str(v).zfill(len(xs)) if len(xs) > 1 and xs[0] == "0" else str(v))
-    pieces = tmpl.split(_HOLE)
-    if len(pieces) != len(vals) + 1:
-        return None
-    out = [pieces[0]]
-    for val, piece in zip(vals, pieces[1:], strict=True):
-        out.append(val)
-        out.append(piece)
-    return "".join(out)
 
 
 class _Key:
     __slots__ = ("ids", "last", "ns", "period", "pop", "pop_at", "tags", "tmpl")
 
     def __init__(self, key: str, tags: tuple[str, ...]) -> None:
-        self.tmpl, self.ids = _parse(key)
+        self.tmpl, self.ids = parse_key(key)
         self.ns = key.split("/", 1)[0] if "/" in key else ""
         self.tags = tags
         self.last = 0  # global get number of the last read (0: never)
@@ -248,7 +185,7 @@ class _State:
             self.tn.add(pn, a.key)
             pinfo = self.keys.get(pn)
             if pinfo is not None:
-                self.tt.add(pinfo.tmpl, _rel(pinfo.ids, info.tmpl, info.ids))
+                self.tt.add(pinfo.tmpl, relation(pinfo.ids, info.tmpl, info.ids))
         cl.ns_last[info.ns] = a.key
         cl.ns_last.move_to_end(info.ns)
         if len(cl.ns_last) > 4:
@@ -306,7 +243,7 @@ class _State:
         rt = self.tt.rows.get(info.tmpl)
         if rt is not None and rt.total > 0:
             for rel, c in rt.succ.items():
-                y = _instantiate(rel, info.ids)
+                y = instantiate(rel, info.ids)
                 if y is not None and y != x and y in self.keys:
                     s = c / rt.total
                     if s > tts.get(y, 0.0):

@@ -88,7 +88,7 @@ class RamTier(MemoryTier):
         """Give the region back; returns the bytes freed."""
         size = self.alloc.free(offset)
         if self.ceiling < self._capacity:
-            from tierd.monitor import release_pages
+            from tierd.pages import release_pages
 
             self.on_release(release_pages(self.mmap, offset, size))
         return size
