@@ -30,6 +30,7 @@ immutable; ``clone()`` a tensor to change it.
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import socket
 import sys
@@ -194,7 +195,9 @@ class Core:
             raise
         fds = array.array("i")
         try:
-            s.sendall(protocol.encode(self._hello()))
+            # a daemon that refused us has closed: its reason, if it sent one, is read next
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                s.sendall(protocol.encode(self._hello()))
             while (reply := self._next_reply()) is None:
                 data, anc, _flags, _addr = s.recvmsg(65536, socket.CMSG_SPACE(4 * fds.itemsize))
                 for level, kind, payload in anc:

@@ -133,6 +133,8 @@ class Config:
     """debug, info, warning or error."""
     graceful_timeout: float = 5.0
     """Seconds SIGTERM waits for requests in flight before closing connections."""
+    max_connections: int = 1024
+    """Connections served at once; one more is refused with a message (each holds a file descriptor)."""
     sources: dict[str, str] = field(default_factory=dict, repr=False)
     """Where each non-default value came from (for error messages); not a setting."""
 
@@ -224,6 +226,8 @@ class Config:
             raise ConfigError("gpu_bytes: this build of tierd has no GPU tier; leave gpu_bytes at 0")
         if self.graceful_timeout < 0:
             raise ConfigError("graceful_timeout: must be >= 0")
+        if self.max_connections < 1:
+            raise ConfigError(f"max_connections: {self.max_connections} is not a positive number")
         self.socket_gid()
 
 
@@ -284,7 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "sources":
             continue
         doc = _FIELD_DOCS.get(f.name, "")
-        metavar = {"graceful_timeout": "SECONDS", "prefetch_budget": "SIZE", "prefetch_depth": "N"}.get(
+        metavar = {
+            "graceful_timeout": "SECONDS",
+            "prefetch_budget": "SIZE",
+            "prefetch_depth": "N",
+            "max_connections": "N",
+        }.get(
             f.name,
             "SIZE"
             if f.name.endswith("_bytes")

@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 
 from tierd import __version__, protocol
-from tierd.errors import InvalidRequest, NotFound, ProtocolError, TierdError, VersionMismatch
+from tierd.errors import (
+    DaemonUnavailable,
+    InvalidRequest,
+    NotFound,
+    ProtocolError,
+    TierdError,
+    VersionMismatch,
+)
 from tierd.protocol import MAX_REQUEST_BYTES, Error, Got, Located, Ok, PutReady, Welcome
 
 if TYPE_CHECKING:
@@ -49,6 +56,9 @@ class Host(Protocol):
     connections: set[Connection]
     #: tasks of requests that wait (on the disk): the server waits for them at shutdown
     tasks: set[asyncio.Task[Any]]
+
+    #: connections served at once (config max_connections): one more is refused with a message
+    max_connections: int
 
     def peer_allowed(self, uid: int, gid: int) -> bool: ...
 
@@ -77,6 +87,15 @@ class Connection(asyncio.Protocol):
         if not self.server.peer_allowed(self.peer_uid, self.peer_gid):
             log.warning("refused a connection from uid %d (pid %d)", self.peer_uid, self.peer_pid)
             self._fatal(ProtocolError(f"uid {self.peer_uid} may not use this tierd"))
+            return
+        cap = self.server.max_connections
+        if len(self.server.connections) > cap:
+            log.warning("refused a connection from pid %d: %d connections open (max_connections)",
+                        self.peer_pid, cap)  # fmt: skip
+            self._fatal(DaemonUnavailable(
+                f"tierd serves at most {cap} connections (max_connections) and all are open: close one, "
+                "or raise the setting", max_connections=cap,
+            ))  # fmt: skip
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

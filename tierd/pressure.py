@@ -45,6 +45,8 @@ class Relief:
         self.m = placement.m
         #: the last reading (None before the first poll)
         self.last: Pressure | None = None
+        #: polls that could not read the system (no file descriptor left, say): skipped, not fatal
+        self.skipped = 0
         ram.on_release = self._released
 
     def _released(self, n: int) -> None:
@@ -54,7 +56,13 @@ class Relief:
         """Read the monitor once and act on its level."""
         placement = self.placement
         ram = self.ram
-        p = self.monitor.poll(ram.capacity_bytes)  # the arena is pre-faulted: all of it is resident
+        try:
+            p = self.monitor.poll(ram.capacity_bytes)  # the arena is pre-faulted: all of it is resident
+        except OSError as e:  # e.g. EMFILE while clients hold every descriptor: skip this poll
+            self.skipped += 1
+            if self.skipped == 1 or self.skipped % 60 == 0:
+                log.warning("memory pressure check skipped (%d so far): %s", self.skipped, e)
+            return
         self.last = p
         if p.shrink_bytes <= 0:
             if p.level == "none" and ram.ceiling < ram.capacity_bytes:

@@ -22,6 +22,7 @@ import contextlib
 import functools
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -55,6 +56,7 @@ class Server:
         self.loop_name = loop_name
         self.notifier = Notifier()
         self.connections: set[Connection] = set()
+        self.max_connections = config.max_connections
         self.tasks: set[asyncio.Task[Any]] = set()
         #: the daemon's counters (status reads them; a metrics exporter will too)
         self.metrics = Metrics()
@@ -86,6 +88,7 @@ class Server:
         # Bind first: a second daemon on the same socket is refused before it allocates an arena.
         # Clients that connect meanwhile wait in the listen backlog until the loop serves them.
         sock = self._bind()
+        _raise_fd_limit(cfg.max_connections)
         limit_heap_retention()  # codec and protocol buffers go back to the kernel when freed
         t0 = time.perf_counter()
         log.info("building the tiers (%s): %.2f GiB RAM memfd arena, pre-faulting...", cfg.tiers,
@@ -298,6 +301,19 @@ class Server:
             f"{len(self.manager.clients)} clients, {len(self.manager.entries)} entries, "
             f"RAM {ram.used_bytes / _GIB:.2f}/{ram.capacity_bytes / _GIB:.2f} GiB"
         )
+
+
+def _raise_fd_limit(connections: int) -> None:
+    """Every connection holds a file descriptor: take the hard limit (systemd's default soft limit is
+    1024), and say so when even that leaves too few for ``max_connections``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft != resource.RLIM_INFINITY and soft < connections + 64:
+        log.warning("only %d file descriptors (LimitNOFILE): fewer than max_connections (%d) need; "
+                    "connections past the limit wait to be accepted", soft, connections)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
