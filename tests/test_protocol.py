@@ -5,6 +5,7 @@ After each abuse the daemon must still serve a well-behaved client, and no entry
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -283,3 +284,45 @@ def test_shapes_that_overflow_get_a_typed_error_and_nothing_leaks(seeded, shape,
     with Client(d.socket) as c:
         assert c.stats()["leases"] == 0 and "ns/overflow" not in {e["key"] for e in c.ls("ns/")}
     still_serving(d, x)
+
+
+def test_a_client_that_never_reads_its_replies_cannot_grow_the_daemon(daemon) -> None:
+    """Pipelined ls requests whose replies are never read: the daemon stops answering (and reading)
+    once about 1 MiB of replies waits, instead of buffering every answer; others are served."""
+    import psutil
+
+    with Client(daemon.socket) as c:
+        for i in range(300):  # an ls reply of ~60 KiB
+            c.put(f"big/{i:04d}-" + "k" * 150, torch.zeros(1), tags=["t" * 40, "u" * 40])
+    proc = psutil.Process(daemon.pid)
+    before = proc.memory_info().rss
+    s = raw(daemon.socket)
+    s.settimeout(5)
+    batch = protocol.encode(protocol.Ls(1, "big/")) * 2000  # 2000 requests in one write, ~30 KB
+    sent = 0
+    with contextlib.suppress(TimeoutError):
+        for _ in range(3):  # 6000 answers of ~60 KiB each: 360 MB, were they all buffered
+            s.sendall(batch)
+            sent += 1
+    still_serving_with(daemon)  # a round trip through the loop: what was read has been handled
+    grown = proc.memory_info().rss - before
+    assert grown < 64 << 20, f"the daemon grew by {grown >> 20} MiB for {sent} batches"
+    first = read_reply(s)  # the stalled client can still read what it was answered
+    assert isinstance(first, protocol.Ok) and first.rid == 1
+
+
+def test_a_partial_frame_left_hanging_is_cut_off(seeded) -> None:
+    d, x = seeded
+    s = raw(d.socket)
+    s.sendall(HEADER.pack(1000, protocol.STATUS) + b"\x00" * 10)  # 10 of 1000 payload bytes, then nothing
+    s.settimeout(30)
+    r = read_reply(s)
+    assert isinstance(r, protocol.Error) and "unfinished" in r.message, r
+    assert read_reply(s) is None  # and the connection is closed
+    still_serving(d, x)
+
+
+def still_serving_with(d: Daemon) -> None:
+    with Client(d.socket) as c:
+        c.put("ok/x", torch.ones(3))
+        assert torch.equal(c.get("ok/x"), torch.ones(3))

@@ -43,6 +43,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tierd")
 _PEERCRED = struct.Struct("3i")
+#: Reply bytes a connection may have waiting to be sent before its next request is read: a client
+#: that sends requests and never reads the answers holds at most this much (plus one reply).
+MAX_PENDING_REPLY_BYTES = 1 << 20
+#: Seconds an unfinished request frame may sit in the daemon: a client that sends part of a frame
+#: and stops is cut off, so parked partial frames cannot add up.
+PARTIAL_FRAME_TIMEOUT = 10.0
 
 
 class Host(Protocol):
@@ -75,10 +81,13 @@ class Connection(asyncio.Protocol):
         self.client_id = 0  # set by HELLO
         self.peer_pid = self.peer_uid = self.peer_gid = -1
         self.closed = False
+        self._replies_waiting = False  # the write buffer is over MAX_PENDING_REPLY_BYTES
+        self._partial_timer: asyncio.TimerHandle | None = None
 
     # -- transport callbacks ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
+        transport.set_write_buffer_limits(high=MAX_PENDING_REPLY_BYTES)  # type: ignore[attr-defined]
         self.server.connections.add(self)
         with self._raw_socket() as s:
             self.peer_pid, self.peer_uid, self.peer_gid = _PEERCRED.unpack(
@@ -99,26 +108,35 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._partial_timer is not None:
+            self._partial_timer.cancel()
         self.server.connections.discard(self)
         if self.client_id:
             self.service.leave(self.client_id)
             log.debug("client %d gone", self.client_id)
 
     def pause_writing(self) -> None:
-        # The client is not reading its replies: stop reading its requests until it does.
+        # The client is not reading its replies: answer nothing more, and read nothing more, until
+        # it does (frames already read wait in the reader: at most one read's worth).
+        self._replies_waiting = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._replies_waiting = False
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
+            self._serve_frames()
 
     def data_received(self, data: bytes) -> None:
-        reader = self.reader
-        if self.closed or reader.broken:
+        if self.closed or self.reader.broken:
             return
-        reader.feed(data)
-        while not self.closed:
+        self.reader.feed(data)
+        self._serve_frames()
+
+    def _serve_frames(self) -> None:
+        reader = self.reader
+        while not self.closed and not self._replies_waiting:
             try:
                 frame = reader.next_frame()
             except ProtocolError as e:  # a length prefix over the limit: the stream cannot go on
@@ -126,8 +144,30 @@ class Connection(asyncio.Protocol):
                 self._fatal(e)
                 return
             if frame is None:
-                return
+                break
+            if self._partial_timer is not None:  # a frame completed: the next one is timed anew
+                self._partial_timer.cancel()
+                self._partial_timer = None
             self._handle(*frame)
+        self._watch_partial_frame()
+
+    def _watch_partial_frame(self) -> None:
+        """Time a partial frame from when it is first seen; the timer ends when no part is left."""
+        partial = bool(self.reader.buffered) and not self._replies_waiting and not self.closed
+        if partial and self._partial_timer is None:
+            loop = asyncio.get_running_loop()
+            self._partial_timer = loop.call_later(PARTIAL_FRAME_TIMEOUT, self._partial_expired)
+        elif not partial and self._partial_timer is not None:
+            self._partial_timer.cancel()
+            self._partial_timer = None
+
+    def _partial_expired(self) -> None:
+        self._partial_timer = None
+        if self.reader.buffered and not self.closed:
+            self.metrics.bad_frames += 1
+            log.warning("pid %d left a partial request frame for %.0f s: closing", self.peer_pid,
+                        PARTIAL_FRAME_TIMEOUT)  # fmt: skip
+            self._fatal(ProtocolError(f"a request frame stayed unfinished for {PARTIAL_FRAME_TIMEOUT:.0f} s"))
 
     # -- dispatch --------------------------------------------------------------------------------
     def _handle(self, mtype: int, payload: bytes | memoryview) -> None:
