@@ -150,15 +150,23 @@ def test_every_setting_from_each_source(tmp_path: Path) -> None:
         "prefetch_budget": "5%",
         "prefetch_depth": "3",
         "max_connections": "100",
+        "max_open_puts": "10",
+        "max_open_put_bytes": "25%",
     }
     floats = ("graceful_timeout", "ram_high_watermark", "ram_low_watermark")
     assert sorted(values) == sorted(config.SETTINGS)
-    expect = {**values, **{k: float(values[k]) for k in floats}, "prefetch_depth": 3, "max_connections": 100}
+    expect = {
+        **values,
+        **{k: float(values[k]) for k in floats},
+        "prefetch_depth": 3,
+        "max_connections": 100,
+        "max_open_puts": 10,
+    }
 
     argv = [x for k, v in values.items() for x in (f"--{k.replace('_', '-')}", v)]
     from_flags = load(argv, {})
     from_env = load([], {f"TIERD_{k.upper()}": v for k, v in values.items()})
-    bare = (*floats, "prefetch_depth", "max_connections")
+    bare = (*floats, "prefetch_depth", "max_connections", "max_open_puts")
     toml = "".join(f'{k} = "{v}"\n' if k not in bare else f"{k} = {v}\n" for k, v in values.items())
     from_file = load(["--config", str(write(tmp_path / "t.toml", toml))], {})
     for cfg in (from_flags, from_env, from_file):

@@ -326,3 +326,27 @@ def still_serving_with(d: Daemon) -> None:
     with Client(d.socket) as c:
         c.put("ok/x", torch.ones(3))
         assert torch.equal(c.get("ok/x"), torch.ones(3))
+
+
+def test_one_client_cannot_hold_the_tier_in_open_puts(start_daemon) -> None:
+    """Puts reserved and never sealed are capped per client, in count and bytes; the refusal is a
+    TierFull that says which cap, and other clients keep their room."""
+    d = start_daemon("--max-open-puts", "3", "--max-open-put-bytes", "4MiB")
+    s = raw(d.socket)
+    ids = []
+    for i in range(3):
+        s.sendall(protocol.encode(protocol.Put(i + 1, f"hog/{i}", "uint8", [1 << 20], 1 << 20)))
+        r = read_reply(s)
+        assert isinstance(r, protocol.PutReady), r
+        ids.append(r.put_id)
+    s.sendall(protocol.encode(protocol.Put(9, "hog/3", "uint8", [1 << 20], 1 << 20)))
+    r = read_reply(s)
+    assert isinstance(r, protocol.Error) and r.code == "tier_full" and "max_open_puts" in r.message, r
+    s.sendall(protocol.encode(protocol.Abort(10, ids.pop())))
+    assert isinstance(read_reply(s), protocol.Ok)
+    s.sendall(protocol.encode(protocol.Put(11, "hog/big", "uint8", [3 << 20], 3 << 20)))  # 2 + 3 > 4 MiB
+    r = read_reply(s)
+    assert isinstance(r, protocol.Error) and r.code == "tier_full" and "max_open_put_bytes" in r.message, r
+    with Client(d.socket) as c:  # another client is not affected
+        c.put("other/x", torch.ones(1 << 18))
+        assert c.stats()["counters"]["puts"] == 1

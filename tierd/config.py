@@ -135,6 +135,10 @@ class Config:
     """Seconds SIGTERM waits for requests in flight before closing connections."""
     max_connections: int = 1024
     """Connections served at once; one more is refused with a message (each holds a file descriptor)."""
+    max_open_puts: int = 4096
+    """Puts one client may have reserved and not sealed at once; one more gets TierFull."""
+    max_open_put_bytes: str = "50%"
+    """Bytes one client may have reserved and not sealed: a SIZE or a % of the RAM tier."""
     sources: dict[str, str] = field(default_factory=dict, repr=False)
     """Where each non-default value came from (for error messages); not a setting."""
 
@@ -167,6 +171,9 @@ class Config:
 
     def prefetch_budget_bytes(self) -> int:
         return self._size("prefetch_budget", self.ram_tier_bytes())
+
+    def max_open_put_bytes_value(self) -> int:
+        return self._size("max_open_put_bytes", self.ram_tier_bytes())
 
     def tag_codec_map(self) -> dict[str, str]:
         """``tag_codecs`` parsed: {"weight": "int8", ...}; ConfigError on a bad item or codec name."""
@@ -228,6 +235,9 @@ class Config:
             raise ConfigError("graceful_timeout: must be >= 0")
         if self.max_connections < 1:
             raise ConfigError(f"max_connections: {self.max_connections} is not a positive number")
+        if self.max_open_puts < 1:
+            raise ConfigError(f"max_open_puts: {self.max_open_puts} is not a positive number")
+        self.max_open_put_bytes_value()
         self.socket_gid()
 
 

@@ -135,3 +135,5 @@ class ClientInfo:
     connected: float
     leases: set[int] = field(default_factory=set)
     puts: set[int] = field(default_factory=set)
+    #: bytes of the puts in ``puts`` (reserved, not sealed yet)
+    put_bytes: int = 0

@@ -93,6 +93,10 @@ class Manager:
         self.metrics = metrics if metrics is not None else Metrics()
         #: bytes in RAM that were prefetched and not read yet (the speculative budget's use)
         self.spec_bytes = 0
+        #: per client: at most this many puts reserved and not sealed, of at most this many bytes
+        #: (config max_open_puts / max_open_put_bytes): one client cannot hold the home tier
+        self.max_open_puts = 4096
+        self.max_open_put_bytes = home.capacity_bytes // 2
         self._next_version = 1
         self._next_lease = 1
         self._next_client = 1
@@ -145,6 +149,18 @@ class Manager:
             capacity_bytes=st.capacity_bytes,
         )
 
+    def check_reservation(self, cid: int, nbytes: int) -> None:
+        """TierFull when client ``cid`` may not reserve ``nbytes`` more now (its caps on open puts)."""
+        c = self.clients[cid]
+        if len(c.puts) >= self.max_open_puts or c.put_bytes + nbytes > self.max_open_put_bytes:
+            self.metrics.tier_full += 1
+            raise TierFull(
+                f"this client holds {len(c.puts)} puts of {c.put_bytes} bytes not sealed yet; at most "
+                f"{self.max_open_puts} of {self.max_open_put_bytes} bytes (max_open_puts, "
+                "max_open_put_bytes): seal or abort some first",
+                tier=self.ram.name, requested_bytes=nbytes, open_puts=len(c.puts), open_put_bytes=c.put_bytes,
+            )  # fmt: skip
+
     def begin_put(self, cid: int, req: PutSpec, offset: int | None = None) -> tuple[int, int]:
         """Reserve a region for a new version of ``req.key``; returns (put id = version, offset).
 
@@ -165,7 +181,9 @@ class Manager:
             codec=None if req.codec in (None, "auto") else req.codec,
         )  # fmt: skip
         self.versions[version] = e
-        self.clients[cid].puts.add(version)
+        c = self.clients[cid]
+        c.puts.add(version)
+        c.put_bytes += req.nbytes
         return version, offset
 
     def new_version(self) -> int:
@@ -239,10 +257,15 @@ class Manager:
             raise InvalidRequest(f"no put {put_id} in progress on this connection", put_id=put_id)
         return e
 
+    def _unreserve(self, cid: int, e: Entry) -> None:
+        c = self.clients[cid]
+        c.puts.discard(e.version)
+        c.put_bytes -= e.nbytes
+
     def seal(self, cid: int, put_id: int) -> tuple[str, int]:
         """Publish a written version as its key's current one; the previous version is hidden."""
         e = self.writing(cid, put_id)
-        self.clients[cid].puts.discard(put_id)
+        self._unreserve(cid, e)
         e.state = SEALED
         old = self.entries.get(e.key)
         self.entries[e.key] = e
@@ -255,8 +278,7 @@ class Manager:
         return e.key, e.version
 
     def abort(self, cid: int, put_id: int) -> None:
-        self.writing(cid, put_id)
-        self.clients[cid].puts.discard(put_id)
+        self._unreserve(cid, self.writing(cid, put_id))
         self._drop_writing(put_id)
 
     def _drop_writing(self, put_id: int) -> None:
@@ -487,6 +509,9 @@ class Manager:
             assert lid in self.clients[cid].leases
             assert self.ram.name in e.where, "lease on a version not in the home tier"
             lease_count[e.version] += 1
+        for cid, c in self.clients.items():
+            assert all(self.versions[v].state == WRITING and self.versions[v].owner == cid for v in c.puts)
+            assert c.put_bytes == sum(self.versions[v].nbytes for v in c.puts), "open put bytes are off"
         used: collections.Counter[str] = collections.Counter()
         for v, e in self.versions.items():
             assert e.leases == lease_count[v], f"lease count of version {v} is off"

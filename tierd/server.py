@@ -104,6 +104,8 @@ class Server:
         assert isinstance(ram, RamTier)  # registry.build: ram is first
         self.ram = ram
         self.manager = Manager(ram, *tiers[1:], metrics=self.metrics)
+        self.manager.max_open_puts = cfg.max_open_puts
+        self.manager.max_open_put_bytes = cfg.max_open_put_bytes_value()
         self.placement = Placement(self.manager, high=cfg.ram_high_watermark, low=cfg.ram_low_watermark,
                                    tag_codecs=cfg.tag_codec_map())  # fmt: skip
         self.relief = Relief(self.placement, ram, self.monitor)

@@ -98,6 +98,7 @@ class Service:
         m = self.m
         m.validate_put(spec)
         check_codec(spec)
+        m.check_reservation(cid, spec.nbytes)
         offset = m.ram.allocate(spec.nbytes)
         if offset is None:
             return self._put_after_room(cid, spec)
