@@ -220,8 +220,14 @@ class AsyncClient(Core):
     async def prefetch(self, keys: list[str]) -> int:
         return int(await self._ok(protocol.Prefetch(self._next_rid(), list(keys))))
 
-    async def ls(self, prefix: str = "") -> list[dict[str, Any]]:
-        return list(await self._ok(protocol.Ls(self._next_rid(), prefix)))
+    async def ls(self, prefix: str = "", *, page: int = protocol.LS_PAGE) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        while True:
+            after = out[-1]["key"] if out else ""
+            got = list(await self._ok(protocol.Ls(self._next_rid(), prefix, after, page)))
+            out += got
+            if len(got) < page:
+                return out
 
     async def stat(self, key: str) -> dict[str, Any]:
         return dict(await self._ok(protocol.Stat(self._next_rid(), key)))

@@ -220,9 +220,16 @@ class Client(Core):
         """Hint that ``keys`` will be read soon; returns how many of them exist."""
         return int(self._ok(protocol.Prefetch(self._next_rid(), list(keys))))
 
-    def ls(self, prefix: str = "") -> list[dict[str, Any]]:
-        """Every entry whose key starts with ``prefix``, as dicts (key, dtype, shape, tiers, ...)."""
-        return list(self._ok(protocol.Ls(self._next_rid(), prefix)))
+    def ls(self, prefix: str = "", *, page: int = protocol.LS_PAGE) -> list[dict[str, Any]]:
+        """Every entry whose key starts with ``prefix``, as dicts (key, dtype, shape, tiers, ...), in key
+        order; fetched ``page`` entries per round trip, so no reply is unbounded."""
+        out: list[dict[str, Any]] = []
+        while True:
+            after = out[-1]["key"] if out else ""
+            got = list(self._ok(protocol.Ls(self._next_rid(), prefix, after, page)))
+            out += got
+            if len(got) < page:
+                return out
 
     def stat(self, key: str) -> dict[str, Any]:
         """One entry's metadata; NotFound if absent."""

@@ -350,3 +350,22 @@ def test_one_client_cannot_hold_the_tier_in_open_puts(start_daemon) -> None:
     with Client(d.socket) as c:  # another client is not affected
         c.put("other/x", torch.ones(1 << 18))
         assert c.stats()["counters"]["puts"] == 1
+
+
+def test_ls_is_paged_so_no_reply_is_unbounded(daemon) -> None:
+    with Client(daemon.socket) as c:
+        keys = [f"pg/{i:05d}" for i in range(1100)]
+        for k in keys:
+            c.put(k, torch.zeros(1))
+        assert [e["key"] for e in c.ls("pg/")] == keys  # the client walks the pages
+        assert [e["key"] for e in c.ls("pg/", page=7)] == keys
+    s = raw(daemon.socket)
+    s.sendall(protocol.encode(protocol.Ls(1, "pg/")))
+    first = read_reply(s)
+    assert isinstance(first, protocol.Ok) and len(first.value) == protocol.LS_PAGE
+    s.sendall(protocol.encode(protocol.Ls(2, "pg/", "", 10**9)))  # asks for everything at once
+    big = read_reply(s)
+    assert isinstance(big, protocol.Ok) and len(big.value) == protocol.LS_PAGE_MAX
+    s.sendall(protocol.encode(protocol.Ls(3, "pg/", keys[1094], 100)))
+    tail = read_reply(s)
+    assert isinstance(tail, protocol.Ok) and [e["key"] for e in tail.value] == keys[1095:]

@@ -300,7 +300,7 @@ class Connection(asyncio.Protocol):
         return Ok(m.rid, self.service.unpin(m.key))
 
     def on_ls(self, m: protocol.Ls) -> Ok:
-        return Ok(m.rid, self.service.ls(m.prefix))
+        return Ok(m.rid, self.service.ls(m.prefix, m.after, m.limit))
 
     def on_stat(self, m: protocol.Stat) -> Ok:
         return Ok(m.rid, self.service.stat(m.key))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import heapq
 import itertools
 import math
 import time
@@ -42,7 +43,7 @@ from tierd.entry import ABORTED, FREED, SEALED, WRITING, ClientInfo, Entry, PutS
 from tierd.errors import InvalidRequest, NotFound, TierFull, Unsupported
 from tierd.metrics import Metrics
 from tierd.policy import LRU
-from tierd.protocol import DTYPE_SIZES, SCOPES, Located, check_key
+from tierd.protocol import DTYPE_SIZES, LS_PAGE, LS_PAGE_MAX, SCOPES, Located, check_key
 from tierd.tiers.base import Tier
 from tierd.tiers.memory import MemoryTier
 from tierd.tiers.store import ChunkStore
@@ -474,8 +475,13 @@ class Manager:
         self.on_free(e)  # placement deletes the records left in chunk stores
 
     # ---- inspection ----------------------------------------------------------------------------
-    def ls(self, prefix: str = "") -> list[dict[str, Any]]:
-        return [e.info() for k, e in sorted(self.entries.items()) if k.startswith(prefix)]
+    def ls(self, prefix: str = "", after: str = "", limit: int = 0) -> list[dict[str, Any]]:
+        """One page: the first ``limit`` entries (key order) whose key starts with ``prefix`` and comes
+        after ``after``. ``limit`` is clamped to 1..LS_PAGE_MAX (0: LS_PAGE), so no reply is unbounded
+        and the loop never sorts the whole table for one request."""
+        n = LS_PAGE if limit <= 0 else min(limit, LS_PAGE_MAX)
+        keys = heapq.nsmallest(n, (k for k in self.entries if k > after and k.startswith(prefix)))
+        return [self.entries[k].info() for k in keys]
 
     def stat(self, key: str) -> dict[str, Any]:
         return self.resolve(key).info()

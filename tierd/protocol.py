@@ -145,9 +145,20 @@ class Unpin(Msg):
     key: str
 
 
+#: ls pages: the default size, and the most one request may ask for (an entry's info is at most
+#: ~17 KiB with 64 tags of 256 characters, so a page stays a few MiB at worst)
+LS_PAGE = 256
+LS_PAGE_MAX = 1024
+
+
 class Ls(Msg):
+    """One page of the entries whose key starts with ``prefix``, in key order, keys after ``after``;
+    at most ``limit`` of them (0: the daemon's default page; it caps the page size)."""
+
     rid: int
     prefix: str = ""
+    after: str = ""
+    limit: int = 0
 
 
 class Stat(Msg):

@@ -218,8 +218,9 @@ class Service:
         return self.m.unpin(key)
 
     # ---- inspection and hints ------------------------------------------------------------------
-    def ls(self, prefix: str = "") -> list[dict[str, Any]]:
-        return self.m.ls(prefix)
+    def ls(self, prefix: str = "", after: str = "", limit: int = 0) -> list[dict[str, Any]]:
+        """One page of entries in key order (see Manager.ls)."""
+        return self.m.ls(prefix, after, limit)
 
     def stat(self, key: str) -> dict[str, Any]:
         return self.m.stat(key)
