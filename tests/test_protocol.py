@@ -369,3 +369,17 @@ def test_ls_is_paged_so_no_reply_is_unbounded(daemon) -> None:
     s.sendall(protocol.encode(protocol.Ls(3, "pg/", keys[1094], 100)))
     tail = read_reply(s)
     assert isinstance(tail, protocol.Ok) and [e["key"] for e in tail.value] == keys[1095:]
+
+
+def test_no_client_can_resize_the_arena(seeded) -> None:
+    """The arena fd every client gets is sealed against shrinking and growing: a client that tries
+    gets EPERM, and the daemon, which would die of SIGBUS on a shrunk arena, serves on."""
+    d, x = seeded
+    with Client(d.socket) as c:
+        assert c.arena is not None
+        fd = c.arena.fd
+        for size in (0, c.arena.size // 2, c.arena.size * 2):
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, size)
+        assert os.fstat(fd).st_size == c.arena.size
+    still_serving(d, x)

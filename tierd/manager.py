@@ -151,9 +151,13 @@ class Manager:
         )
 
     def check_reservation(self, cid: int, nbytes: int) -> None:
-        """TierFull when client ``cid`` may not reserve ``nbytes`` more now (its caps on open puts)."""
+        """TierFull when client ``cid`` may not reserve ``nbytes`` more now (its caps on open puts).
+
+        The byte cap bounds what a client holds at once: a single put of any size that fits the tier
+        is allowed when the client holds no other."""
         c = self.clients[cid]
-        if len(c.puts) >= self.max_open_puts or c.put_bytes + nbytes > self.max_open_put_bytes:
+        over_bytes = bool(c.puts) and c.put_bytes + nbytes > self.max_open_put_bytes
+        if len(c.puts) >= self.max_open_puts or over_bytes:
             self.metrics.tier_full += 1
             raise TierFull(
                 f"this client holds {len(c.puts)} puts of {c.put_bytes} bytes not sealed yet; at most "

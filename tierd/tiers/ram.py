@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import mmap
 import os
 from collections.abc import Callable
@@ -46,12 +47,15 @@ class RamTier(MemoryTier):
         capacity -= capacity % PAGE
         if capacity <= 0:
             raise ArenaError("the RAM tier needs at least one page")
-        self.fd = os.memfd_create("tierd-ram", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("tierd-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, capacity)
             # Allocate (and zero) every page now, so the memory is really ours and no put pays
             # first-touch faults; fails here, clearly, when the machine cannot back the arena.
             os.posix_fallocate(self.fd, 0, capacity)
+            # Every client gets this fd: sealed, no one can shrink the arena under the daemon (a
+            # SIGBUS on its next touch) or grow it.
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         except OSError as e:
             os.close(self.fd)
             if e.errno in (errno.ENOSPC, errno.ENOMEM):
