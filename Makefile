@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo check test lint bench lock clean
+.PHONY: setup demo check test lint bench lock check-upstream clean
 
 setup: $(VENV)/.setup-done
 
@@ -35,9 +35,17 @@ bench: setup
 	$(PY) bench/bench_predict.py --trace bench/results/qwen3vl.trace.jsonl
 	$(PY) bench/bench_qwen3vl.py --json bench/results/qwen3vl.json
 
+# the model integration's tests against the newest transformers 5.x (not the locked one), in a venv
+# of its own: run it before `make lock` to see whether a new release breaks us
+check-upstream:
+	VENV=.venv-upstream bash scripts/setup.sh
+	.venv-upstream/bin/python -m pip install --quiet --upgrade "transformers>=5,<6"
+	.venv-upstream/bin/python -m pip freeze --all | grep -iE '^transformers=='
+	.venv-upstream/bin/python -m pytest -q tests/test_integration_kv.py tests/test_integration_vision.py tests/test_integration_weights.py
+
 # refresh requirements.lock on purpose (commit it alone: its CI run shows the new versions pass)
 lock:
 	bash scripts/lock.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-upstream .pytest_cache .mypy_cache .ruff_cache
