@@ -250,7 +250,7 @@ class Connection(asyncio.Protocol):
                 s.sendmsg([welcome], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         except OSError as e:
             log.warning("could not send the arena to pid %d: %s", self.peer_pid, e)
-            self._close()
+            self.close()
             return
         log.debug("client %d: pid %d uid %d %r", self.client_id, self.peer_pid, self.peer_uid, msg.name)
 
@@ -322,9 +322,10 @@ class Connection(asyncio.Protocol):
     def _fatal(self, err: TierdError) -> None:
         """Say why (best effort) and close: used when the stream cannot go on."""
         self._reply(Error(0, *err.to_wire()))
-        self._close()
+        self.close()
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        """Close the connection (its leases end when the transport reports it lost)."""
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.close()

@@ -101,14 +101,15 @@ class Manager:
         self._next_version = 1
         self._next_lease = 1
         self._next_client = 1
-        self._clock = clock
-        self._mono = mono
+        #: the clocks entries are stamped with (wall time, monotonic); tests pass their own
+        self.clock = clock
+        self.mono = mono
 
     # ---- clients -------------------------------------------------------------------------------
     def add_client(self, pid: int, uid: int, name: str) -> int:
         cid = self._next_client
         self._next_client += 1
-        self.clients[cid] = ClientInfo(cid, pid, uid, name, self._clock())
+        self.clients[cid] = ClientInfo(cid, pid, uid, name, self.clock())
         return cid
 
     def client_gone(self, cid: int) -> None:
@@ -177,7 +178,7 @@ class Manager:
             offset = self.ram.allocate(req.nbytes)
             if offset is None:
                 raise self.tier_full(self.ram.name, req.key, req.nbytes)
-        now, mono = self._clock(), self._mono()
+        now, mono = self.clock(), self.mono()
         version = self.new_version()
         e = Entry(
             key=req.key, version=version, dtype=req.dtype, shape=list(req.shape), nbytes=req.nbytes,
@@ -318,7 +319,7 @@ class Manager:
         client = self.clients.get(cid)
         if client is None:
             return []  # the client went while its get was waiting on the disk
-        now, mono = self._clock(), self._mono()
+        now, mono = self.clock(), self.mono()
         home = self.ram.name
         out = []
         for e in found:
@@ -409,7 +410,7 @@ class Manager:
 
     def expire(self) -> list[str]:
         """Delete entries whose ttl has passed since their last access (leased ones wait)."""
-        mono = self._mono()
+        mono = self.mono()
         gone = [
             e for e in self.entries.values()
             if e.ttl is not None and e.leases == 0 and not e.pins and mono - e.last_access_mono > e.ttl

@@ -92,8 +92,8 @@ class Placement:
         if store is None:
             return 0
         records = store.load_index(keep=lambda r: r.durable and r.scope == "shared")
-        now = self.m._clock()
-        mono = self.m._mono()
+        now = self.m.clock()
+        mono = self.m.mono()
         entries = [
             Entry(key=r.key, version=r.version, dtype=r.dtype, shape=list(r.shape), nbytes=r.nbytes,
                   where={store.name: r}, tags=list(r.tags), durable=True, ttl=r.ttl, scope=r.scope,

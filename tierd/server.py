@@ -189,7 +189,7 @@ class Server:
         ):
             await asyncio.sleep(0.01)
         for c in list(self.connections):
-            c._close()
+            c.close()
         await asyncio.sleep(0)  # let connection_lost run
         for t in list(self.tasks):
             t.cancel()
