@@ -98,6 +98,18 @@ def print_status(s: dict[str, Any]) -> None:
             print("calibration: running")
 
 
+def print_clients(clients: list[dict[str, Any]], me: int = 0) -> None:
+    rows = [
+        [str(k["id"]) + (" (this tierctl)" if k["id"] == me else ""), k["name"] or "-", str(k["pid"]),
+         str(k["uid"]), _ago(k["since"]), str(k["leases"]), human_bytes(k["leased_bytes"]),
+         human_bytes(k["put_bytes"]), f"{k['open_puts']} / {human_bytes(k['open_put_bytes'])}",
+         str(k["requests"])]
+        for k in clients
+    ]  # fmt: skip
+    head = ["ID", "NAME", "PID", "UID", "SINCE", "LEASES", "LEASED", "PUT", "OPEN PUTS", "REQUESTS"]
+    print(_table(rows, head))
+
+
 def print_entries(entries: list[dict[str, Any]]) -> None:
     if not entries:
         print("(no entries)")
@@ -154,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     cmd("status", "tiers (used, capacity, fragmentation, largest hole), clients, leases and counters")
+    cmd("clients", "connected clients: name, pid, uid, since, leases and bytes leased, bytes put, requests")
     ls = cmd("ls", "list entries")
     ls.add_argument("--prefix", default="", help="only keys starting with this (e.g. a namespace 'qwen/')")
     ls.add_argument("prefix_pos", nargs="?", default=None, metavar="PREFIX", help="same as --prefix")
@@ -310,6 +323,10 @@ def run(args: argparse.Namespace) -> int:
             out = c.stats()
             if not args.json:
                 print_status(out)
+        elif args.cmd == "clients":
+            out = c.stats()["client_list"]
+            if not args.json:
+                print_clients(out, me=c.client_id)
         elif args.cmd == "ls":
             out = c.ls(args.prefix_pos if args.prefix_pos is not None else args.prefix)
             if not args.json:

@@ -87,3 +87,23 @@ def test_help() -> None:
     assert p.returncode == 0
     for cmd in ("status", "ls", "show", "rm", "pin", "unpin"):
         assert cmd in p.stdout
+
+
+def test_clients_lists_who_is_connected_and_what_they_hold(daemon: Daemon) -> None:
+    with Client(daemon.socket) as a, Client(daemon.socket) as b:
+        a.put("c/w", torch.zeros(1024))  # 4 KiB put and sealed by a
+        held = b.get("c/w")  # leased by b
+        out = tierctl(daemon.socket, "clients", "--json")
+        assert out.returncode == 0, out.stderr
+        rows = {r["id"]: r for r in json.loads(out.stdout)}
+        ra, rb = rows[a.client_id], rows[b.client_id]
+        assert ra["pid"] == os.getpid() and ra["uid"] == os.getuid() and ra["name"]
+        assert ra["put_bytes"] == 4096 and ra["leases"] == 0
+        assert rb["leases"] == 1 and rb["leased_bytes"] == 4096 and rb["put_bytes"] == 0
+        assert ra["requests"] >= 2 and rb["requests"] >= 1  # put + seal; get
+        assert len(rows) == 3  # and tierctl itself
+        human = tierctl(daemon.socket, "clients")
+        assert human.returncode == 0 and "LEASED" in human.stdout and "(this tierctl)" in human.stdout
+        line_b = next(x for x in human.stdout.splitlines() if x.split()[0] == str(b.client_id))
+        assert human_bytes(4096) in line_b
+        del held

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 
 from tierd import __version__, protocol
+from tierd.entry import ClientInfo
 from tierd.errors import (
     DaemonUnavailable,
     InvalidRequest,
@@ -79,6 +80,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.reader = protocol.FrameReader(MAX_REQUEST_BYTES)
         self.client_id = 0  # set by HELLO
+        self.info: ClientInfo  # set by HELLO: what the daemon keeps about this client
         self.peer_pid = self.peer_uid = self.peer_gid = -1
         self.closed = False
         self._replies_waiting = False  # the write buffer is over MAX_PENDING_REPLY_BYTES
@@ -195,6 +197,7 @@ class Connection(asyncio.Protocol):
         if handler is None:  # a second HELLO
             self._reply(Error(0, ProtocolError.code, "HELLO was already received on this connection"))
             return
+        self.info.requests += 1
         rid = getattr(msg, "rid", 0)
         try:
             reply = handler(self, msg)
@@ -241,6 +244,7 @@ class Connection(asyncio.Protocol):
             return
         service = self.service
         self.client_id = service.join(self.peer_pid, self.peer_uid, msg.name)
+        self.info = service.client(self.client_id)
         welcome = protocol.encode(
             Welcome(protocol.PROTOCOL_VERSION, os.getpid(), self.client_id, service.home_bytes, __version__)
         )

@@ -137,3 +137,7 @@ class ClientInfo:
     puts: set[int] = field(default_factory=set)
     #: bytes of the puts in ``puts`` (reserved, not sealed yet)
     put_bytes: int = 0
+    #: bytes this client has put and sealed, all told
+    sealed_bytes: int = 0
+    #: requests this client has sent (its connection counts them)
+    requests: int = 0

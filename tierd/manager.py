@@ -272,6 +272,7 @@ class Manager:
         """Publish a written version as its key's current one; the previous version is hidden."""
         e = self.writing(cid, put_id)
         self._unreserve(cid, e)
+        self.clients[cid].sealed_bytes += e.nbytes
         e.state = SEALED
         old = self.entries.get(e.key)
         self.entries[e.key] = e
@@ -507,6 +508,18 @@ class Manager:
             "leases": len(self.leases),
             "counters": self.metrics.snapshot(),
         }
+
+    def client_list(self) -> list[dict[str, Any]]:
+        """Every connected client: who it is, since when, and what it holds and has done."""
+        out = []
+        for c in self.clients.values():
+            leased = sum(self.leases[lid][1].nbytes for lid in c.leases)
+            out.append({
+                "id": c.client_id, "name": c.name, "pid": c.pid, "uid": c.uid, "since": c.connected,
+                "leases": len(c.leases), "leased_bytes": leased, "open_puts": len(c.puts),
+                "open_put_bytes": c.put_bytes, "put_bytes": c.sealed_bytes, "requests": c.requests,
+            })  # fmt: skip
+        return out
 
     def check(self) -> None:
         """Assert the table's invariants (tests call this after every scripted step)."""

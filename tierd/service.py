@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
-from tierd.entry import PutSpec
+from tierd.entry import ClientInfo, PutSpec
 from tierd.errors import InvalidRequest, ProtocolError
 from tierd.protocol import Located
 
@@ -75,6 +75,10 @@ class Service:
     def join(self, pid: int, uid: int, name: str) -> int:
         """A new client (after its HELLO was accepted); returns its client id."""
         return self.m.add_client(pid, uid, name)
+
+    def client(self, cid: int) -> ClientInfo:
+        """What the daemon keeps about a connected client (its connection counts requests in it)."""
+        return self.m.clients[cid]
 
     def leave(self, cid: int) -> None:
         """A client is gone: its leases, unsealed puts and scope="client" entries end."""
@@ -228,6 +232,7 @@ class Service:
     def status(self) -> dict[str, Any]:
         """Tiers, clients, leases, counters, then the daemon's own part, prefetch and placement."""
         s = self.m.status()
+        s["client_list"] = self.m.client_list()
         s.update(self._describe())
         pl = self.placement
         calib = pl.calibration
