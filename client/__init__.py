@@ -15,13 +15,14 @@ from tierd.errors import (
     NotFound,
     NotLeased,
     ProtocolError,
+    StorageError,
     TierdError,
     TierFull,
     Unsupported,
     VersionMismatch,
 )
-from tierd_client._core import Handle
 from tierd_client.aio import AsyncClient
+from tierd_client.arena import Handle
 from tierd_client.client import Client
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "NotFound",
     "NotLeased",
     "ProtocolError",
+    "StorageError",
     "TierFull",
     "TierdError",
     "Unsupported",
