@@ -3,7 +3,7 @@ mapping, tensor views, leases. The two clients are transports over this core: th
 move bytes and wait; everything about what to send and what a reply means is here.
 
 A connection: :meth:`Core._handshake` (blocking; AsyncClient runs it in an executor) connects,
-sends HELLO and takes WELCOME with the arena fd; bytes read after it stay in the core's
+sends HELLO and takes WELCOME with the arenas' fds; bytes read after it stay in the core's
 :class:`~tierd.protocol.FrameReader`, which cuts every later reply. A request goes out as
 :meth:`Core._request` (leases of collected tensors ride ahead of it as one RELEASE frame); replies
 come back through :meth:`Core._next_reply` and are matched to their request by ``rid``. A reply not
@@ -14,8 +14,8 @@ one-round-trip verb is a request built here and its reply read here.
 
 How a get becomes a tensor, and how its lease ends::
 
-    GOT(key, version, dtype, shape, offset, nbytes, lease)
-      -> region = arena_ro[offset : offset + nbytes]     a numpy slice of the read-only mapping
+    GOT(key, version, dtype, shape, offset, nbytes, lease, space)
+      -> region = arenas[space].ro[offset : offset + nbytes]   a numpy slice of a read-only mapping
       -> tensor = torch.from_numpy(region).view(dtype).view(shape)        (no byte is copied)
       -> weakref.finalize(region, ...)                                    (region dies with the
                                                                            last tensor on it)
@@ -53,7 +53,7 @@ from tierd.errors import (
     from_wire,
 )
 from tierd.paths import default_socket_path, peer_uid, trusted_daemon_uids
-from tierd.protocol import DTYPE_SIZES
+from tierd.protocol import DTYPE_SIZES, MAX_ARENAS
 from tierd_client.arena import Arena, Handle
 
 if TYPE_CHECKING:
@@ -134,6 +134,7 @@ def timed_out(path: Path, timeout: float | None, what: str) -> DaemonTimeout:
 class CopyIn:
     """A plan step that is local work, no round trip: copy a put's bytes into the arena."""
 
+    space: int
     offset: int
     msg: protocol.Put
     value: Any
@@ -152,6 +153,8 @@ class Core:
         self._rid = 0
         self._pid = os.getpid()
         self._frames = protocol.FrameReader(protocol.MAX_REPLY_BYTES)
+        #: the daemon's RAM arenas by space (one per uid): this client's uid's is ``arena``
+        self.arenas: dict[int, Arena] = {}
         self.arena: Arena | None = None
         self.client_id = 0
         self.daemon_pid = 0
@@ -172,11 +175,44 @@ class Core:
 
     # -- connection ------------------------------------------------------------------------------
     def _handshake(self) -> socket.socket:
-        """Connect, send HELLO, take WELCOME and the arena fd (blocking, under the timeout).
+        """Connect, send HELLO, take WELCOME and the arenas' fds (blocking, under the timeout).
 
         Returns the connected socket (still in timeout mode); raises DaemonUnavailable (or
         DaemonTimeout) when no daemon answers, the daemon's typed error when it refuses.
         """
+        s, reply, fds = self._exchange(self._hello(), self._frames)
+        try:
+            self._welcome(reply, fds)  # closes the fds itself when it refuses
+        except BaseException:
+            s.close()
+            raise
+        assert isinstance(reply, protocol.Welcome)  # _welcome refused anything else
+        self.client_id = reply.client_id
+        self.daemon_pid = reply.daemon_pid
+        return s
+
+    def _fetch_arenas(self) -> None:
+        """Take the fds of arenas made after this client connected (another uid's first client):
+        a second, short connection whose HELLO asks for the arenas only (blocking; rare)."""
+        hello = self._hello()
+        hello.arenas_only = True
+        s, reply, fds = self._exchange(hello, protocol.FrameReader(protocol.MAX_REPLY_BYTES))
+        s.close()
+        self._welcome(reply, fds)
+
+    def _arena(self, space: int) -> Arena:
+        a = self.arenas.get(space)
+        if a is None:
+            self._fetch_arenas()
+            a = self.arenas.get(space)
+            if a is None:
+                raise ProtocolError(f"the daemon named RAM arena {space} but did not send it")
+        return a
+
+    def _exchange(
+        self, hello: protocol.Hello, frames: protocol.FrameReader
+    ) -> tuple[socket.socket, protocol.Msg, list[int]]:
+        """Connect, check who serves the socket, send ``hello``; the reply and the fds beside it."""
         path = self.path
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         s.settimeout(self._timeout)
@@ -198,14 +234,14 @@ class Core:
             # a daemon that refused us has closed: its reason, if it sent one, is read next
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 s.sendall(protocol.encode(self._hello()))
-            while (reply := self._next_reply()) is None:
-                data, anc, _flags, _addr = s.recvmsg(65536, socket.CMSG_SPACE(4 * fds.itemsize))
+            while (reply := self._next_reply(frames)) is None:
+                data, anc, _flags, _addr = s.recvmsg(65536, socket.CMSG_SPACE(MAX_ARENAS * fds.itemsize))
                 for level, kind, payload in anc:
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                         fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
                 if not data:
                     raise unavailable(path, "the daemon closed the connection during HELLO")
-                self._frames.feed(data)
+                frames.feed(data)
         except BaseException as e:
             for fd in fds:
                 os.close(fd)
@@ -215,12 +251,7 @@ class Core:
             if isinstance(e, OSError):
                 raise unavailable(path, str(e)) from None
             raise
-        try:
-            self._welcome(reply, list(fds))  # closes the fds itself when it refuses
-        except BaseException:
-            s.close()
-            raise
-        return s
+        return s, reply, list(fds)
 
     @staticmethod
     def _hello() -> protocol.Hello:
@@ -228,17 +259,31 @@ class Core:
         return protocol.Hello(protocol.PROTOCOL_VERSION, os.getpid(), name)
 
     def _welcome(self, reply: protocol.Msg, fds: list[int]) -> None:
+        """Map the arenas a WELCOME names (the fds in the same order); known ones are kept."""
         if isinstance(reply, protocol.Error):
             for fd in fds:
                 os.close(fd)
             raise from_wire(reply.code, reply.message, reply.details)
-        if not isinstance(reply, protocol.Welcome) or len(fds) != 1:
+        if (
+            not isinstance(reply, protocol.Welcome)
+            or len(fds) != len(reply.arenas)
+            or sum(a.writable for a in reply.arenas) != 1
+        ):
             for fd in fds:
                 os.close(fd)
-            raise ProtocolError("the daemon's WELCOME did not carry the arena")
-        self.arena = Arena(fds[0], reply.arena_bytes)
-        self.client_id = reply.client_id
-        self.daemon_pid = reply.daemon_pid
+            raise ProtocolError("the daemon's WELCOME did not carry its arenas")
+        for info, fd in zip(reply.arenas, fds, strict=True):
+            if info.space in self.arenas:
+                os.close(fd)
+                continue
+            a = Arena(fd, info.nbytes, writable=info.writable, backed=info.backed)
+            self.arenas[info.space] = a
+            if info.writable:
+                self.arena = a
+
+    def _close_arenas(self) -> None:
+        for a in self.arenas.values():
+            a.close()
 
     # -- frames ----------------------------------------------------------------------------------
     def _request(self, msg: protocol.Msg) -> bytes:
@@ -258,9 +303,9 @@ class Core:
         ids = self._take_collected()
         return protocol.encode(protocol.Release(ids)) if ids else b""
 
-    def _next_reply(self) -> protocol.Msg | None:
+    def _next_reply(self, frames: protocol.FrameReader | None = None) -> protocol.Msg | None:
         """The next whole reply from the bytes fed so far, or None. ProtocolError: the stream is bad."""
-        frame = self._frames.next_frame()
+        frame = (frames or self._frames).next_frame()
         if frame is None:
             return None
         try:
@@ -295,7 +340,7 @@ class Core:
         ready = yield msg
         assert isinstance(ready, protocol.PutReady)
         try:
-            yield CopyIn(ready.offset, msg, value)
+            yield CopyIn(ready.space, ready.offset, msg, value)
         except BaseException:
             yield protocol.Abort(self._next_rid(), ready.put_id)
             raise
@@ -358,8 +403,10 @@ class Core:
         import torch
 
         offset, msg, value = step.offset, step.msg, step.value
-        assert self.arena is not None
-        region = self.arena.rw[offset : offset + msg.nbytes]
+        arena = self._arena(step.space)
+        if not arena.writable:
+            raise ProtocolError(f"the daemon placed a put in RAM arena {step.space}, which is not this uid's")
+        region = arena.rw[offset : offset + msg.nbytes]
         if isinstance(value, np.ndarray):
             np.copyto(region.view(value.dtype).reshape(value.shape), value, casting="no")
         elif (
@@ -380,8 +427,7 @@ class Core:
     def _view(self, loc: protocol.Located) -> torch.Tensor:
         import torch
 
-        assert self.arena is not None
-        region = self.arena.ro[loc.offset : loc.offset + loc.nbytes]
+        region = self._arena(loc.space).ro[loc.offset : loc.offset + loc.nbytes]
         t = torch.from_numpy(region).view(_torch_dtype(loc.dtype)).view(loc.shape)
         sid = _storage_id(t)
         fin = weakref.finalize(region, self._collected.append, loc.lease)

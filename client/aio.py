@@ -64,8 +64,7 @@ class AsyncClient(Core):
             transport, self._stream = await loop.create_unix_connection(lambda: _Stream(self), sock=sock)
         except BaseException:
             sock.close()
-            if self.arena is not None:
-                self.arena.close()
+            self._close_arenas()
             raise
         self._transport = transport
         self._data_received(b"")  # route what came in behind WELCOME (a closing error, say)
@@ -86,8 +85,7 @@ class AsyncClient(Core):
             except TimeoutError:
                 transport.abort()
         self._drop_all_leases()
-        if self.arena is not None:
-            self.arena.close()
+        self._close_arenas()
 
     @property
     def closed(self) -> bool:

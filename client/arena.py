@@ -1,5 +1,5 @@
-"""What a client maps and names: the daemon's RAM arena (read-only for gets, read-write for puts) and
-the handle of a sealed version."""
+"""What a client maps and names: the daemon's RAM arenas (read-only for gets; its own uid's also
+read-write for puts) and the handle of a sealed version."""
 
 from __future__ import annotations
 
@@ -26,19 +26,24 @@ class Handle:
 
 
 class Arena:
-    """The client's two mappings of the daemon's memfd: read-only for gets, read-write for puts.
+    """The client's mappings of one of the daemon's memfds: read-only for gets and, for its own
+    uid's arena only (``writable``: the daemon sent that fd O_RDWR, every other one O_RDONLY, so
+    the kernel refuses a writable mapping of them), read-write for puts.
 
-    The daemon pre-faults the arena, so its pages exist; a mapping here still needs page-table
-    entries. The read-write mapping is made on the first put with MAP_POPULATE (about 40 ms per GiB
-    of arena, once), so every put then copies at memcpy speed. The read-only mapping is made on the
-    first get without it: a got tensor's pages are mapped as they are first read, so a process pays
-    only for the entries it touches. The numpy arrays over a mapping keep it alive as long as any
-    tensor on it lives.
+    The daemon pre-faults its own uid's arena (``backed``), so its pages exist; a mapping here still
+    needs page-table entries. The read-write mapping is made on the first put, with MAP_POPULATE
+    when the arena is backed (about 40 ms per GiB of arena, once), so every put then copies at
+    memcpy speed; an arena that is not backed gets its pages as puts first write them. The read-only
+    mapping is made on the first get without it: a got tensor's pages are mapped as they are first
+    read, so a process pays only for the entries it touches. The numpy arrays over a mapping keep it
+    alive as long as any tensor on it lives.
     """
 
-    def __init__(self, fd: int, size: int) -> None:
+    def __init__(self, fd: int, size: int, *, writable: bool = True, backed: bool = True) -> None:
         self.fd = fd
         self.size = size
+        self.writable = writable
+        self.backed = backed
         self._ro: np.ndarray | None = None
         self._rw: np.ndarray | None = None
 
@@ -46,7 +51,8 @@ class Arena:
         import numpy as np
 
         if prot & mmap.PROT_WRITE:
-            m = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=prot)
+            populate = mmap.MAP_POPULATE if self.backed else 0
+            m = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED | populate, prot=prot)
             return np.frombuffer(m, np.uint8)
         m = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED, prot=prot)
         # A numpy array over read-only memory that numpy and torch accept without warnings; the

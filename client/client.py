@@ -69,8 +69,7 @@ class Client(Core):
             self._sock.close()
             self._sock = None
         self._drop_all_leases()
-        if self.arena is not None:
-            self.arena.close()
+        self._close_arenas()
 
     @property
     def closed(self) -> bool:

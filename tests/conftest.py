@@ -145,7 +145,8 @@ class HungPeer:
         fd = os.memfd_create("hung-peer-arena", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, self.ARENA_BYTES)
-            welcome = protocol.Welcome(protocol.PROTOCOL_VERSION, os.getpid(), 1, self.ARENA_BYTES, "hung")
+            arena = protocol.ArenaInfo(0, self.ARENA_BYTES, writable=True, backed=False)
+            welcome = protocol.Welcome(protocol.PROTOCOL_VERSION, os.getpid(), 1, "hung", [arena])
             conn.sendmsg(
                 [protocol.encode(welcome)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
             )

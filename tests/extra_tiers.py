@@ -41,7 +41,7 @@ class HostTier(MemoryTier):
     def used_bytes(self) -> int:
         return self.alloc.used_bytes
 
-    def reserve(self, nbytes: int) -> int | None:
+    def reserve(self, nbytes: int, owner: int = 0) -> int | None:
         return self.alloc.alloc(nbytes)
 
     def free(self, offset: int) -> int:
@@ -53,8 +53,8 @@ class HostTier(MemoryTier):
     def view(self, offset: int, nbytes: int) -> memoryview:
         return memoryview(self.map)[offset : offset + nbytes]
 
-    def map_handle(self) -> MapHandle:
-        return MapHandle(self.fd, self.alloc.capacity)
+    def map_handles(self, uid: int) -> list[MapHandle]:
+        return [MapHandle(self.fd, self.alloc.capacity)]
 
     def space(self) -> Space:
         s = self.alloc.stats()

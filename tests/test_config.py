@@ -152,6 +152,7 @@ def test_every_setting_from_each_source(tmp_path: Path) -> None:
         "max_connections": "100",
         "max_open_puts": "10",
         "max_open_put_bytes": "25%",
+        "ram_quota": "50%",
     }
     floats = ("graceful_timeout", "ram_high_watermark", "ram_low_watermark")
     assert sorted(values) == sorted(config.SETTINGS)

@@ -56,7 +56,7 @@ async def test_a_demand_read_takes_the_room_of_prefetches_in_flight() -> None:
     cid = m.add_client(1, 0, "t")
     try:
         for i, key in enumerate(["t/l1", "t/l2", "t/p1", "t/p2", "t/x"]):
-            offset = await pl.alloc(key, MiB)
+            offset = await pl.alloc(key, MiB, owner=0)
             pid, offset = m.begin_put(cid, Put(1, key, "uint8", [MiB], MiB), offset)
             ram.view(offset, MiB)[:] = bytes([i + 1]) * MiB
             m.seal(cid, pid)

@@ -16,7 +16,7 @@ MSGS: list[protocol.Msg] = [
     protocol.Status(1),
     protocol.Ok(2, {"tiers": [{"name": "ram", "used_bytes": 5}]}),
     protocol.Release([3, 4, 5]),
-    protocol.Got(6, [protocol.Located("ns/w", 1, "float32", [2, 3], 4096, 24, 7)]),
+    protocol.Got(6, [protocol.Located("ns/w", 1, "float32", [2, 3], 4096, 24, 7, 0)]),
     protocol.Error(0, "protocol", "bye"),
     protocol.Ok(8, "x" * 70_000),  # longer than one recv
 ]

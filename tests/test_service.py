@@ -70,7 +70,7 @@ async def test_put_get_release_delete_without_the_wire(svc: Service) -> None:
     assert svc.status()["leases"] == 1 and svc.stat("t/a")["leases"] == 1
     assert svc.release(cid, [loc.lease, 10**9]) == 1  # one id was never its lease
 
-    assert svc.delete("t/a") is None  # not durable: answered at once
+    assert svc.delete(cid, "t/a") is None  # not durable: answered at once
     assert svc.ls() == [] and svc.m.ram.used_bytes == 0
     rows = svc.trace()["accesses"]
     assert [r[3] for r in rows] == ["put", "get"]  # [t, client, key, op, ...]
@@ -84,7 +84,7 @@ async def test_a_get_from_disk_waits_and_a_full_tier_makes_room(svc: Service) ->
     cid = svc.join(1, 0, "scripted")
     for i in range(4):  # the RAM tier holds four
         await put(svc, cid, f"t/{i}", i + 1)
-    assert await svc.evict("t/0") == {"evicted": "t/0", "moved": True, "tiers": ["disk"]}
+    assert await svc.evict(cid, "t/0") == {"evicted": "t/0", "moved": True, "tiers": ["disk"]}
 
     answer = svc.get(cid, [("t/0", 0), ("t/1", 0)])
     assert inspect.iscoroutine(answer)  # t/0 is on disk: the answer waits for its promotion
@@ -115,7 +115,7 @@ async def test_durable_put_and_delete_wait_for_the_store(svc: Service) -> None:
     assert svc.stat("t/d")["tiers"] == ["ram", "disk"]
     assert [r["ok"] for r in await svc.verify("t/")] == [True]
 
-    deleting = svc.delete("t/d")
+    deleting = svc.delete(cid, "t/d")
     assert inspect.iscoroutine(deleting)  # answered once a restart cannot bring it back
     assert await deleting is None
     with pytest.raises(NotFound):
@@ -141,8 +141,8 @@ async def test_bad_requests_raise_typed_errors_and_leave_nothing(svc: Service) -
     assert svc.m.ram.used_bytes == 0
 
     await put(svc, cid, "t/y", 9, nbytes=64)
-    svc.pin("t/y", "ram")
-    assert svc.unpin("t/y") is True and svc.unpin("t/y") is False
+    svc.pin(cid, "t/y", "ram")
+    assert svc.unpin(cid, "t/y") is True and svc.unpin(cid, "t/y") is False
     assert svc.prefetch(cid, ["t/y", "t/nope"]) == 1
     assert len(await settle(svc.get(cid, [("t/y", 0)]))) == 1
     svc.leave(cid)  # the client's leases end with it

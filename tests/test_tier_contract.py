@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import mmap
+import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -110,10 +111,11 @@ def test_a_client_mapping_sees_what_the_daemon_wrote(tier: MemoryTier) -> None:
     assert off is not None
     payload = np.arange(5000, dtype=np.uint8).tobytes()
     tier.view(off, 5000)[:] = payload
-    h = tier.map_handle()
-    assert h.nbytes >= tier.capacity_bytes
+    space, at = tier.split(off)
+    h = tier.map_handles(os.getuid())[space]
+    assert h.space == space and h.writable and h.nbytes >= tier.capacity_bytes
     with mmap.mmap(h.fd, h.nbytes, prot=mmap.PROT_READ) as client:
-        assert client[off : off + 5000] == payload
+        assert client[at : at + 5000] == payload
     tier.free(off)
 
 
@@ -184,3 +186,40 @@ def test_full_store_is_tier_full_and_leaves_nothing(store: ChunkStore, pool) -> 
         _write(store, pool, 5, raw, chunk=MiB)
     assert ei.value.details["tier"] == store.name
     assert store.used_bytes == 0 and set(store._chunk_versions()) == set() and list(store._scan()) == []
+
+
+# ---- the RAM tier's arenas (one per uid) -------------------------------------------------------
+def test_ram_arenas_keep_uids_apart_and_their_pages_within_the_capacity() -> None:
+    """Each uid's regions lie in its own memfd (a location names it); the arenas' pages together
+    never pass the capacity: a new uid's writes push out the free pages of the others first."""
+    tier = RamTier(8 * MiB, uid=0)
+    try:
+        assert tier.resident_bytes() == 8 * MiB  # the daemon uid's arena is pre-faulted
+        mine = tier.allocate(2 * MiB, owner=0)
+        theirs = tier.allocate(4 * MiB, owner=4242)
+        assert mine is not None and theirs is not None
+        assert tier.split(mine)[0] == 0 and tier.split(theirs)[0] == 1
+        tier.view(theirs, 4 * MiB)[:] = b"\x01" * (4 * MiB)
+        assert tier.resident_bytes() <= tier.capacity_bytes
+        assert tier.used_bytes == 6 * MiB and tier.allocate(4 * MiB, owner=4242) is None  # 10 > 8
+        maps = tier.map_handles(4242)
+        assert [(h.space, h.writable) for h in maps] == [(0, False), (1, True)]
+        with pytest.raises(PermissionError):  # the other uid's fd cannot map for writing
+            mmap.mmap(maps[0].fd, maps[0].nbytes, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        tier.free(mine)
+        tier.free(theirs)
+        tier.check()
+        assert tier.used_bytes == 0
+    finally:
+        tier.close()
+
+
+def test_ram_quota_caps_each_uid_not_the_tier() -> None:
+    tier = RamTier(8 * MiB, uid=0, quota=3 * MiB)
+    try:
+        a = tier.allocate(3 * MiB, owner=7)
+        assert a is not None and tier.over_quota(7, 1) and tier.allocate(1, owner=7) is None
+        assert not tier.over_quota(8, MiB) and tier.allocate(3 * MiB, owner=8) is not None
+        assert tier.stats()["quota_bytes"] == 3 * MiB
+    finally:
+        tier.close()

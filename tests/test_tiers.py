@@ -29,7 +29,7 @@ async def put(m: Manager, pl: Placement, cid: int, key: str, fill: int, nbytes: 
     then the client's write and SEAL."""
     offset = m.ram.allocate(nbytes)
     if offset is None:
-        offset = await pl.alloc(key, nbytes)
+        offset = await pl.alloc(key, nbytes, owner=0)
     pid, offset = m.begin_put(cid, Put(1, key, "uint8", [nbytes], nbytes), offset)
     m.ram.view(offset, nbytes)[:] = bytes([fill]) * nbytes
     m.seal(cid, pid)

@@ -111,6 +111,9 @@ class Config:
     """Directory for durable state; empty = $STATE_DIRECTORY, else ~/.local/state/tierd."""
     ram_bytes: str = "25%"
     """Size of the shared-memory RAM tier (pre-faulted at start): 512MiB, 2GiB, or a % of RAM."""
+    ram_quota: str = "100%"
+    """The most one uid's entries may hold in the RAM tier: a SIZE or a % of it (100% = no quota).
+    Quotas that add up to at most 100% keep each user's entries from being pushed out by another's."""
     disk_bytes: str = "25%"
     """Size of the disk tier (an LMDB file in the state dir); 0 = none (durable=True is then refused)."""
     tiers: str = "ram,disk"
@@ -157,6 +160,9 @@ class Config:
 
     def ram_tier_bytes(self) -> int:
         return self._size("ram_bytes", total_ram_bytes())
+
+    def ram_quota_bytes(self) -> int:
+        return self._size("ram_quota", self.ram_tier_bytes())
 
     def disk_tier_bytes(self) -> int:
         state = self.state_path()
@@ -238,6 +244,11 @@ class Config:
         if self.max_open_puts < 1:
             raise ConfigError(f"max_open_puts: {self.max_open_puts} is not a positive number")
         self.max_open_put_bytes_value()
+        if self.ram_quota_bytes() < 1 << 20:
+            raise ConfigError(
+                f"ram_quota ({self.sources.get('ram_quota', 'default')}): {self.ram_quota!r} is below "
+                "the 1 MiB minimum"
+            )
         self.socket_gid()
 
 

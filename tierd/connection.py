@@ -35,7 +35,7 @@ from tierd.errors import (
     TierdError,
     VersionMismatch,
 )
-from tierd.protocol import MAX_REQUEST_BYTES, Error, Got, Located, Ok, PutReady, Welcome
+from tierd.protocol import MAX_REQUEST_BYTES, ArenaInfo, Error, Got, Located, Ok, PutReady, Welcome
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -243,17 +243,27 @@ class Connection(asyncio.Protocol):
             ))  # fmt: skip
             return
         service = self.service
-        self.client_id = service.join(self.peer_pid, self.peer_uid, msg.name)
-        self.info = service.client(self.client_id)
+        try:
+            maps = service.arenas(self.peer_uid)
+        except TierdError as e:  # no arena can be made for this uid
+            self._fatal(e)
+            return
+        if not msg.arenas_only:
+            self.client_id = service.join(self.peer_pid, self.peer_uid, msg.name)
+            self.info = service.client(self.client_id)
+        arenas = [ArenaInfo(h.space, h.nbytes, h.writable, h.backed) for h in maps]
         welcome = protocol.encode(
-            Welcome(protocol.PROTOCOL_VERSION, os.getpid(), self.client_id, service.home_bytes, __version__)
+            Welcome(protocol.PROTOCOL_VERSION, os.getpid(), self.client_id, __version__, arenas)
         )
-        fds = array.array("i", [service.home_map().fd])
+        fds = array.array("i", [h.fd for h in maps])
         try:
             with self._raw_socket() as s:
                 s.sendmsg([welcome], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
         except OSError as e:
-            log.warning("could not send the arena to pid %d: %s", self.peer_pid, e)
+            log.warning("could not send the arenas to pid %d: %s", self.peer_pid, e)
+            self.close()
+            return
+        if msg.arenas_only:
             self.close()
             return
         log.debug("client %d: pid %d uid %d %r", self.client_id, self.peer_pid, self.peer_uid, msg.name)
@@ -262,8 +272,9 @@ class Connection(asyncio.Protocol):
     def on_put(self, m: protocol.Put) -> Any:
         r = self.service.put(self.client_id, m)  # a PUT message is a PutSpec
         if isinstance(r, tuple):
-            return PutReady(m.rid, r[0], r[1], r[0])
-        return _put_ready(m.rid, r)
+            space, offset = self.service.split(r[1])
+            return PutReady(m.rid, r[0], offset, r[0], space)
+        return _put_ready(m.rid, r, self.service.split)
 
     def on_seal(self, m: protocol.Seal) -> Any:
         r = self.service.seal(self.client_id, m.put_id)
@@ -285,23 +296,23 @@ class Connection(asyncio.Protocol):
         self.service.release(self.client_id, m.leases)
 
     def on_delete(self, m: protocol.Delete) -> Any:
-        r = self.service.delete(m.key)
+        r = self.service.delete(self.client_id, m.key)
         if r is None:
             return Ok(m.rid)
         return _ok(m.rid, r)  # answered once a restart cannot bring it back
 
     def on_evict(self, m: protocol.Evict) -> Any:
-        return _ok(m.rid, self.service.evict(m.key))
+        return _ok(m.rid, self.service.evict(self.client_id, m.key))
 
     def on_verify(self, m: protocol.Verify) -> Any:
         return _ok(m.rid, self.service.verify(m.prefix))
 
     def on_pin(self, m: protocol.Pin) -> Ok:
-        self.service.pin(m.key, m.tier)
+        self.service.pin(self.client_id, m.key, m.tier)
         return Ok(m.rid)
 
     def on_unpin(self, m: protocol.Unpin) -> Ok:
-        return Ok(m.rid, self.service.unpin(m.key))
+        return Ok(m.rid, self.service.unpin(self.client_id, m.key))
 
     def on_ls(self, m: protocol.Ls) -> Ok:
         return Ok(m.rid, self.service.ls(m.prefix, m.after, m.limit))
@@ -365,9 +376,10 @@ _HANDLERS: dict[int, Any] = {
 
 
 # -- replies to use cases that waited (a coroutine's result, then the reply) --------------------------
-async def _put_ready(rid: int, later: Coroutine[Any, Any, tuple[int, int]]) -> PutReady:
-    put_id, offset = await later
-    return PutReady(rid, put_id, offset, put_id)
+async def _put_ready(rid: int, later: Coroutine[Any, Any, tuple[int, int]], split: Any) -> PutReady:
+    put_id, location = await later
+    space, offset = split(location)
+    return PutReady(rid, put_id, offset, put_id, space)
 
 
 async def _sealed(rid: int, later: Coroutine[Any, Any, tuple[str, int]]) -> Ok:

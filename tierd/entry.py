@@ -74,7 +74,11 @@ class Entry:
     durable: bool
     ttl: float | None
     scope: str
+    #: the client id that put it (scope="client" entries go with that client)
     owner: int
+    #: the uid that put it: its trust domain (only that uid, root and the daemon's uid may change
+    #: or delete it) and the arena its RAM copy lives in
+    uid: int
     created: float
     last_access: float
     last_access_mono: float
@@ -121,6 +125,7 @@ class Entry:
             "durable": self.durable,
             "ttl": self.ttl,
             "scope": self.scope,
+            "uid": self.uid,
             "created": self.created,
             "last_access": self.last_access,
         }

@@ -98,6 +98,14 @@ class StorageError(TierdError):
     code = "storage"
 
 
+class Forbidden(TierdError):
+    """The key belongs to another uid (a uid is a trust domain): only that uid, root and the
+    daemon's own uid may put a new version of it, delete, evict, pin or unpin it. Reading is open
+    to every uid the daemon serves. Nothing changed."""
+
+    code = "forbidden"
+
+
 class CorruptEntry(TierdError):
     """An entry's stored bytes fail their checksum: it is not served. Recoverable only by deleting
     and putting it again; every other entry is unaffected."""
@@ -120,6 +128,7 @@ ERRORS_BY_CODE: dict[str, type[TierdError]] = {
         NotLeased,
         Unsupported,
         StorageError,
+        Forbidden,
         CorruptEntry,
     )
 }

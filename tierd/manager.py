@@ -35,12 +35,13 @@ import contextlib
 import heapq
 import itertools
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from tierd.entry import ABORTED, FREED, SEALED, WRITING, ClientInfo, Entry, PutSpec
-from tierd.errors import InvalidRequest, NotFound, TierFull, Unsupported
+from tierd.errors import Forbidden, InvalidRequest, NotFound, TierFull, Unsupported
 from tierd.metrics import Metrics
 from tierd.policy import LRU
 from tierd.protocol import DTYPE_SIZES, LS_PAGE, LS_PAGE_MAX, SCOPES, Located, check_key
@@ -98,6 +99,8 @@ class Manager:
         #: (config max_open_puts / max_open_put_bytes): one client cannot hold the home tier
         self.max_open_puts = 4096
         self.max_open_put_bytes = home.capacity_bytes // 2
+        #: uids that may change any uid's entries: root and the daemon's own
+        self.admin_uids = {0, os.getuid()}
         self._next_version = 1
         self._next_lease = 1
         self._next_client = 1
@@ -123,6 +126,22 @@ class Manager:
             self._drop_writing(put_id)
         for e in [e for e in self.entries.values() if e.scope == "client" and e.owner == cid]:
             self._hide(e)
+
+    def uid_of(self, cid: int) -> int:
+        c = self.clients.get(cid)
+        if c is None:
+            raise InvalidRequest("client gone")
+        return c.uid
+
+    def guard(self, cid: int, e: Entry, verb: str) -> None:
+        """Forbidden unless client ``cid``'s uid may change ``e`` (DESIGN: a uid is a trust domain:
+        the uid that put it, root and the daemon's uid may; every other uid only reads it)."""
+        uid = self.uid_of(cid)
+        if uid != e.uid and uid not in self.admin_uids:
+            raise Forbidden(
+                f"{e.key!r} belongs to uid {e.uid}: uid {uid} may read it but not {verb} it",
+                key=e.key, owner_uid=e.uid, uid=uid,
+            )  # fmt: skip
 
     # ---- put -----------------------------------------------------------------------------------
     def tier_full(self, tier: str, key: str, nbytes: int, why: str = "", count: bool = True) -> TierFull:
@@ -174,8 +193,17 @@ class Manager:
         here, and TierFull is raised when there is none.
         """
         self.validate_put(req)
+        uid = self.uid_of(cid)
+        old = self.entries.get(req.key)
+        if old is not None:
+            try:
+                self.guard(cid, old, "put a new version of")
+            except Forbidden:
+                if offset is not None:
+                    self.ram.free(offset)
+                raise
         if offset is None:
-            offset = self.ram.allocate(req.nbytes)
+            offset = self.ram.allocate(req.nbytes, owner=uid)
             if offset is None:
                 raise self.tier_full(self.ram.name, req.key, req.nbytes)
         now, mono = self.clock(), self.mono()
@@ -183,7 +211,7 @@ class Manager:
         e = Entry(
             key=req.key, version=version, dtype=req.dtype, shape=list(req.shape), nbytes=req.nbytes,
             where={self.ram.name: offset}, tags=list(req.tags), durable=req.durable, ttl=req.ttl,
-            scope=req.scope, owner=cid, created=now, last_access=now, last_access_mono=mono,
+            scope=req.scope, owner=cid, uid=uid, created=now, last_access=now, last_access_mono=mono,
             codec=None if req.codec in (None, "auto") else req.codec,
         )  # fmt: skip
         self.versions[version] = e
@@ -271,10 +299,16 @@ class Manager:
     def seal(self, cid: int, put_id: int) -> tuple[str, int]:
         """Publish a written version as its key's current one; the previous version is hidden."""
         e = self.writing(cid, put_id)
+        old = self.entries.get(e.key)
+        if old is not None:
+            try:
+                self.guard(cid, old, "put a new version of")
+            except Forbidden:  # another uid sealed the key first: this put is dropped
+                self.abort(cid, put_id)
+                raise
         self._unreserve(cid, e)
         self.clients[cid].sealed_bytes += e.nbytes
         e.state = SEALED
-        old = self.entries.get(e.key)
         self.entries[e.key] = e
         e.current = True
         if self.ram.name in e.where:
@@ -322,6 +356,7 @@ class Manager:
             return []  # the client went while its get was waiting on the disk
         now, mono = self.clock(), self.mono()
         home = self.ram.name
+        split = self.ram.split
         out = []
         for e in found:
             offset = e.where.get(home)
@@ -337,7 +372,8 @@ class Manager:
                 self.spec_bytes -= self.ram.region_bytes(e.nbytes)
                 self.metrics.prefetch_used += 1
             self.policy.on_hit(e.version)
-            out.append(Located(e.key, e.version, e.dtype, e.shape, offset, e.nbytes, lid))
+            space, at = split(offset)
+            out.append(Located(e.key, e.version, e.dtype, e.shape, at, e.nbytes, lid, space))
         metrics = self.metrics
         metrics.gets += len(found)
         metrics.hits_ram += len(found) - loaded

@@ -33,8 +33,8 @@ from tierd.errors import Unsupported
 from tierd.manager import Manager
 from tierd.tiers.store import CHUNK_BYTES
 
-#: placement's room maker: (tier name, key, nbytes, for_prefetch) -> offset of a region there
-Room = Callable[[str, str, int, bool], Awaitable[int]]
+#: placement's room maker: (tier name, key, nbytes, for_prefetch, owner uid) -> a region there
+Room = Callable[[str, str, int, bool, int], Awaitable[int]]
 
 
 class Mover:
@@ -93,7 +93,7 @@ class Mover:
     async def _into_memory(self, e: Entry, src: str, dst: str, room: Room, for_prefetch: bool) -> int:
         loop = asyncio.get_running_loop()
         tier = self.m.memory[dst]
-        offset = await room(dst, e.key, e.nbytes, for_prefetch)
+        offset = await room(dst, e.key, e.nbytes, for_prefetch, e.uid)
         try:
             view = tier.view(offset, e.nbytes)
             where = e.where[src]
@@ -118,7 +118,7 @@ class Mover:
         meta = {
             "key": e.key, "version": e.version, "dtype": e.dtype, "shape": list(e.shape),
             "nbytes": e.nbytes, "tags": list(e.tags), "durable": e.durable, "ttl": e.ttl,
-            "scope": e.scope, "created": e.created,
+            "scope": e.scope, "created": e.created, "uid": e.uid,
         }  # fmt: skip
         rec = await loop.run_in_executor(self.writer, store.write, meta, plan, view, self.io)
         if e.state == SEALED and not e.current:  # hidden while we wrote: not for a restart

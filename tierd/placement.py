@@ -94,10 +94,12 @@ class Placement:
         records = store.load_index(keep=lambda r: r.durable and r.scope == "shared")
         now = self.m.clock()
         mono = self.m.mono()
+        daemon_uid = os.getuid()
         entries = [
             Entry(key=r.key, version=r.version, dtype=r.dtype, shape=list(r.shape), nbytes=r.nbytes,
                   where={store.name: r}, tags=list(r.tags), durable=True, ttl=r.ttl, scope=r.scope,
-                  owner=0, created=r.created, last_access=now, last_access_mono=mono, state=SEALED,
+                  owner=0, uid=r.uid if r.uid >= 0 else daemon_uid, created=r.created,
+                  last_access=now, last_access_mono=mono, state=SEALED,
                   codec=r.codec)
             for r in records
         ]  # fmt: skip
@@ -167,16 +169,19 @@ class Placement:
             and (e.leases == 0 or tier != self.home) and self.below[tier] is not None
         )  # fmt: skip
 
-    def victim(self, take_prefetched: bool = True, tier: str | None = None) -> Entry | None:
+    def victim(
+        self, take_prefetched: bool = True, tier: str | None = None, uid: int | None = None
+    ) -> Entry | None:
         """The entry to demote next from ``tier`` (home by default): coldest first, one with a
         lower copy among the coldest few preferred.
 
         Home entries prefetched and not read yet are kept (they were predicted sooner than anything
         a prefetch or the watermark balancer now wants); a demand read or memory pressure may still
-        take them (``take_prefetched``), but only when nothing else is left.
+        take them (``take_prefetched``), but only when nothing else is left. ``uid``: only that
+        uid's entries (its quota is full).
         """
         tier = tier or self.home
-        found = self._coldest(tier)
+        found = self._coldest(tier, uid)
         if found is None and take_prefetched and tier == self.home:
             # Of the unread prefetches, the one loaded last: predictions and hints are issued in
             # the order they will be read, so it is needed last (the coldest would be needed next).
@@ -184,18 +189,19 @@ class Placement:
                 (
                     e
                     for e in reversed(list(self.m.policies[tier].candidates()))
-                    if e.prefetched and self._evictable(e, tier)
+                    if e.prefetched and self._evictable(e, tier) and uid in (None, e.uid)
                 ),
                 None,
             )
         return found
 
-    def _coldest(self, tier: str) -> Entry | None:
-        """The coldest evictable entry that is not an unread prefetch (one with a lower copy preferred)."""
+    def _coldest(self, tier: str, uid: int | None = None) -> Entry | None:
+        """The coldest evictable entry that is not an unread prefetch (one with a lower copy
+        preferred), of ``uid`` only when given."""
         first = None
         home = tier == self.home
         for i, e in enumerate(self.m.policies[tier].candidates()):
-            if not self._evictable(e, tier) or (home and e.prefetched):
+            if not self._evictable(e, tier) or (home and e.prefetched) or uid not in (None, e.uid):
                 continue
             if self._has_lower_copy(e, tier):
                 return e
@@ -206,10 +212,13 @@ class Placement:
         return first
 
     async def alloc(
-        self, key: str, nbytes: int, for_prefetch: bool = False, *, tier: str | None = None
+        self, key: str, nbytes: int, for_prefetch: bool = False, *, tier: str | None = None, owner: int
     ) -> int:
-        """A region for ``nbytes`` in memory tier ``tier`` (home by default), demoting cold entries
-        to make room; TierFull if impossible.
+        """A region for ``nbytes`` in memory tier ``tier`` (home by default) that uid ``owner`` may
+        write, demoting cold entries to make room; TierFull if impossible.
+
+        When the owner's quota is what refuses it, only the owner's own entries are demoted: one uid
+        cannot push another's entries out by filling its own quota.
 
         A demand request (not ``for_prefetch``) never fails while speculative work holds the room:
         it takes unread prefetches when nothing else can go (see :meth:`victim`), and while
@@ -220,15 +229,22 @@ class Placement:
         name = tier or self.home
         t = self.m.memory[name]
         size = t.region_bytes(nbytes)
-        if size > t.capacity_bytes:
-            raise self.m.tier_full(name, key, nbytes)
+        if size > t.quota_bytes(owner):
+            why = f"more than uid {owner}'s quota" if size <= t.capacity_bytes else ""
+            raise self.m.tier_full(name, key, nbytes, why)
         over_ceiling = False  # a demand allocation may pass the ceiling when nothing can go
         while True:
-            offset = t.allocate(nbytes, over_ceiling=over_ceiling)
+            offset = t.allocate(nbytes, over_ceiling=over_ceiling, owner=owner)
             if offset is not None:
                 return offset
-            e = self.victim(take_prefetched=not for_prefetch, tier=name)
+            quota = t.over_quota(owner, nbytes)
+            e = self.victim(take_prefetched=not for_prefetch, tier=name, uid=owner if quota else None)
             if e is None:
+                if quota:
+                    raise self.m.tier_full(
+                        name, key, nbytes, f"uid {owner} holds its quota of {t.quota_bytes(owner)} bytes "
+                        "in leased, pinned or moving entries", count=not for_prefetch,
+                    )  # fmt: skip
                 if not over_ceiling and not for_prefetch and t.used_bytes + size > t.ceiling:
                     over_ceiling = True
                     continue
@@ -246,8 +262,8 @@ class Placement:
                 self.m.metrics.prefetch_taken += 1  # a demand request takes a prefetch's room
             await self.demote(e, name)
 
-    def _room(self, tier: str, key: str, nbytes: int, for_prefetch: bool) -> Any:
-        return self.alloc(key, nbytes, for_prefetch, tier=tier)
+    def _room(self, tier: str, key: str, nbytes: int, for_prefetch: bool, owner: int) -> Any:
+        return self.alloc(key, nbytes, for_prefetch, tier=tier, owner=owner)
 
     # ---- memory pressure -----------------------------------------------------------------------
     def lower_ceiling(self, target: int) -> int:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 
 from tierd.monitor import Monitor, Pressure
-from tierd.pages import release_pages
 from tierd.placement import Placement
 from tierd.tiers.ram import RamTier
 
@@ -57,7 +56,7 @@ class Relief:
         placement = self.placement
         ram = self.ram
         try:
-            p = self.monitor.poll(ram.capacity_bytes)  # the arena is pre-faulted: all of it is resident
+            p = self.monitor.poll(ram.resident_bytes())
         except OSError as e:  # e.g. EMFILE while clients hold every descriptor: skip this poll
             self.skipped += 1
             if self.skipped == 1 or self.skipped % 60 == 0:
@@ -70,9 +69,7 @@ class Relief:
             return
         metrics = self.m.metrics
         ceiling = placement.lower_ceiling(ram.used_bytes - p.shrink_bytes)
-        released = 0
-        for start, size in ram.alloc.holes(min_size=MIN_RELEASE_BYTES):
-            released += release_pages(ram.mmap, start, size)
+        released = ram.release_free(MIN_RELEASE_BYTES)
         metrics.pressure_released_bytes += released
         log.warning("memory pressure %s (%s): RAM tier held at %.0f MiB (of %.0f), free pages returned: "
                     "%.0f MiB; demoting down to it", p.level, ", ".join(p.reasons), ceiling / 2**20,

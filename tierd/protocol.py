@@ -9,10 +9,12 @@ Frame layout (all integers little-endian)::
 ``length`` counts the payload only. ``type`` picks the message class, and the payload is decoded
 straight into it by msgspec, which validates every field: a frame that does not fit its type is an
 ``invalid`` error, never a crash. Tensor bytes never appear in a frame: only (dtype, shape, offset)
-cross the socket; the bytes stay in the RAM arena, a memfd the daemon sends once, with SCM_RIGHTS,
-in its reply to HELLO (file descriptors travel beside the bytes, never inside a frame).
+cross the socket; the bytes stay in the RAM tier's arenas, memfds (one per uid) the daemon sends
+with SCM_RIGHTS in its reply to HELLO (file descriptors travel beside the bytes, never inside a
+frame): the client's own uid's read-write, the others' read-only. A client that meets an arena made
+after it connected (a reply names its ``space``) fetches the fds again with HELLO(arenas_only).
 
-A connection goes: HELLO -> WELCOME (+ arena fd) -> requests. Every request but RELEASE carries a
+A connection goes: HELLO -> WELCOME (+ the arenas' fds) -> requests. Every request but RELEASE carries a
 request id ``rid`` echoed by its reply (an ``Ok``, ``PutReady``, ``Got`` or ``Error``); RELEASE is
 one-way so a get + release costs one round trip. Messages on one connection are handled in order.
 
@@ -43,7 +45,7 @@ import msgspec
 
 from tierd.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct("<IB")
 HEADER_SIZE = HEADER.size
 #: Largest request payload the daemon accepts; a bigger length prefix closes the connection.
@@ -51,6 +53,8 @@ MAX_REQUEST_BYTES = 16 << 20
 #: Largest reply payload a client accepts (an ``ls`` of a very large table).
 MAX_REPLY_BYTES = 512 << 20
 MAX_KEY_BYTES = 1024
+#: Most RAM arenas (uids) a daemon serves: a WELCOME carries at most this many fds.
+MAX_ARENAS = 64
 
 #: Every dtype an entry can have, with its item size in bytes. Names are torch's, without "torch.".
 DTYPE_SIZES: dict[str, int] = {
@@ -92,6 +96,9 @@ class Hello(Msg):
     version: int
     pid: int
     name: str = ""
+    #: only fetch the arenas' fds (a client meets an arena made after it connected): the daemon
+    #: answers WELCOME with them and closes; no client is registered
+    arenas_only: bool = False
 
 
 class Put(Msg):
@@ -200,12 +207,23 @@ class Verify(Msg):
 # ---- daemon -> client -------------------------------------------------------------------------
 
 
+class ArenaInfo(Msg):
+    """One arena of the RAM tier as a client gets it: its fd is the one at the same index of the
+    WELCOME's SCM_RIGHTS. ``writable``: the client's own uid's arena (the fd is O_RDWR); every other
+    arena comes O_RDONLY. ``backed``: pre-faulted by the daemon (map it with MAP_POPULATE)."""
+
+    space: int
+    nbytes: int
+    writable: bool
+    backed: bool
+
+
 class Welcome(Msg):
     version: int
     daemon_pid: int
     client_id: int
-    arena_bytes: int
     daemon_version: str
+    arenas: list[ArenaInfo]
 
 
 class PutReady(Msg):
@@ -213,10 +231,12 @@ class PutReady(Msg):
     put_id: int
     offset: int
     version: int
+    #: the arena the region is in (always the putting client's own)
+    space: int
 
 
 class Located(Msg):
-    """Where one leased entry's bytes are: a region of the RAM arena."""
+    """Where one leased entry's bytes are: a region of an arena (``space``) of the RAM tier."""
 
     key: str
     version: int
@@ -225,6 +245,7 @@ class Located(Msg):
     offset: int
     nbytes: int
     lease: int
+    space: int
 
 
 class Got(Msg):

@@ -27,8 +27,9 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from tierd.entry import ClientInfo, PutSpec
-from tierd.errors import InvalidRequest, ProtocolError
+from tierd.errors import InvalidRequest, ProtocolError, Unsupported
 from tierd.protocol import Located
+from tierd.tiers.ram import ArenaError
 
 if TYPE_CHECKING:
     from tierd.entry import Entry
@@ -84,17 +85,17 @@ class Service:
         """A client is gone: its leases, unsealed puts and scope="client" entries end."""
         self.m.client_gone(cid)
 
-    def home_map(self) -> MapHandle:
-        """What a client needs to map the home tier (its memfd and size)."""
-        return self.m.ram.map_handle()
-
-    @property
-    def home_bytes(self) -> int:
-        return self.m.ram.capacity_bytes
+    def arenas(self, uid: int) -> list[MapHandle]:
+        """What a client of ``uid`` maps: every space of the home tier, its own uid's writable."""
+        try:
+            return self.m.ram.map_handles(uid)
+        except ArenaError as e:
+            raise Unsupported(f"cannot serve uid {uid}: {e}") from None
 
     # ---- put -----------------------------------------------------------------------------------
     def put(self, cid: int, spec: PutSpec) -> Later[tuple[int, int]]:
-        """Reserve a home-tier region for a new version; returns (put id, offset).
+        """Reserve a home-tier region for a new version; returns (put id, location): the region
+        lies in the client's own uid's arena (:meth:`split` says which, for the client).
 
         At once when the tier has room under its ceiling; otherwise a coroutine that demotes cold
         entries to make it (TierFull when it cannot). Invalid specs raise before anything is taken.
@@ -102,8 +103,11 @@ class Service:
         m = self.m
         m.validate_put(spec)
         check_codec(spec)
+        old = m.entries.get(spec.key)
+        if old is not None:
+            m.guard(cid, old, "put a new version of")
         m.check_reservation(cid, spec.nbytes)
-        offset = m.ram.allocate(spec.nbytes)
+        offset = m.ram.allocate(spec.nbytes, owner=m.uid_of(cid))
         if offset is None:
             return self._put_after_room(cid, spec)
         put_id, offset = m.begin_put(cid, spec, offset)
@@ -111,13 +115,17 @@ class Service:
         return put_id, offset
 
     async def _put_after_room(self, cid: int, spec: PutSpec) -> tuple[int, int]:
-        offset = await self.placement.alloc(spec.key, spec.nbytes)
+        offset = await self.placement.alloc(spec.key, spec.nbytes, owner=self.m.uid_of(cid))
         if cid not in self.m.clients:  # went while we made room
             self.m.ram.free(offset)
             raise ProtocolError("client gone")
         put_id, offset = self.m.begin_put(cid, spec, offset)
         self.placement.poke()
         return put_id, offset
+
+    def split(self, location: int) -> tuple[int, int]:
+        """(arena, offset in it) of a home-tier location: what a client is told."""
+        return self.m.ram.split(location)
 
     def seal(self, cid: int, put_id: int) -> Later[tuple[str, int]]:
         """Publish a written put as its key's current version; returns (key, version).
@@ -195,30 +203,34 @@ class Service:
         return bad
 
     # ---- delete / evict / pin ------------------------------------------------------------------
-    def delete(self, key: str) -> Later[None]:
+    def delete(self, cid: int, key: str) -> Later[None]:
         """Hide the key's current version (readers keep it until they release). Waits, for a
         durable one, until its record is unpublished: a restart cannot bring it back."""
         e = self.m.resolve(key)
+        self.m.guard(cid, e, "delete")
         on_disk = e.durable and e.record is not None
         self.m.delete(key)
         if on_disk:
             return self._after_unpublish(None)
         return None
 
-    async def evict(self, key: str) -> dict[str, Any]:
+    async def evict(self, cid: int, key: str) -> dict[str, Any]:
         """Push an entry's bytes down out of every memory tier (``tierctl evict``)."""
+        self.m.guard(cid, self.m.resolve(key), "evict")
         return await self.placement.evict(key)
 
     async def verify(self, prefix: str = "") -> list[dict[str, Any]]:
         """Check the checksums of every stored copy of the entries under ``prefix``."""
         return await self.placement.verify(prefix)
 
-    def pin(self, key: str, tier: str = "ram") -> None:
+    def pin(self, cid: int, key: str, tier: str = "ram") -> None:
         """Hold the key's current version in memory tier ``tier`` (it must be there already)."""
+        self.m.guard(cid, self.m.resolve(key), "pin")
         self.m.pin(key, tier)
 
-    def unpin(self, key: str) -> bool:
+    def unpin(self, cid: int, key: str) -> bool:
         """Let the version go again; returns whether it was pinned."""
+        self.m.guard(cid, self.m.resolve(key), "unpin")
         return self.m.unpin(key)
 
     # ---- inspection and hints ------------------------------------------------------------------

@@ -49,7 +49,7 @@ def build(cfg: Config) -> list[Tier]:
     try:
         for spec in parse_tiers(cfg.tiers):
             if spec.name == "ram":
-                built.append(RamTier(cfg.ram_tier_bytes()))
+                built.append(RamTier(cfg.ram_tier_bytes(), quota=cfg.ram_quota_bytes()))
             elif spec.name == "disk":
                 disk_bytes = cfg.disk_tier_bytes()
                 if disk_bytes:

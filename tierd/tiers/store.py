@@ -67,6 +67,8 @@ class RecordMeta(msgspec.Struct):
     created: float
     plan: dict[str, Any]
     chunks: list[tuple[int, int]]  # (stored size, xxh3-64) per chunk
+    #: the uid that put it (its trust domain); -1 in records older than uids: the daemon's own
+    uid: int = -1
 
     @property
     def stored_bytes(self) -> int:
