@@ -30,7 +30,7 @@ import sys
 import time
 from typing import Any
 
-from tierd import __version__, protocol
+from tierd import __version__, logs, protocol
 from tierd.config import Config, ConfigError, load
 from tierd.connection import Connection
 from tierd.loops import loop_factory
@@ -325,11 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"tierd: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(config.log_level)
     name, factory = loop_factory()
     server = Server(config, loop_name=name)
     try:
