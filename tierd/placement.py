@@ -77,6 +77,18 @@ class Placement:
     def tag_codecs(self) -> dict[str, str]:
         return self.moves.tag_codecs
 
+    @tag_codecs.setter
+    def tag_codecs(self, rules: dict[str, str]) -> None:
+        """New tag rules (a reload) for copies written from now on; stored copies keep their codec.
+        The dict is replaced, not changed, so a codec choice running in a thread sees one or the other."""
+        self.moves.tag_codecs = dict(rules)
+
+    def set_watermarks(self, high: float, low: float) -> None:
+        """New watermarks (a reload; 0 < low <= high <= 1, checked by the config): the balancer
+        looks at once, so a lower high watermark demotes right away."""
+        self.high, self.low = high, low
+        self.poke()
+
     @property
     def calibration(self) -> Any:
         return self.moves.calibration

@@ -65,9 +65,7 @@ class Prefetcher:
         self.placement = placement
         self.m = placement.m
         self.predictor_name = predictor
-        self._opts: dict[str, Any] = (
-            {} if predictor in ("none", "sequence") else {"min_confidence": min_confidence}
-        )
+        self._opts = _options(predictor, min_confidence)
         self.predictor = make_predictor(predictor, **self._opts)
         self._trainer: ProcessPoolExecutor | None = None
         self.budget = budget_bytes
@@ -125,6 +123,17 @@ class Prefetcher:
             self._push(item, front=True)
         return len(known)
 
+    def set_predictor(self, name: str) -> None:
+        """Use another predictor from now on (a reload). It starts with no history: accesses still
+        on their way to the predictor thread go to the new one, and a training in flight for the
+        old one is thrown away when it ends. Prefetches already queued stay queued."""
+        if name == self.predictor_name:
+            return
+        opts = _options(name, self.min_confidence)
+        predictor = make_predictor(name, **opts)  # ValueError for an unknown name: nothing changes
+        self.predictor_name, self._opts, self.predictor = name, opts, predictor
+        log.info("predictor is now %s", name)
+
     # ---- predictor thread ----------------------------------------------------------------------
     def _predict(self, a: Access) -> list[tuple[str, float]]:
         self.predictor.observe(a)
@@ -170,9 +179,12 @@ class Prefetcher:
         self._training = True
         history = self.log.snapshot()
         loop = asyncio.get_running_loop()
+        trained_for = self.predictor
 
         def done(f: Any) -> None:
             self._training = False
+            if self.predictor is not trained_for:  # replaced by a reload meanwhile
+                return
             try:
                 model = f.result()
             except Exception as ex:  # noqa: BLE001
@@ -253,6 +265,11 @@ class Prefetcher:
         self._thread.shutdown(wait=False, cancel_futures=True)
         if self._trainer is not None:
             self._trainer.shutdown(wait=False, cancel_futures=True)
+
+
+def _options(predictor: str, min_confidence: float) -> dict[str, Any]:
+    """The constructor options of a predictor by name (the cheap ones take none)."""
+    return {} if predictor in ("none", "sequence") else {"min_confidence": min_confidence}
 
 
 def _train(name: str, opts: dict[str, Any], history: list[Access]) -> object:
