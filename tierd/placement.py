@@ -179,6 +179,25 @@ class Placement:
             and (e.leases == 0 or tier != self.home) and self.below[tier] is not None
         )  # fmt: skip
 
+    def kept_because(self, e: Entry, tier: str) -> str | None:
+        """Why ``e``'s copy in memory tier ``tier`` is not demoted now, or None when it is the kind
+        the balancer takes (``tierctl why``; the same rules as :meth:`_evictable` and :meth:`victim`)."""
+        if tier not in e.where:
+            return f"not in {tier}"
+        if e.state != SEALED:
+            return f"not sealed ({e.state})"
+        if e.protect:
+            return "a move of it is in flight"
+        if tier in e.pins:
+            return f"pinned in {tier}"
+        if e.leases and tier == self.home:
+            return f"leased ({e.leases})"
+        if self.below[tier] is None:
+            return f"no tier below {tier}"
+        if tier == self.home and e.prefetched:
+            return "prefetched and not read yet (taken only under memory pressure or for a demand read)"
+        return None
+
     def victim(self, take_prefetched: bool = True, tier: str | None = None) -> Entry | None:
         """The entry to demote next from ``tier`` (home by default): coldest first, one with a
         lower copy among the coldest few preferred.

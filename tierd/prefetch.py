@@ -49,6 +49,8 @@ MAX_QUEUE = 256
 #: a prediction is stale once its client has made this many more accesses
 STALE_AFTER = 4
 TRAIN_EVERY = 2000
+#: the latest predictions remembered for ``tierctl why`` (key -> when, confidence, after what, client)
+PREDICTIONS_KEPT = 4096
 
 
 class Prefetcher:
@@ -82,6 +84,9 @@ class Prefetcher:
         self._training = False
         self._since_train = 0
         self._t0 = time.monotonic()
+        self._predicted: collections.OrderedDict[str, tuple[float, float, str, int]] = (
+            collections.OrderedDict()
+        )
         self.errors = 0
         self.dropped_accesses = 0
         self.last_error = ""
@@ -156,9 +161,14 @@ class Prefetcher:
                 )
             return
         gen = self._gen[a.client]
+        now = self.log_time()
         for key, conf in preds:
             if conf >= self.min_confidence and key != a.key:
                 self._push((1, a.client, key, gen))
+                self._predicted[key] = (now, conf, a.key, a.client)
+                self._predicted.move_to_end(key)
+                if len(self._predicted) > PREDICTIONS_KEPT:
+                    self._predicted.popitem(last=False)
 
     def _push(self, item: tuple[int, int, str, int], front: bool = False) -> None:
         if front:
@@ -239,6 +249,29 @@ class Prefetcher:
     def log_time(self) -> float:
         """Now, on the access log's clock (seconds since the daemon started)."""
         return time.monotonic() - self._t0
+
+    def expectation(self, e: Entry) -> dict[str, Any]:
+        """Whether ``e`` is expected soon (``tierctl why``): queued for a prefetch (a client's hint
+        or a prediction) and where in the queue, loaded on a prediction and not read yet, and the
+        latest prediction that named it (when, how confident, after which key)."""
+        queued = None
+        for i, (prio, client, key, gen) in enumerate(self._queue):
+            if key == e.key:
+                stale = bool(prio) and self._gen[client] - gen > STALE_AFTER
+                queued = {"position": i + 1, "hinted": prio == 0, "client": client, "stale": stale}
+                break
+        last = self._predicted.get(e.key)
+        prediction = None
+        if last is not None:
+            t, conf, after, client = last
+            prediction = {"seconds_ago": round(self.log_time() - t, 3), "confidence": round(conf, 4),
+                          "after": after, "client": client}  # fmt: skip
+        return {
+            "predictor": self.predictor_name,
+            "queued": queued,
+            "prefetched_unread": e.prefetched,
+            "last_prediction": prediction,
+        }
 
     # ---- status --------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -67,6 +67,8 @@ class RecordMeta(msgspec.Struct):
     created: float
     plan: dict[str, Any]
     chunks: list[tuple[int, int]]  # (stored size, xxh3-64) per chunk
+    #: why the codec policy chose ``plan``'s codec (``tierctl why``); empty in older records
+    codec_reason: str = ""
 
     @property
     def stored_bytes(self) -> int:
