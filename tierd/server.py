@@ -354,6 +354,11 @@ def _raise_fd_limit(connections: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["install-unit"]:  # the one subcommand: everything else is the daemon's flags
+        from tierd.install import main as install_unit
+
+        return install_unit(args[1:])
     try:
         config = load(argv)
         config.validate()
