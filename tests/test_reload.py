@@ -202,3 +202,22 @@ def test_a_setting_that_needs_a_restart_is_reported_and_left_alone(short_tmp: Pa
     write_config(cfg, ram_bytes="64MiB", tag_codecs="kv=zstd", log_level="debug")
     reload(d)
     assert "tierd.reload: no setting changed" in d.log()
+
+
+def test_a_burst_of_sighups_is_coalesced_and_harmless(short_tmp: Path, start_daemon) -> None:
+    cfg = short_tmp / "tierd.toml"
+    write_config(cfg, ram_high_watermark=0.8, ram_low_watermark=0.6)
+    d = start_daemon("--config", str(cfg))
+    with Client(str(d.socket)) as c:
+        c.put("burst/x", value(3))
+        held = c.get("burst/x")
+        write_config(cfg, ram_high_watermark=0.7, ram_low_watermark=0.6)
+        for _ in range(50):
+            os.kill(d.pid, signal.SIGHUP)
+        # one reload at a time, one more for the signals that came during it: none is lost or doubled up
+        wait_until(lambda: c.stats()["placement"]["ram_high_watermark"] == 0.7, 10, "the new watermark")
+        last = c.stats()["reload"]["last"]
+        assert last["error"] is None and 1 <= last["n"] <= 50
+        assert bool((held == 3).all()) and c.stats()["leases"] == 1
+        c.release(held)
+    assert d.proc.poll() is None

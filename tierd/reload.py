@@ -66,7 +66,6 @@ class Reloader:
         self.count = 0
         self._running = False
         self._again = False
-        self._task: asyncio.Task[None] | None = None
 
     def hook(self, setting: str, fn: Hook) -> None:
         """Make ``setting`` change live: ``fn(new_config)`` applies it when a reload changes it."""
@@ -79,14 +78,14 @@ class Reloader:
         """The settings a reload applies, in Config's order."""
         return [name for name in SETTINGS if name in self.hooks]
 
-    def request(self) -> None:
-        """SIGHUP: reload now, or once more after the reload in progress."""
+    def request(self) -> asyncio.Task[None] | None:
+        """SIGHUP: reload now (returns the task, which the caller keeps until done), or once more
+        after the reload in progress (returns None)."""
         if self._running:
             self._again = True
-            return
+            return None
         self._running = True
-        # a reference kept until done (the loop holds tasks only weakly)
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        return asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         try:

@@ -130,7 +130,7 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         self._reload_hooks()
-        loop.add_signal_handler(signal.SIGHUP, self.reloader.request)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         self._background(self.placement.balancer())
         self._background(self.prefetcher.run())
         self._background(self._calibrate())
@@ -237,6 +237,12 @@ class Server:
         hook("max_open_puts", lambda c: setattr(m, "max_open_puts", c.max_open_puts))
         hook("max_open_put_bytes", lambda c: setattr(m, "max_open_put_bytes", c.max_open_put_bytes_value()))
         # (a metrics listener registers its own hook here: hook("metrics_listen", ...))
+
+    def _on_hup(self) -> None:
+        task = self.reloader.request()
+        if task is not None:  # kept (and cancelled at shutdown) with the other background tasks
+            self.tasks.add(task)
+            task.add_done_callback(self._background_done)
 
     def _on_signal(self, sig: int) -> None:
         self._signals += 1
