@@ -232,3 +232,6 @@ class AsyncClient(Core):
 
     async def stats(self) -> dict[str, Any]:
         return dict(await self._ok(protocol.Status(self._next_rid())))
+
+    async def why(self, key: str) -> dict[str, Any]:
+        return dict(await self._ok(protocol.Why(self._next_rid(), key)))

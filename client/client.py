@@ -237,3 +237,7 @@ class Client(Core):
     def stats(self) -> dict[str, Any]:
         """The daemon's status: tiers, clients, leases, counters."""
         return dict(self._ok(protocol.Status(self._next_rid())))
+
+    def why(self, key: str) -> dict[str, Any]:
+        """Where ``key`` is and why: tiers, leases by client, pins, eviction rank, prediction, codec."""
+        return dict(self._ok(protocol.Why(self._next_rid(), key)))

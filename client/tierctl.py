@@ -146,6 +146,67 @@ def print_entry(e: dict[str, Any]) -> None:
         print(f"{k.ljust(w)}  {v}")
 
 
+def print_why(w: dict[str, Any]) -> None:
+    """``tierctl why``: where an entry is and why, as sentences."""
+    shape = "x".join(map(str, w["shape"])) or "()"
+    print(f"{w['key']} v{w['version']}: {w['dtype']} {shape}, {human_bytes(w['nbytes'])}"
+          f"{', tags ' + ','.join(w['tags']) if w['tags'] else ''}"
+          f"{', durable' if w['durable'] else ''}, scope {w['scope']}"
+          f"{', ttl ' + str(w['ttl']) + 's' if w['ttl'] else ''}")  # fmt: skip
+    places = []
+    for loc in w["where"]:
+        rec = loc.get("record")
+        if rec is None:
+            places.append(f"{loc['tier']} (offset {loc['offset']})")
+        else:
+            places.append(f"{loc['tier']} ({rec['codec']}, {human_bytes(rec['stored_bytes'])} in "
+                          f"{rec['chunks']} chunks)")  # fmt: skip
+    print("where:      " + ", ".join(places))
+    print(f"last read:  {_ago(w['last_access'])} (idle {w['idle_seconds']:.0f}s)")
+    held = [f"{k['leases']} by client {k['client']} ({k.get('name') or '-'}, pid {k.get('pid', '?')}, "
+            f"uid {k.get('uid', '?')})" for k in w["leases"]]  # fmt: skip
+    print("leases:     " + ("; ".join(held) if held else "none"))
+    print("pinned:     " + (", ".join(w["pinned"]) if w["pinned"] else "no"))
+    for v in w["older_versions"]:
+        print(f"older:      v{v['version']} still held ({v['leases']} leases) in {', '.join(v['tiers'])}")
+    if w["moving"]:
+        print("moving:     a move between tiers is in flight")
+    for ev in w["eviction"]:
+        rank = f"{ev['rank']} of {ev['of']}" if ev["rank"] else "not ranked"
+        kept = ev["kept_because"]
+        state = f"kept: {kept}" if kept is not None else "may be demoted"
+        if ev["next_victim"]:
+            state = "next to be demoted"
+        print(f"eviction:   {ev['tier']} {ev['policy']} rank {rank} (1 = coldest); {state}; tier at "
+              f"{human_bytes(ev['used_bytes'])}, demotes above {human_bytes(ev['high_watermark_bytes'])} "
+              f"down to {human_bytes(ev['low_watermark_bytes'])}")  # fmt: skip
+    if not w["eviction"]:
+        print("eviction:   in no memory tier (a get promotes it)")
+    p = w["prediction"]
+    parts = [f"predictor {p['predictor']}"]
+    q = p["queued"]
+    if q:
+        parts.append(f"queued for a prefetch at position {q['position']} "
+                     f"({'hinted' if q['hinted'] else 'predicted'} for client {q['client']}"
+                     f"{', stale' if q['stale'] else ''})")  # fmt: skip
+    if p["prefetched_unread"]:
+        parts.append("prefetched and not read yet")
+    last = p["last_prediction"]
+    if last:
+        parts.append(f"last predicted {last['seconds_ago']:.1f}s ago after {last['after']} "
+                     f"(confidence {last['confidence']:.2f}, client {last['client']})")  # fmt: skip
+    elif not q and not p["prefetched_unread"]:
+        parts.append("not expected soon")
+    print("prediction: " + "; ".join(parts))
+    c = w["codec"]
+    if c["stored"]:
+        extra = f", {c['ratio']:.2f}x" if c.get("ratio") else ""
+        lossy = f", lossy (max relative error {c['error_bound']:g})" if c.get("error_bound") else ""
+        print(f"codec:      {c['codec']}{extra}{lossy}: {c['reason']}")
+    else:
+        print(f"codec:      {c['codec'] or '(not chosen yet)'}: {c['reason']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tierctl",
@@ -171,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--prefix", default="", help="only keys starting with this (e.g. a namespace 'qwen/')")
     ls.add_argument("prefix_pos", nargs="?", default=None, metavar="PREFIX", help="same as --prefix")
     cmd("show", "one entry: dtype, shape, size, tiers, encoding, leases, pins, tags").add_argument("key")
+    cmd(
+        "why",
+        "where an entry is and why: tiers, leases by client, pins, last read, eviction rank, "
+        "prediction, codec and the policy's reason",
+    ).add_argument("key")
     cmd("rm", "delete an entry (readers holding leases keep it until they release)").add_argument("key")
     pin = cmd("pin", "keep an entry in a tier until unpinned")
     pin.add_argument("key")
@@ -335,6 +401,10 @@ def run(args: argparse.Namespace) -> int:
             out = c.stat(args.key)
             if not args.json:
                 print_entry(out)
+        elif args.cmd == "why":
+            out = c.why(args.key)
+            if not args.json:
+                print_why(out)
         elif args.cmd == "rm":
             c.delete(args.key)
             out = {"deleted": args.key}

@@ -9,6 +9,7 @@ packages cannot be imported (as in a venv without them), all offline.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -49,20 +50,42 @@ def _python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def wheel_metadata(tmp_path_factory: pytest.TempPathFactory) -> list[Requirement]:
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # built from a copy of the sources, so the build leaves nothing (build/, *.egg-info) in the checkout
     src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    for name in ("tierd", "client", "model_integration"):
+    for name in ("tierd", "client", "model_integration", "systemd"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "wheel", "-qq", "--no-deps", "--no-build-isolation"]
     subprocess.run([*pip, "-w", str(out), "."], cwd=src, check=True, timeout=300)
     (whl,) = out.glob("tierd-*.whl")
-    with zipfile.ZipFile(whl) as z:
+    return whl
+
+
+@pytest.fixture(scope="module")
+def wheel_metadata(wheel: Path) -> list[Requirement]:
+    with zipfile.ZipFile(wheel) as z:
         name = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
         meta = Parser().parsestr(z.read(name).decode())
     return [Requirement(r) for r in meta.get_all("Requires-Dist") or []]
+
+
+def test_the_wheel_ships_the_unit_and_install_unit_finds_it(wheel: Path, tmp_path: Path) -> None:
+    """An installed copy (the wheel unpacked, first on the path: no checkout behind it) finds its unit."""
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        z.extractall(tmp_path / "site")
+    shipped = {p.name for p in (ROOT / "systemd").iterdir() if p.suffix in (".service", ".conf", ".example")}
+    assert {f"tierd/systemd/{n}" for n in shipped} <= names, sorted(names)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "HOME": str(tmp_path / "home")}
+    code = "import sys, tierd; print(tierd.__file__); sys.argv[1:] = ['install-unit', '--user', '--print']\n"
+    code += "from tierd.server import main; sys.exit(main())"
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(str(tmp_path / "site" / "tierd" / "__init__.py")), r.stdout
+    assert "\n[Unit]\n" in r.stdout and "\nExecStart=" in r.stdout
 
 
 def _extra(req: Requirement) -> str | None:

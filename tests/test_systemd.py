@@ -131,6 +131,8 @@ def test_unit_matches_the_daemon() -> None:
     assert one["Type"] == "notify"
     assert one["NotifyAccess"] == "main"
     assert one["KillSignal"] == "SIGTERM"
+    # SIGHUP reloads the settings (tests/test_reload.py)
+    assert one["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert one["Restart"] == "on-failure"
     assert one["WatchdogSec"] == "30"
     assert one["RuntimeDirectory"] == "tierd"

@@ -301,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Every setting can also come from a TIERD_<NAME> environment variable (TIERD_RAM_BYTES=2GiB) "
             "or a TOML file (--config or $TIERD_CONFIG). Precedence: flags > environment > file > defaults. "
             "SIZE is 512MiB, 2GiB, 1.5G or a percentage (25% of RAM for --ram-bytes, of the state "
-            "directory's filesystem for --disk-bytes)."
+            "directory's filesystem for --disk-bytes). SIGHUP reloads the settings that can change live. "
+            "`tierd install-unit [--user|--system] [--print]` installs the systemd unit for this "
+            "installation (see `tierd install-unit --help`)."
         ),
     )
     p.add_argument("--config", metavar="FILE", help="TOML file with settings (default: $TIERD_CONFIG)")

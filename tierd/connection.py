@@ -320,6 +320,9 @@ class Connection(asyncio.Protocol):
     def on_stat(self, m: protocol.Stat) -> Ok:
         return Ok(m.rid, self.service.stat(m.key))
 
+    def on_why(self, m: protocol.Why) -> Ok:
+        return Ok(m.rid, self.service.why(m.key))
+
     def on_status(self, m: protocol.Status) -> Ok:
         return Ok(m.rid, self.service.status())
 
@@ -372,6 +375,7 @@ _HANDLERS: dict[int, Any] = {
     protocol.EVICT: Connection.on_evict,
     protocol.VERIFY: Connection.on_verify,
     protocol.TRACE: Connection.on_trace,
+    protocol.WHY: Connection.on_why,
 }
 
 

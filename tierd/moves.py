@@ -114,11 +114,11 @@ class Mover:
         loop = asyncio.get_running_loop()
         store = self.m.stores[dst]
         view = self.m.memory[src].view(e.where[src], e.nbytes)
-        plan = await loop.run_in_executor(self.io, self._plan, e, view)
+        plan, reason = await loop.run_in_executor(self.io, self._plan, e, view)
         meta = {
             "key": e.key, "version": e.version, "dtype": e.dtype, "shape": list(e.shape),
             "nbytes": e.nbytes, "tags": list(e.tags), "durable": e.durable, "ttl": e.ttl,
-            "scope": e.scope, "created": e.created, "uid": e.uid,
+            "scope": e.scope, "created": e.created, "uid": e.uid, "codec_reason": reason,
         }  # fmt: skip
         rec = await loop.run_in_executor(self.writer, store.write, meta, plan, view, self.io)
         if e.state == SEALED and not e.current:  # hidden while we wrote: not for a restart
@@ -151,7 +151,7 @@ class Mover:
     def _round_trip(self, e: Entry, view: memoryview) -> None:
         from tierd.codecs import get_codec
 
-        plan = self._plan(e, view)
+        plan, _ = self._plan(e, view)
         codec = get_codec(plan.codec)
         if codec.lossless:
             return
@@ -159,8 +159,9 @@ class Mover:
             stored = bytes(codec.encode_chunk(plan, i, view))  # a copy: decode writes the same span
             codec.decode_chunk(plan, i, stored, view)
 
-    def _plan(self, e: Entry, view: memoryview) -> Any:
-        """Choose the codec (explicit > tag rule > measured) and prepare its plan (in ``io``)."""
+    def _plan(self, e: Entry, view: memoryview) -> tuple[Any, str]:
+        """Choose the codec (explicit > tag rule > measured) and prepare its plan (in ``io``);
+        returns the plan and why that codec."""
         from tierd.calibrate import Calibration
         from tierd.codecs import get_codec
         from tierd.codecs.policy import choose
@@ -168,7 +169,7 @@ class Mover:
         calib = self.calibration or Calibration.assumed()
         choice = choose(calib, e.dtype, list(e.shape), _sample(view), requested=e.codec,
                         tag_codecs=self.tag_codecs, tags=list(e.tags), cores=self.cores)  # fmt: skip
-        return get_codec(choice.codec).prepare(view, e.dtype, list(e.shape), CHUNK_BYTES)
+        return get_codec(choice.codec).prepare(view, e.dtype, list(e.shape), CHUNK_BYTES), choice.reason
 
 
 def _memcpy(dst: memoryview, src: memoryview) -> None:

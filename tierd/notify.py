@@ -3,6 +3,10 @@
 A notification is one datagram of ``KEY=VALUE`` lines to the AF_UNIX socket named by
 ``$NOTIFY_SOCKET``; a leading "@" means the Linux abstract namespace. With no NOTIFY_SOCKET every
 call is a no-op, so the daemon runs the same in a shell.
+
+The messages: READY=1 (serving), STATUS= (a line for ``systemctl status``), WATCHDOG=1, STOPPING=1,
+and around a reload RELOADING=1 with MONOTONIC_USEC= (the reload's start on CLOCK_MONOTONIC, which
+systemd's ``Type=notify-reload`` requires) followed by READY=1 once it is applied or refused.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 log = logging.getLogger("tierd.notify")
 
@@ -50,6 +55,15 @@ class Notifier:
 
     def stopping(self) -> bool:
         return self.send(stopping=1, status="stopping")
+
+    def reloading(self) -> bool:
+        """A reload starts: RELOADING=1 with the time on CLOCK_MONOTONIC, as systemd expects it."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        return self.send(reloading=1, monotonic_usec=usec, status="reloading the configuration")
+
+    def reloaded(self, status: str) -> bool:
+        """The reload is over (applied or refused): READY=1 again, with what it did."""
+        return self.send(ready=1, status=status)
 
     def watchdog(self) -> bool:
         return self.send(watchdog=1)

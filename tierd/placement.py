@@ -77,6 +77,18 @@ class Placement:
     def tag_codecs(self) -> dict[str, str]:
         return self.moves.tag_codecs
 
+    @tag_codecs.setter
+    def tag_codecs(self, rules: dict[str, str]) -> None:
+        """New tag rules (a reload) for copies written from now on; stored copies keep their codec.
+        The dict is replaced, not changed, so a codec choice running in a thread sees one or the other."""
+        self.moves.tag_codecs = dict(rules)
+
+    def set_watermarks(self, high: float, low: float) -> None:
+        """New watermarks (a reload; 0 < low <= high <= 1, checked by the config): the balancer
+        looks at once, so a lower high watermark demotes right away."""
+        self.high, self.low = high, low
+        self.poke()
+
     @property
     def calibration(self) -> Any:
         return self.moves.calibration
@@ -168,6 +180,25 @@ class Placement:
             tier in e.where and e.state == SEALED and e.protect == 0 and tier not in e.pins
             and (e.leases == 0 or tier != self.home) and self.below[tier] is not None
         )  # fmt: skip
+
+    def kept_because(self, e: Entry, tier: str) -> str | None:
+        """Why ``e``'s copy in memory tier ``tier`` is not demoted now, or None when it is the kind
+        the balancer takes (``tierctl why``; the same rules as :meth:`_evictable` and :meth:`victim`)."""
+        if tier not in e.where:
+            return f"not in {tier}"
+        if e.state != SEALED:
+            return f"not sealed ({e.state})"
+        if e.protect:
+            return "a move of it is in flight"
+        if tier in e.pins:
+            return f"pinned in {tier}"
+        if e.leases and tier == self.home:
+            return f"leased ({e.leases})"
+        if self.below[tier] is None:
+            return f"no tier below {tier}"
+        if tier == self.home and e.prefetched:
+            return "prefetched and not read yet (taken only under memory pressure or for a demand read)"
+        return None
 
     def victim(
         self, take_prefetched: bool = True, tier: str | None = None, uid: int | None = None

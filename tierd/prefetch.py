@@ -49,6 +49,8 @@ MAX_QUEUE = 256
 #: a prediction is stale once its client has made this many more accesses
 STALE_AFTER = 4
 TRAIN_EVERY = 2000
+#: the latest predictions remembered for ``tierctl why`` (key -> when, confidence, after what, client)
+PREDICTIONS_KEPT = 4096
 
 
 class Prefetcher:
@@ -65,9 +67,7 @@ class Prefetcher:
         self.placement = placement
         self.m = placement.m
         self.predictor_name = predictor
-        self._opts: dict[str, Any] = (
-            {} if predictor in ("none", "sequence") else {"min_confidence": min_confidence}
-        )
+        self._opts = _options(predictor, min_confidence)
         self.predictor = make_predictor(predictor, **self._opts)
         self._trainer: ProcessPoolExecutor | None = None
         self.budget = budget_bytes
@@ -84,6 +84,9 @@ class Prefetcher:
         self._training = False
         self._since_train = 0
         self._t0 = time.monotonic()
+        self._predicted: collections.OrderedDict[str, tuple[float, float, str, int]] = (
+            collections.OrderedDict()
+        )
         self.errors = 0
         self.dropped_accesses = 0
         self.last_error = ""
@@ -125,6 +128,17 @@ class Prefetcher:
             self._push(item, front=True)
         return len(known)
 
+    def set_predictor(self, name: str) -> None:
+        """Use another predictor from now on (a reload). It starts with no history: accesses still
+        on their way to the predictor thread go to the new one, and a training in flight for the
+        old one is thrown away when it ends. Prefetches already queued stay queued."""
+        if name == self.predictor_name:
+            return
+        opts = _options(name, self.min_confidence)
+        predictor = make_predictor(name, **opts)  # ValueError for an unknown name: nothing changes
+        self.predictor_name, self._opts, self.predictor = name, opts, predictor
+        log.info("predictor is now %s", name)
+
     # ---- predictor thread ----------------------------------------------------------------------
     def _predict(self, a: Access) -> list[tuple[str, float]]:
         self.predictor.observe(a)
@@ -147,9 +161,14 @@ class Prefetcher:
                 )
             return
         gen = self._gen[a.client]
+        now = self.log_time()
         for key, conf in preds:
             if conf >= self.min_confidence and key != a.key:
                 self._push((1, a.client, key, gen))
+                self._predicted[key] = (now, conf, a.key, a.client)
+                self._predicted.move_to_end(key)
+                if len(self._predicted) > PREDICTIONS_KEPT:
+                    self._predicted.popitem(last=False)
 
     def _push(self, item: tuple[int, int, str, int], front: bool = False) -> None:
         if front:
@@ -170,9 +189,12 @@ class Prefetcher:
         self._training = True
         history = self.log.snapshot()
         loop = asyncio.get_running_loop()
+        trained_for = self.predictor
 
         def done(f: Any) -> None:
             self._training = False
+            if self.predictor is not trained_for:  # replaced by a reload meanwhile
+                return
             try:
                 model = f.result()
             except Exception as ex:  # noqa: BLE001
@@ -228,6 +250,29 @@ class Prefetcher:
         """Now, on the access log's clock (seconds since the daemon started)."""
         return time.monotonic() - self._t0
 
+    def expectation(self, e: Entry) -> dict[str, Any]:
+        """Whether ``e`` is expected soon (``tierctl why``): queued for a prefetch (a client's hint
+        or a prediction) and where in the queue, loaded on a prediction and not read yet, and the
+        latest prediction that named it (when, how confident, after which key)."""
+        queued = None
+        for i, (prio, client, key, gen) in enumerate(self._queue):
+            if key == e.key:
+                stale = bool(prio) and self._gen[client] - gen > STALE_AFTER
+                queued = {"position": i + 1, "hinted": prio == 0, "client": client, "stale": stale}
+                break
+        last = self._predicted.get(e.key)
+        prediction = None
+        if last is not None:
+            t, conf, after, client = last
+            prediction = {"seconds_ago": round(self.log_time() - t, 3), "confidence": round(conf, 4),
+                          "after": after, "client": client}  # fmt: skip
+        return {
+            "predictor": self.predictor_name,
+            "queued": queued,
+            "prefetched_unread": e.prefetched,
+            "last_prediction": prediction,
+        }
+
     # ---- status --------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         try:
@@ -253,6 +298,11 @@ class Prefetcher:
         self._thread.shutdown(wait=False, cancel_futures=True)
         if self._trainer is not None:
             self._trainer.shutdown(wait=False, cancel_futures=True)
+
+
+def _options(predictor: str, min_confidence: float) -> dict[str, Any]:
+    """The constructor options of a predictor by name (the cheap ones take none)."""
+    return {} if predictor in ("none", "sequence") else {"min_confidence": min_confidence}
 
 
 def _train(name: str, opts: dict[str, Any], history: list[Access]) -> object:

@@ -197,6 +197,14 @@ class Trace(Msg):
     limit: int = 100_000
 
 
+class Why(Msg):
+    """Where the current version of ``key`` is and why: tiers, leases, pins, eviction rank,
+    prediction, codec (``tierctl why``)."""
+
+    rid: int
+    key: str
+
+
 class Verify(Msg):
     """Read every disk copy under ``prefix`` and check its checksums."""
 
@@ -268,7 +276,7 @@ class Error(Msg):
 HELLO, WELCOME = 0x01, 0x81
 PUT, SEAL, ABORT, GET, RELEASE = 0x10, 0x11, 0x12, 0x20, 0x21
 DELETE, PIN, UNPIN, LS, STAT, STATUS, PREFETCH = 0x30, 0x31, 0x32, 0x40, 0x41, 0x42, 0x50
-EVICT, VERIFY, TRACE = 0x33, 0x43, 0x44
+EVICT, VERIFY, TRACE, WHY = 0x33, 0x43, 0x44, 0x45
 PUT_READY, GOT, OK, ERROR = 0x90, 0xA0, 0x91, 0xFF
 
 REQUEST_TYPES: dict[int, type[Msg]] = {
@@ -288,6 +296,7 @@ REQUEST_TYPES: dict[int, type[Msg]] = {
     EVICT: Evict,
     VERIFY: Verify,
     TRACE: Trace,
+    WHY: Why,
 }
 REPLY_TYPES: dict[int, type[Msg]] = {WELCOME: Welcome, PUT_READY: PutReady, GOT: Got, OK: Ok, ERROR: Error}
 TYPE_OF: dict[type[Msg], int] = {cls: t for t, cls in (REQUEST_TYPES | REPLY_TYPES).items()}

@@ -5,7 +5,8 @@ Life in four steps, as ``Server.serve`` runs them:
 1. startup   - check the config, build the RAM arena (pre-faulted), bind the socket (0600, or 0660
                for a configured group), then sd_notify READY.
 2. main_loop - serve connections; sweep expired entries; ping the systemd watchdog.
-3. (signal)  - SIGTERM or SIGINT asks for a graceful stop; a second one exits at once.
+3. (signal)  - SIGTERM or SIGINT asks for a graceful stop; a second one exits at once. SIGHUP
+               reloads the settings that can change live (:mod:`tierd.reload`).
 4. shutdown  - sd_notify STOPPING, stop accepting, let replies drain for ``graceful_timeout``,
                close every connection (their leases end), remove the socket, free the arena.
 
@@ -30,7 +31,7 @@ import sys
 import time
 from typing import Any
 
-from tierd import __version__, protocol
+from tierd import __version__, logs, protocol
 from tierd.config import Config, ConfigError, load
 from tierd.connection import Connection
 from tierd.loops import loop_factory
@@ -42,6 +43,7 @@ from tierd.pages import limit_heap_retention
 from tierd.placement import Placement
 from tierd.prefetch import Prefetcher
 from tierd.pressure import Relief
+from tierd.reload import Reloader
 from tierd.service import Service
 from tierd.tiers import registry
 from tierd.tiers.ram import ArenaError, RamTier
@@ -51,10 +53,11 @@ _GIB = float(1 << 30)
 
 
 class Server:
-    def __init__(self, config: Config, *, loop_name: str = "asyncio") -> None:
-        self.config = config
+    def __init__(self, config: Config, *, loop_name: str = "asyncio", argv: list[str] | None = None) -> None:
         self.loop_name = loop_name
         self.notifier = Notifier()
+        #: SIGHUP reads the settings again with the flags the daemon started with
+        self.reloader = Reloader(config, sys.argv[1:] if argv is None else argv, self.notifier)
         self.connections: set[Connection] = set()
         self.max_connections = config.max_connections
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -73,6 +76,11 @@ class Server:
         self._signals = 0
         self._server: asyncio.AbstractServer | None = None
         self._started = time.monotonic()
+
+    @property
+    def config(self) -> Config:
+        """The settings in use (a reload changes the live ones)."""
+        return self.reloader.config
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def serve(self) -> None:
@@ -121,6 +129,8 @@ class Server:
         self._server = await loop.create_unix_server(lambda: Connection(self), sock=sock)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        self._reload_hooks()
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         self._background(self.placement.balancer())
         self._background(self.prefetcher.run())
         self._background(self._calibrate())
@@ -203,6 +213,36 @@ class Server:
                 os.unlink(self.socket_path)
         self.notifier.close()
         log.info("tierd stopped")
+
+    def _reload_hooks(self) -> None:
+        """The settings a reload (SIGHUP) changes live; every other one needs a restart."""
+        hook = self.reloader.hook
+        pl, pf, m = self.placement, self.prefetcher, self.manager
+
+        def watermarks(c: Config) -> None:
+            pl.set_watermarks(c.ram_high_watermark, c.ram_low_watermark)
+
+        def read_when_needed(c: Config) -> None:  # the server reads self.config at the time
+            pass
+
+        hook("ram_high_watermark", watermarks)
+        hook("ram_low_watermark", watermarks)
+        hook("tag_codecs", lambda c: setattr(pl, "tag_codecs", c.tag_codec_map()))
+        hook("predictor", lambda c: pf.set_predictor(c.predictor))
+        hook("prefetch_budget", lambda c: setattr(pf, "budget", c.prefetch_budget_bytes()))
+        hook("prefetch_depth", lambda c: setattr(pf, "depth", c.prefetch_depth))
+        hook("log_level", lambda c: logs.set_level(c.log_level))
+        hook("graceful_timeout", read_when_needed)
+        hook("max_connections", lambda c: setattr(self, "max_connections", c.max_connections))
+        hook("max_open_puts", lambda c: setattr(m, "max_open_puts", c.max_open_puts))
+        hook("max_open_put_bytes", lambda c: setattr(m, "max_open_put_bytes", c.max_open_put_bytes_value()))
+        # (a metrics listener registers its own hook here: hook("metrics_listen", ...))
+
+    def _on_hup(self) -> None:
+        task = self.reloader.request()
+        if task is not None:  # kept (and cancelled at shutdown) with the other background tasks
+            self.tasks.add(task)
+            task.add_done_callback(self._background_done)
 
     def _on_signal(self, sig: int) -> None:
         self._signals += 1
@@ -295,6 +335,7 @@ class Server:
                 "uptime_s": round(time.monotonic() - self._started, 3),
             },
             "pressure": p.as_dict() if p is not None else None,
+            "reload": {"live": self.reloader.live, "last": self.reloader.last},
         }
 
     def _status_line(self) -> str:
@@ -319,19 +360,20 @@ def _raise_fd_limit(connections: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["install-unit"]:  # the one subcommand: everything else is the daemon's flags
+        from tierd.install import main as install_unit
+
+        return install_unit(args[1:])
     try:
         config = load(argv)
         config.validate()
     except ConfigError as e:
         print(f"tierd: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(config.log_level)
     name, factory = loop_factory()
-    server = Server(config, loop_name=name)
+    server = Server(config, loop_name=name, argv=argv)
     try:
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(server.serve())

@@ -241,6 +241,12 @@ class Service:
     def stat(self, key: str) -> dict[str, Any]:
         return self.m.stat(key)
 
+    def why(self, key: str) -> dict[str, Any]:
+        """Where ``key``'s current version is and why (see :mod:`tierd.why`); NotFound if absent."""
+        from tierd.why import explain
+
+        return explain(self.m, self.placement, self.prefetcher, key)
+
     def status(self) -> dict[str, Any]:
         """Tiers, clients, leases, counters, then the daemon's own part, prefetch and placement."""
         s = self.m.status()

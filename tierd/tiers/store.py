@@ -69,6 +69,8 @@ class RecordMeta(msgspec.Struct):
     chunks: list[tuple[int, int]]  # (stored size, xxh3-64) per chunk
     #: the uid that put it (its trust domain); -1 in records older than uids: the daemon's own
     uid: int = -1
+    #: why the codec policy chose ``plan``'s codec (``tierctl why``); empty in older records
+    codec_reason: str = ""
 
     @property
     def stored_bytes(self) -> int:
