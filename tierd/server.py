@@ -28,11 +28,16 @@ import socket
 import stat
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from tierd import __version__, protocol
+from prometheus_client import generate_latest
+
+from tierd import __version__, hardware, protocol
 from tierd.config import Config, ConfigError, load
 from tierd.connection import Connection
+from tierd.exporter import MetricsHttp, bind_listen, textfile_loop
+from tierd.exposition import daemon_registry
 from tierd.loops import loop_factory
 from tierd.manager import Manager
 from tierd.metrics import Metrics
@@ -73,6 +78,8 @@ class Server:
         self._signals = 0
         self._server: asyncio.AbstractServer | None = None
         self._started = time.monotonic()
+        #: the HTTP metrics endpoint (metrics_listen), when configured
+        self.metrics_http: MetricsHttp | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def serve(self) -> None:
@@ -88,6 +95,7 @@ class Server:
         # Bind first: a second daemon on the same socket is refused before it allocates an arena.
         # Clients that connect meanwhile wait in the listen backlog until the loop serves them.
         sock = self._bind()
+        metrics_sock = self._bind_metrics(sock)
         _raise_fd_limit(cfg.max_connections)
         limit_heap_retention()  # codec and protocol buffers go back to the kernel when freed
         t0 = time.perf_counter()
@@ -98,6 +106,8 @@ class Server:
         except BaseException:
             sock.close()
             self.socket_path.unlink(missing_ok=True)
+            if metrics_sock is not None:
+                metrics_sock.close()
             raise
         log.info("tiers ready in %.2fs: %s", time.perf_counter() - t0, ", ".join(t.name for t in tiers))
         ram = tiers[0]
@@ -124,6 +134,8 @@ class Server:
         self._background(self.placement.balancer())
         self._background(self.prefetcher.run())
         self._background(self._calibrate())
+        self._background(self._read_hardware())
+        await self._start_metrics(metrics_sock)
         status = f"serving {ram.capacity_bytes / _GIB:.2f} GiB RAM tier on {self.socket_path}"
         self.notifier.ready(status)
         log.info("tierd %s ready (%s loop): %s", __version__, self.loop_name, status)
@@ -157,6 +169,47 @@ class Server:
         self.placement.calibration = calib
         log.info("calibration in %.1fs: %s", time.perf_counter() - t0, calib.to_dict())
 
+    async def _read_hardware(self) -> None:
+        """The machine report (tierd.hardware), read once in a thread: NVML starts slowly."""
+        loop = asyncio.get_running_loop()
+        report = await loop.run_in_executor(None, hardware.report, self.config.state_path())
+        self.service.hardware = report
+        dev = report["state_device"]
+        log.info("machine: %s, %d cores, %.1f GiB RAM; state dir on %s (%s); GPUs: %s", report["cpu_model"],
+                 report["cpu_cores"], report["ram_bytes"] / _GIB, dev["device"] or dev["fstype"],
+                 "NVMe" if dev["nvme"] else "rotational" if dev["rotational"] else "not NVMe",
+                 report["gpu_note"])  # fmt: skip
+
+    # -- metrics ---------------------------------------------------------------------------------
+    def _bind_metrics(self, sock: socket.socket) -> socket.socket | None:
+        """The metrics_listen TCP socket, bound before anything is built (a taken port: exit 2)."""
+        if not self.config.metrics_listen:
+            return None
+        try:
+            return bind_listen(self.config.metrics_listen)
+        except OSError as e:
+            sock.close()
+            self.socket_path.unlink(missing_ok=True)
+            raise ConfigError(
+                f"metrics_listen: cannot listen on {self.config.metrics_listen} ({e.strerror})"
+            ) from None
+
+    async def _start_metrics(self, metrics_sock: socket.socket | None) -> None:
+        registry = daemon_registry(self.service.status)  # this daemon's own registry
+
+        def render() -> bytes:
+            return generate_latest(registry)
+
+        self.metrics_text = render
+        if metrics_sock is not None:
+            self.metrics_http = MetricsHttp(metrics_sock, render)
+            await self.metrics_http.start()
+            log.info("metrics on http://%s/metrics", self.metrics_http.address)
+        if self.config.metrics_textfile:
+            path = Path(self.config.metrics_textfile).expanduser()
+            self._background(textfile_loop(path, render, self.config.metrics_interval))
+            log.info("metrics textfile %s, rewritten every %.1f s", path, self.config.metrics_interval)
+
     async def main_loop(self) -> None:
         tick = 1.0
         wd = self.notifier.watchdog_interval
@@ -183,6 +236,8 @@ class Server:
         log.info("stopping: %d connections", len(self.connections))
         if self._server is not None:
             self._server.close()
+        if self.metrics_http is not None:
+            await self.metrics_http.close()
         deadline = time.monotonic() + self.config.graceful_timeout
         while time.monotonic() < deadline and any(
             c.transport is not None and c.transport.get_write_buffer_size() for c in self.connections
@@ -293,6 +348,8 @@ class Server:
                 "loop": self.loop_name,
                 "socket": str(self.socket_path),
                 "uptime_s": round(time.monotonic() - self._started, 3),
+                "metrics_listen": self.metrics_http.address if self.metrics_http is not None else None,
+                "metrics_textfile": self.config.metrics_textfile or None,
             },
             "pressure": p.as_dict() if p is not None else None,
         }
