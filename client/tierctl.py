@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_watch_commands(sub: Any) -> None:
-    """``metrics``: watching the daemon (run by :func:`run_watch`)."""
+    """``metrics`` and ``top``: watching the daemon (run by :func:`run_watch`)."""
     sub.add_parser(
         "metrics",
         help="print the daemon's metrics in the Prometheus text format",
@@ -254,6 +254,14 @@ def add_watch_commands(sub: Any) -> None:
         "For scripts, or for node_exporter's textfile collector: tierctl metrics > DIR/tierd.prom.tmp "
         "&& mv DIR/tierd.prom.tmp DIR/tierd.prom",
     )
+    top = sub.add_parser(
+        "top",
+        help="live view: tiers, hit rates, promotion/demotion bandwidth, busiest clients, hottest entries",
+        description="A live view of the daemon, refreshed every second (q quits): tiers as bars (used, "
+        "ceiling, capacity), gets per second and RAM hit rate, promotion and demotion bandwidth, disk "
+        "reads and writes, the busiest clients and the hottest entries of the last 30 seconds.",
+    )
+    top.add_argument("--once", action="store_true", help="print one frame (rates over 0.5 s) and exit")
 
 
 def run_watch(args: argparse.Namespace) -> int:
@@ -265,7 +273,9 @@ def run_watch(args: argparse.Namespace) -> int:
 
             sys.stdout.write(render(c.stats()).decode())
             return 0
-        raise AssertionError(args.cmd)
+        from tierd_client.top import run_top
+
+        return run_top(c, once=args.once)
 
 
 def import_checkpoint(args: argparse.Namespace) -> int:
@@ -371,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
         return trace_record(args) if args.trace_cmd == "record" else trace_replay(args)
     if args.cmd == "import":
         return import_checkpoint(args)
-    if args.cmd == "metrics":
+    if args.cmd in ("metrics", "top"):
         return run_watch(args)
 
     with Client(args.socket) as c:
