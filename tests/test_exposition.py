@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -23,6 +24,8 @@ from tierd import launch
 from tierd.errors import NotFound
 from tierd.metrics import HELP, LATENCY_BUCKETS, NAMES
 from tierd_client import Client
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "grafana-tierd.json"
 
 
 def tierctl(sock: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -133,6 +136,13 @@ def test_metrics_parse_and_agree_with_status(start_daemon) -> None:
     dev = hw["state_device"]
     info = next(s for s in fams["tierd_state_device_info"].samples)
     assert info.labels["device"] == (dev["device"] or "none")
+
+    # the Grafana dashboard graphs series this daemon has
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    wanted = {n for e in exprs for n in re.findall(r"\btierd_\w+", e)}
+    assert len(wanted) >= 15
+    assert wanted <= {name for name, _ in got}, wanted - {name for name, _ in got}
 
 
 def test_machine_and_calibration_in_status(start_daemon) -> None:
