@@ -235,11 +235,15 @@ def test_a_taken_port_is_a_configuration_error(short_tmp: Path) -> None:
 
 def test_textfile_appears_is_rewritten_and_goes_at_stop(short_tmp: Path) -> None:
     prom = short_tmp / "tierd.prom"
-    d = launch.start(
-        short_tmp / "tierd.sock", "--state-dir", str(short_tmp / "state"), "--disk-bytes", "0",
-        "--metrics-textfile", str(prom), "--metrics-interval", "0.2",
-        ram_bytes="16MiB", log_path=short_tmp / "tierd.log",
-    )  # fmt: skip
+    old_umask = os.umask(0o077)  # as the unit's UMask=0077: the daemon inherits it
+    try:
+        d = launch.start(
+            short_tmp / "tierd.sock", "--state-dir", str(short_tmp / "state"), "--disk-bytes", "0",
+            "--metrics-textfile", str(prom), "--metrics-interval", "0.2",
+            ram_bytes="16MiB", log_path=short_tmp / "tierd.log",
+        )  # fmt: skip
+    finally:
+        os.umask(old_umask)
     try:
         with Client(d.socket) as c:
 
@@ -254,6 +258,7 @@ def test_textfile_appears_is_rewritten_and_goes_at_stop(short_tmp: Path) -> None
             c.put("f/x", np.ones(100, dtype=np.float32))
             wait_until(lambda: puts_in_file() == 1, what="the textfile rewritten with the put")
             assert prom.stat().st_ino != first  # replaced by a rename, not written in place
+            assert prom.stat().st_mode & 0o777 == 0o644  # node_exporter (another user) can read it
     finally:
         rc = d.stop()
     assert rc == 0, d.log()

@@ -14,8 +14,9 @@ status it fetched over the socket.)
 - ``metrics_textfile = PATH``: :func:`write_textfile` every ``metrics_interval`` seconds writes the
   text to ``PATH.tmp`` and renames it over ``PATH`` (a reader sees the old file or the new one,
   never half of one), through aiofiles, so the loop never waits on the file system. The file is
-  removed when the daemon stops. A write that fails (a full disk, a removed directory) is logged
-  and tried again at the next interval; the daemon goes on.
+  mode 0644 (node_exporter runs as another user) and is removed when the daemon stops. A write
+  that fails (a full disk, a removed directory) is logged once and tried again at each interval;
+  the daemon goes on.
 """
 
 from __future__ import annotations
@@ -142,13 +143,15 @@ class MetricsHttp:
 
 
 async def write_textfile(path: Path, text: bytes) -> None:
-    """Write ``text`` to ``path`` atomically (``path.tmp``, then a rename), off the loop."""
+    """Write ``text`` to ``path`` atomically (``path.tmp``, then a rename), off the loop, mode 0644
+    whatever the umask (the unit's UMask=0077 would otherwise hide it from node_exporter)."""
     import aiofiles
     import aiofiles.os
 
     tmp = path.with_name(path.name + ".tmp")
     async with aiofiles.open(tmp, "wb") as f:
         await f.write(text)
+    await aiofiles.os.wrap(os.chmod)(tmp, 0o644)
     await aiofiles.os.replace(tmp, path)
 
 
