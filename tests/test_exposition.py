@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import wait_until
 from tierd import launch
 from tierd.errors import NotFound
+from tierd.exporter import ListenError, parse_listen
 from tierd.metrics import HELP, LATENCY_BUCKETS, NAMES
 from tierd_client import Client
 
@@ -302,3 +303,23 @@ def test_per_client_data_never_becomes_series() -> None:
     # per-client data never becomes series: the count does not grow with the clients
     assert got[("tierd_clients", ())] == 1000
     assert len(got) < 80
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [("127.0.0.1:9464", ("127.0.0.1", 9464)), ("localhost:0", ("127.0.0.1", 0)),
+     ("[::1]:9464", ("::1", 9464)), ("127.1.2.3:80", ("127.1.2.3", 80))],
+)  # fmt: skip
+def test_listen_addresses_that_are_loopback(spec: str, expected: tuple[str, int]) -> None:
+    assert parse_listen(spec) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [("0.0.0.0:9464", "not a loopback"), ("[::]:9464", "not a loopback"), ("10.0.0.1:9464", "not a loopback"),
+     ("9464", "HOST:PORT"), ("127.0.0.1:99999", "HOST:PORT"), ("127.0.0.1:", "HOST:PORT"),
+     ("host.example:9464", "not an IP address")],
+)  # fmt: skip
+def test_listen_addresses_refused(spec: str, words: str) -> None:
+    with pytest.raises(ListenError, match=words):
+        parse_listen(spec)

@@ -12,22 +12,22 @@ returns and ``tierctl status --json`` prints) into metric families; everything e
 Every value comes from status at the moment of the scrape: nothing here keeps counts of its own,
 so the metrics and ``status --json`` agree by construction and tests check the mapping. Names:
 
-==============================================  =======================================================
-``tierd_tier_{capacity,used,ceiling,largest_free}_bytes{tier}``  gauges; ceiling: the RAM tier's
-                                                                  pressure ceiling
-``tierd_tier_entries{tier}``, ``tierd_tier_fragmentation_ratio{tier}``  gauges
-``tierd_<counter>_total``                       every counter of :mod:`tierd.metrics` (its help too),
-                                                except the ones relabelled below
-``tierd_hits_total{tier}``                      ``hits_<tier>`` counters (versions leased already there)
-``tierd_prefetch_stall_seconds_total``          ``stall_us`` in seconds
-``tierd_store_{reads,writes}_total{tier}``      chunk-store reads / writes, with ``_bytes_total``
-                                                (encoded bytes) and ``_seconds_total`` (wall time)
-``tierd_clients``, ``tierd_leases``             gauges
-``tierd_memory_pressure_level``                 0 none, 1 low, 2 high, 3 critical
-``tierd_request_duration_seconds{verb}``        histogram, from the frame read to the reply written
-``tierd_build_info``, ``tierd_machine_info``, ``tierd_machine_{cpu_cores,ram_bytes}``,
-``tierd_state_device_info``, ``tierd_gpu_info``, ``tierd_gpu_memory_bytes``, ``tierd_calibration_*``
-==============================================  =======================================================
+- ``tierd_tier_{capacity,used,largest_free}_bytes{tier}``, ``tierd_tier_entries{tier}``,
+  ``tierd_tier_fragmentation_ratio{tier}``, ``tierd_tier_ceiling_bytes{tier="ram"}`` (the pressure
+  ceiling): gauges;
+- ``tierd_<counter>_total``: every counter of :mod:`tierd.metrics`, with its help, except
+  ``hits_<tier>`` (as ``tierd_hits_total{tier}``) and ``stall_us`` (as
+  ``tierd_prefetch_stall_seconds_total``);
+- ``tierd_store_{reads,writes}_total{tier}``, with ``_bytes_total`` (encoded bytes) and
+  ``_seconds_total`` (wall time): a chunk store's own counts;
+- ``tierd_clients``, ``tierd_leases``, ``tierd_memory_pressure_level`` (0 none, 1 low, 2 high,
+  3 critical): gauges;
+- ``tierd_request_duration_seconds{verb}``: a histogram, from the frame read to the reply written;
+- ``tierd_build_info``, ``tierd_machine_info``, ``tierd_machine_{cpu_cores,ram_bytes}``,
+  ``tierd_state_device_info``, ``tierd_gpu_info{gpu}``, ``tierd_gpu_memory_bytes{gpu}``,
+  ``tierd_calibration_{memcpy,disk_write,disk_read}_gbps``.
+
+Per-client and per-entry data never become series (their number grows without bound).
 """
 
 from __future__ import annotations
