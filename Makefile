@@ -30,6 +30,7 @@ bench: setup
 	$(PY) bench/bench_alloc.py
 	$(PY) bench/bench_disk.py
 	$(PY) bench/bench_codecs.py
+	$(PY) bench/bench_metrics.py
 	mkdir -p bench/results
 	$(PY) bench/record_qwen3vl_trace.py --out bench/results/qwen3vl.trace.jsonl
 	$(PY) bench/bench_predict.py --trace bench/results/qwen3vl.trace.jsonl

@@ -96,6 +96,36 @@ def print_status(s: dict[str, Any]) -> None:
             )
         elif any(t["name"] == "disk" for t in s["tiers"]):
             print("calibration: running")
+    print_hardware(s.get("hardware") or {})
+
+
+def print_hardware(hw: dict[str, Any]) -> None:
+    """The machine lines of ``status`` (tierd.hardware's report)."""
+    if not hw:
+        print("machine: not read yet")
+        return
+    phys = hw.get("cpu_physical_cores")
+    print(
+        f"machine: {hw.get('cpu_model') or 'unknown CPU'}, {hw.get('cpu_cores')} cores"
+        + (f" ({phys} physical)" if phys and phys != hw.get("cpu_cores") else "")
+        + f", {human_bytes(hw.get('ram_bytes') or 0)} RAM"
+    )
+    dev = hw.get("state_device") or {}
+    if dev.get("device"):
+        kind = "NVMe" if dev.get("nvme") else "not NVMe"
+        kind += {True: ", rotational", False: ", non-rotational", None: ""}[dev.get("rotational")]
+        where = (
+            f"{dev['device']}{' ' + dev['model'] if dev.get('model') else ''} ({kind}, {dev.get('fstype')})"
+        )
+    else:
+        where = f"no block device ({dev.get('fstype') or 'unknown file system'})"
+    print(f"state dir: {dev.get('path', '?')} on {where}")
+    gpus = hw.get("gpus") or []
+    if gpus:
+        for g in gpus:
+            print(f"gpu {g['index']}: {g['name']}, {human_bytes(g['memory_bytes'])}, driver {g['driver']}")
+    else:
+        print(f"gpus: {hw.get('gpu_note', 'none')}")
 
 
 def print_clients(clients: list[dict[str, Any]], me: int = 0) -> None:
@@ -276,7 +306,42 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--json", action="store_true", help="print the counts as JSON")
     ver = cmd("verify", "read every entry's disk copy and check its checksums (durable ones first)")
     ver.add_argument("--prefix", default="", help="only keys starting with this")
+    add_watch_commands(sub)
     return p
+
+
+def add_watch_commands(sub: Any) -> None:
+    """``metrics`` and ``top``: watching the daemon (run by :func:`run_watch`)."""
+    sub.add_parser(
+        "metrics",
+        help="print the daemon's metrics in the Prometheus text format",
+        description="Print the daemon's metrics in the Prometheus text format (0.0.4): the same text as "
+        "tierd's --metrics-listen endpoint and --metrics-textfile, rendered from one status snapshot. "
+        "For scripts, or for node_exporter's textfile collector: tierctl metrics > DIR/tierd.prom.tmp "
+        "&& mv DIR/tierd.prom.tmp DIR/tierd.prom",
+    )
+    top = sub.add_parser(
+        "top",
+        help="live view: tiers, hit rates, promotion/demotion bandwidth, busiest clients, hottest entries",
+        description="A live view of the daemon, refreshed every second (q quits): tiers as bars (used, "
+        "ceiling, capacity), gets per second and RAM hit rate, promotion and demotion bandwidth, disk "
+        "reads and writes, the busiest clients and the hottest entries of the last 30 seconds.",
+    )
+    top.add_argument("--once", action="store_true", help="print one frame (rates over 0.5 s) and exit")
+
+
+def run_watch(args: argparse.Namespace) -> int:
+    from tierd_client import Client
+
+    with Client(args.socket) as c:
+        if args.cmd == "metrics":
+            from tierd.exposition import render
+
+            sys.stdout.write(render(c.stats()).decode())
+            return 0
+        from tierd_client.top import run_top
+
+        return run_top(c, once=args.once)
 
 
 def import_checkpoint(args: argparse.Namespace) -> int:
@@ -382,6 +447,8 @@ def run(args: argparse.Namespace) -> int:
         return trace_record(args) if args.trace_cmd == "record" else trace_replay(args)
     if args.cmd == "import":
         return import_checkpoint(args)
+    if args.cmd in ("metrics", "top"):
+        return run_watch(args)
 
     with Client(args.socket) as c:
         out: Any

@@ -153,8 +153,11 @@ def test_every_setting_from_each_source(tmp_path: Path) -> None:
         "max_open_puts": "10",
         "max_open_put_bytes": "25%",
         "ram_quota": "50%",
+        "metrics_listen": "127.0.0.1:9464",
+        "metrics_textfile": "/x/tierd.prom",
+        "metrics_interval": "2.5",
     }
-    floats = ("graceful_timeout", "ram_high_watermark", "ram_low_watermark")
+    floats = ("graceful_timeout", "ram_high_watermark", "ram_low_watermark", "metrics_interval")
     assert sorted(values) == sorted(config.SETTINGS)
     expect = {
         **values,
@@ -285,6 +288,11 @@ def run_tierd(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
         (["--log-level", "chatty"], ["log_level", "'chatty'"]),
         (["--graceful-timeout", "later"], ["graceful_timeout", "'later'"]),
         (["--socket-group", "no-such-group-tierd"], ["socket_group", "no-such-group-tierd"]),
+        (["--metrics-listen", "0.0.0.0:9464"], ["metrics_listen", "--metrics-listen", "not a loopback"]),
+        (["--metrics-listen", "9464"], ["metrics_listen", "HOST:PORT"]),
+        (["--metrics-listen", "example.com:9464"], ["metrics_listen", "not an IP address"]),
+        (["--metrics-textfile", "/no/such/dir/tierd.prom"], ["metrics_textfile", "/no/such/dir"]),
+        (["--metrics-interval", "0"], ["metrics_interval", "0.1"]),
     ],
 )
 def test_daemon_bad_flag_exits_2_with_one_line(short_tmp: Path, flags: list[str], words: list[str]) -> None:

@@ -221,3 +221,26 @@ def test_a_burst_of_sighups_is_coalesced_and_harmless(short_tmp: Path, start_dae
         assert bool((held == 3).all()) and c.stats()["leases"] == 1
         c.release(held)
     assert d.proc.poll() is None
+
+
+def test_a_reload_opens_moves_and_closes_the_metrics_endpoint_and_changes_the_quota(
+    short_tmp: Path, start_daemon
+) -> None:
+    import urllib.request
+
+    cfg = short_tmp / "tierd.toml"
+    write_config(cfg, ram_quota="100%")
+    d = start_daemon("--config", str(cfg))
+    with Client(str(d.socket)) as c:
+        assert c.stats()["daemon"]["metrics_listen"] is None
+        assert ram_tier(c.stats())["quota_bytes"] is None
+        write_config(cfg, ram_quota="8MiB", metrics_listen="127.0.0.1:0")
+        reload(d)
+        s = c.stats()
+        assert ram_tier(s)["quota_bytes"] == 8 * MIB
+        addr = wait_until(lambda: c.stats()["daemon"]["metrics_listen"], what="the endpoint")
+        with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as r:
+            assert b"tierd_" in r.read()
+        write_config(cfg, ram_quota="8MiB", metrics_listen="")
+        reload(d)
+        wait_until(lambda: c.stats()["daemon"]["metrics_listen"] is None, what="no endpoint")

@@ -142,6 +142,12 @@ class Config:
     """Puts one client may have reserved and not sealed at once; one more gets TierFull."""
     max_open_put_bytes: str = "50%"
     """Bytes one client may have reserved and not sealed: a SIZE or a % of the RAM tier."""
+    metrics_listen: str = ""
+    """Serve Prometheus metrics over HTTP at this loopback HOST:PORT (127.0.0.1:9464); empty = off."""
+    metrics_textfile: str = ""
+    """Rewrite this file with the metrics every metrics_interval seconds (node_exporter); empty = off."""
+    metrics_interval: float = 5.0
+    """Seconds between two rewrites of metrics_textfile."""
     sources: dict[str, str] = field(default_factory=dict, repr=False)
     """Where each non-default value came from (for error messages); not a setting."""
 
@@ -250,6 +256,24 @@ class Config:
                 "the 1 MiB minimum"
             )
         self.socket_gid()
+        self.validate_metrics()
+
+    def validate_metrics(self) -> None:
+        """The metrics routes' settings (see tierd.exporter)."""
+        if self.metrics_listen:
+            from tierd.exporter import ListenError, parse_listen
+
+            try:
+                parse_listen(self.metrics_listen)
+            except ListenError as e:
+                where = self.sources.get("metrics_listen", "default")
+                raise ConfigError(f"metrics_listen ({where}): {e}") from None
+        if self.metrics_textfile:
+            folder = Path(self.metrics_textfile).expanduser().parent
+            if not folder.is_dir():
+                raise ConfigError(f"metrics_textfile: its directory {folder} does not exist")
+        if not 0.1 <= self.metrics_interval <= 3600:
+            raise ConfigError(f"metrics_interval: {self.metrics_interval} is not between 0.1 and 3600 s")
 
 
 SETTINGS = [f.name for f in fields(Config) if f.name != "sources"]
@@ -316,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
             "prefetch_budget": "SIZE",
             "prefetch_depth": "N",
             "max_connections": "N",
+            "metrics_listen": "HOST:PORT",
+            "metrics_textfile": "PATH",
+            "metrics_interval": "SECONDS",
         }.get(
             f.name,
             "SIZE"

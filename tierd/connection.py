@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
@@ -77,6 +78,8 @@ class Connection(asyncio.Protocol):
         self.server = server
         self.service = server.service
         self.metrics = server.service.metrics
+        #: request latency by verb (observed here, where a request's frame arrives and its reply leaves)
+        self.latency = server.service.latency
         self.transport: asyncio.Transport | None = None
         self.reader = protocol.FrameReader(MAX_REQUEST_BYTES)
         self.client_id = 0  # set by HELLO
@@ -199,6 +202,7 @@ class Connection(asyncio.Protocol):
             return
         self.info.requests += 1
         rid = getattr(msg, "rid", 0)
+        t0 = time.perf_counter()
         try:
             reply = handler(self, msg)
         except TierdError as e:
@@ -209,11 +213,13 @@ class Connection(asyncio.Protocol):
             log.exception("internal error handling %s", type(msg).__name__)
             reply = Error(rid, "error", f"internal error in tierd: {type(e).__name__}: {e}")
         if asyncio.iscoroutine(reply):  # the request waits on the disk: answer when it is done
-            task = asyncio.get_running_loop().create_task(self._finish(rid, type(msg).__name__, reply))
+            task = asyncio.get_running_loop().create_task(self._finish(rid, type(msg).__name__, reply, t0))
             self.server.tasks.add(task)
             task.add_done_callback(self.server.tasks.discard)
-        elif reply is not None:
+            return
+        if reply is not None:
             self._reply(reply)
+        self.latency.observe(_VERBS[mtype], time.perf_counter() - t0)
 
     def _count_error(self, e: TierdError) -> None:
         # a lookup of a key that is not there is an answer, not a failure (a cache's miss)
@@ -222,7 +228,7 @@ class Connection(asyncio.Protocol):
         else:
             self.metrics.errors += 1
 
-    async def _finish(self, rid: int, what: str, coro: Any) -> None:
+    async def _finish(self, rid: int, what: str, coro: Any, t0: float) -> None:
         try:
             reply = await coro
         except TierdError as e:
@@ -233,6 +239,7 @@ class Connection(asyncio.Protocol):
             log.exception("internal error handling %s", what)
             reply = Error(rid, "error", f"internal error in tierd: {type(e).__name__}: {e}")
         self._reply(reply)
+        self.latency.observe(_VERB_OF[what], time.perf_counter() - t0)
 
     def _hello(self, msg: protocol.Hello) -> None:
         if msg.version != protocol.PROTOCOL_VERSION:
@@ -377,6 +384,10 @@ _HANDLERS: dict[int, Any] = {
     protocol.TRACE: Connection.on_trace,
     protocol.WHY: Connection.on_why,
 }
+
+#: each request type's verb, as the latency histogram and the metrics name it
+_VERBS: dict[int, str] = {t: protocol.REQUEST_TYPES[t].__name__.lower() for t in _HANDLERS}
+_VERB_OF: dict[str, str] = {protocol.REQUEST_TYPES[t].__name__: v for t, v in _VERBS.items()}
 
 
 # -- replies to use cases that waited (a coroutine's result, then the reply) --------------------------

@@ -163,6 +163,7 @@ class Placement:
             raise NotFound(f"{e.key!r} v{e.version} has no bytes in any tier", key=e.key)
         if await self.moves.copy(e, src, home, self._room, for_prefetch):
             self.m.metrics.promotions += 1
+            self.m.metrics.promoted_bytes += e.nbytes
             if for_prefetch:
                 self.m.mark_prefetched(e)
             elif src in self.stores:
@@ -332,6 +333,7 @@ class Placement:
         if self._evictable(e, name) and self._has_lower_copy(e, name):
             self.m.drop(e, name)
             self.m.metrics.demotions += 1
+            self.m.metrics.demoted_bytes += e.nbytes
             return True
         return False
 

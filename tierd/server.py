@@ -29,11 +29,16 @@ import socket
 import stat
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from tierd import __version__, logs, protocol
+from prometheus_client import generate_latest
+
+from tierd import __version__, hardware, logs, protocol
 from tierd.config import Config, ConfigError, load
 from tierd.connection import Connection
+from tierd.exporter import MetricsHttp, bind_listen, textfile_loop
+from tierd.exposition import daemon_registry
 from tierd.loops import loop_factory
 from tierd.manager import Manager
 from tierd.metrics import Metrics
@@ -76,6 +81,8 @@ class Server:
         self._signals = 0
         self._server: asyncio.AbstractServer | None = None
         self._started = time.monotonic()
+        #: the HTTP metrics endpoint (metrics_listen), when configured
+        self.metrics_http: MetricsHttp | None = None
 
     @property
     def config(self) -> Config:
@@ -96,6 +103,7 @@ class Server:
         # Bind first: a second daemon on the same socket is refused before it allocates an arena.
         # Clients that connect meanwhile wait in the listen backlog until the loop serves them.
         sock = self._bind()
+        metrics_sock = self._bind_metrics(sock)
         _raise_fd_limit(cfg.max_connections)
         limit_heap_retention()  # codec and protocol buffers go back to the kernel when freed
         t0 = time.perf_counter()
@@ -106,6 +114,8 @@ class Server:
         except BaseException:
             sock.close()
             self.socket_path.unlink(missing_ok=True)
+            if metrics_sock is not None:
+                metrics_sock.close()
             raise
         log.info("tiers ready in %.2fs: %s", time.perf_counter() - t0, ", ".join(t.name for t in tiers))
         ram = tiers[0]
@@ -134,6 +144,8 @@ class Server:
         self._background(self.placement.balancer())
         self._background(self.prefetcher.run())
         self._background(self._calibrate())
+        self._background(self._read_hardware())
+        await self._start_metrics(metrics_sock)
         status = f"serving {ram.capacity_bytes / _GIB:.2f} GiB RAM tier on {self.socket_path}"
         self.notifier.ready(status)
         log.info("tierd %s ready (%s loop): %s", __version__, self.loop_name, status)
@@ -167,6 +179,47 @@ class Server:
         self.placement.calibration = calib
         log.info("calibration in %.1fs: %s", time.perf_counter() - t0, calib.to_dict())
 
+    async def _read_hardware(self) -> None:
+        """The machine report (tierd.hardware), read once in a thread: NVML starts slowly."""
+        loop = asyncio.get_running_loop()
+        report = await loop.run_in_executor(None, hardware.report, self.config.state_path())
+        self.service.hardware = report
+        dev = report["state_device"]
+        log.info("machine: %s, %d cores, %.1f GiB RAM; state dir on %s (%s); GPUs: %s", report["cpu_model"],
+                 report["cpu_cores"], report["ram_bytes"] / _GIB, dev["device"] or dev["fstype"],
+                 "NVMe" if dev["nvme"] else "rotational" if dev["rotational"] else "not NVMe",
+                 report["gpu_note"])  # fmt: skip
+
+    # -- metrics ---------------------------------------------------------------------------------
+    def _bind_metrics(self, sock: socket.socket) -> socket.socket | None:
+        """The metrics_listen TCP socket, bound before anything is built (a taken port: exit 2)."""
+        if not self.config.metrics_listen:
+            return None
+        try:
+            return bind_listen(self.config.metrics_listen)
+        except OSError as e:
+            sock.close()
+            self.socket_path.unlink(missing_ok=True)
+            raise ConfigError(
+                f"metrics_listen: cannot listen on {self.config.metrics_listen} ({e.strerror})"
+            ) from None
+
+    async def _start_metrics(self, metrics_sock: socket.socket | None) -> None:
+        registry = daemon_registry(self.service.status)  # this daemon's own registry
+
+        def render() -> bytes:
+            return generate_latest(registry)
+
+        self.metrics_text = render
+        if metrics_sock is not None:
+            self.metrics_http = MetricsHttp(metrics_sock, render)
+            await self.metrics_http.start()
+            log.info("metrics on http://%s/metrics", self.metrics_http.address)
+        if self.config.metrics_textfile:
+            path = Path(self.config.metrics_textfile).expanduser()
+            self._background(textfile_loop(path, render, self.config.metrics_interval))
+            log.info("metrics textfile %s, rewritten every %.1f s", path, self.config.metrics_interval)
+
     async def main_loop(self) -> None:
         tick = 1.0
         wd = self.notifier.watchdog_interval
@@ -193,6 +246,8 @@ class Server:
         log.info("stopping: %d connections", len(self.connections))
         if self._server is not None:
             self._server.close()
+        if self.metrics_http is not None:
+            await self.metrics_http.close()
         deadline = time.monotonic() + self.config.graceful_timeout
         while time.monotonic() < deadline and any(
             c.transport is not None and c.transport.get_write_buffer_size() for c in self.connections
@@ -236,7 +291,26 @@ class Server:
         hook("max_connections", lambda c: setattr(self, "max_connections", c.max_connections))
         hook("max_open_puts", lambda c: setattr(m, "max_open_puts", c.max_open_puts))
         hook("max_open_put_bytes", lambda c: setattr(m, "max_open_put_bytes", c.max_open_put_bytes_value()))
-        # (a metrics listener registers its own hook here: hook("metrics_listen", ...))
+        hook("ram_quota", lambda c: m.ram.set_quota(c.ram_quota_bytes()))
+        hook("metrics_listen", lambda c: self._background(self._relisten(c.metrics_listen)))
+
+    async def _relisten(self, spec: str) -> None:
+        """A reload changed metrics_listen: the old endpoint closes, the new one opens (a taken port
+        is logged and leaves no endpoint; the daemon goes on)."""
+        if self.metrics_http is not None:
+            await self.metrics_http.close()
+            self.metrics_http = None
+        if not spec:
+            log.info("metrics endpoint closed")
+            return
+        try:
+            sock = bind_listen(spec)
+        except (OSError, ValueError) as e:
+            log.error("metrics_listen: cannot listen on %s (%s); no metrics endpoint until fixed", spec, e)
+            return
+        self.metrics_http = MetricsHttp(sock, self.metrics_text)
+        await self.metrics_http.start()
+        log.info("metrics on http://%s/metrics", self.metrics_http.address)
 
     def _on_hup(self) -> None:
         task = self.reloader.request()
@@ -333,6 +407,8 @@ class Server:
                 "loop": self.loop_name,
                 "socket": str(self.socket_path),
                 "uptime_s": round(time.monotonic() - self._started, 3),
+                "metrics_listen": self.metrics_http.address if self.metrics_http is not None else None,
+                "metrics_textfile": self.config.metrics_textfile or None,
             },
             "pressure": p.as_dict() if p is not None else None,
             "reload": {"live": self.reloader.live, "last": self.reloader.last},

@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from tierd.entry import ClientInfo, PutSpec
 from tierd.errors import InvalidRequest, ProtocolError, Unsupported
+from tierd.metrics import Latency, Metrics
 from tierd.protocol import Located
 from tierd.tiers.ram import ArenaError
 
 if TYPE_CHECKING:
     from tierd.entry import Entry
     from tierd.manager import Manager
-    from tierd.metrics import Metrics
     from tierd.placement import Placement
     from tierd.prefetch import Prefetcher
     from tierd.tiers.memory import MapHandle
@@ -71,6 +71,10 @@ class Service:
         #: the daemon's own part of status (its pid, version, socket, the last pressure reading)
         self._describe = describe
         self._record = prefetcher.record
+        #: request latency by verb (connections observe it; status and the metrics read it)
+        self.latency = Latency()
+        #: the machine (tierd.hardware.report), filled in once at start; empty until then
+        self.hardware: dict[str, Any] = {}
 
     # ---- clients -------------------------------------------------------------------------------
     def join(self, pid: int, uid: int, name: str) -> int:
@@ -263,6 +267,8 @@ class Service:
             "tag_codecs": pl.tag_codecs,
             "calibration": calib.to_dict() if calib is not None else None,
         }
+        s["latency"] = self.latency.snapshot()
+        s["hardware"] = self.hardware
         return s
 
     def prefetch(self, cid: int, keys: list[str]) -> int:

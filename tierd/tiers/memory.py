@@ -94,6 +94,9 @@ class MemoryTier(Tier):
         then makes room among that owner's entries only). A tier without quotas: never."""
         return False
 
+    def set_quota(self, quota: int | None) -> None:
+        """Change the per-uid quota (a reload); entries over a lowered quota stay until demoted."""
+
     def quota_bytes(self, owner: int) -> int:
         """The most this uid may hold in the tier (its capacity when there are no quotas)."""
         return self.capacity_bytes

@@ -111,7 +111,8 @@ class RamTier(MemoryTier):
             raise ArenaError("the RAM tier needs at least one page")
         self._capacity = capacity
         #: at most this many bytes of regions per uid (None: the whole capacity)
-        self.quota = None if quota is None or quota >= capacity else max(PAGE, quota - quota % PAGE)
+        self.quota: int | None = None
+        self.set_quota(quota)
         self._closed = False
         self.arenas: list[Arena] = []
         self._by_uid: dict[int, Arena] = {}
@@ -168,6 +169,10 @@ class RamTier(MemoryTier):
     @property
     def used_bytes(self) -> int:
         return self._used
+
+    def set_quota(self, quota: int | None) -> None:
+        cap = self._capacity
+        self.quota = None if quota is None or quota >= cap else max(PAGE, quota - quota % PAGE)
 
     def quota_bytes(self, owner: int) -> int:
         return self._capacity if self.quota is None else self.quota

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
@@ -98,6 +99,14 @@ class StoreStats:
     used_bytes: int = 0
     reads: int = 0
     writes: int = 0
+    read_bytes: int = 0
+    """encoded (stored) bytes of the chunks read"""
+    write_bytes: int = 0
+    """encoded (stored) bytes of the chunks written"""
+    read_seconds: float = 0.0
+    """wall time of reads, decoding and checksums included"""
+    write_seconds: float = 0.0
+    """wall time of writes, encoding and the commit included"""
     corrupt: int = 0
     by_codec: dict[str, int] = field(default_factory=dict)
 
@@ -158,6 +167,10 @@ class ChunkStore(Tier):
             "records": s.records,
             "reads": s.reads,
             "writes": s.writes,
+            "read_bytes": s.read_bytes,
+            "write_bytes": s.write_bytes,
+            "read_seconds": round(s.read_seconds, 6),
+            "write_seconds": round(s.write_seconds, 6),
             "corrupt": s.corrupt,
             **self._store_stats(),
         }
@@ -201,6 +214,7 @@ class ChunkStore(Tier):
         Chunks are encoded in ``pool`` and stored one by one; the record commits last. When the
         store is full every chunk written is removed and TierFull is raised.
         """
+        t0 = time.perf_counter()
         codec = get_codec(plan.codec)
         version = int(meta["version"])
         futures = [pool.submit(codec.encode_chunk, plan, i, raw) for i in range(plan.n_chunks)]
@@ -232,11 +246,14 @@ class ChunkStore(Tier):
         self._account(rec, +1)
         with self._lock:
             self.counts.writes += 1
+            self.counts.write_bytes += sum(size for size, _ in sums)
+            self.counts.write_seconds += time.perf_counter() - t0
         return rec
 
     # -- read ------------------------------------------------------------------------------------
     def read_into(self, rec: RecordMeta, out: memoryview, pool: Executor) -> None:
         """Decode every chunk of ``rec`` into ``out`` (rec.nbytes), checking each chunk's checksum."""
+        t0 = time.perf_counter()
         plan = Plan.from_dict(rec.plan)
         codec = get_codec(plan.codec)
 
@@ -254,6 +271,8 @@ class ChunkStore(Tier):
             f.result()
         with self._lock:
             self.counts.reads += 1
+            self.counts.read_bytes += sum(size for size, _ in rec.chunks)
+            self.counts.read_seconds += time.perf_counter() - t0
 
     def verify(self, rec: RecordMeta) -> str | None:
         """None when every chunk is present with its checksum; else what is wrong."""
