@@ -167,6 +167,7 @@ class Binding:
     resident_views: list[torch.Tensor] = field(default_factory=list)
     blocks: list[tuple[nn.Module, list[str]]] = field(default_factory=list)
     kept_blocks: int = 0  # streaming: decoder layers kept resident (leased) instead of streamed
+    edges: bool = False  # streaming: the embedding and the output head stream too (small RAM)
 
     def key(self, name: str) -> str:
         return f"{self.namespace}/{name}"

@@ -216,8 +216,10 @@ def bind(
 
     ``resident``: one get_many, every tensor a view for the model's lifetime. ``streaming``: tensors
     outside the blocks (embeddings, norms, lm_head, the vision patch embedding) resident, each block
-    (see _blocks: vision blocks and mergers, decoder layers) bound per forward by a StreamBlockHook.
-    Parameters that share a tensor with a bound one (tied lm_head) share it again.
+    (see _blocks: vision blocks and mergers, decoder layers) bound per forward by a StreamBlockHook;
+    when ``room`` cannot hold the embedding and the output head beside the window, they stream as
+    blocks too (a tied head reads the embedding's entry). Parameters that share a tensor with a bound
+    one (tied lm_head) share it again.
 
     ``room`` (streaming): bytes of RAM this model may hold; what the resident tensors and the window
     leave of it keeps the first decoder layers resident (see :func:`streaming_layout`). A room below
@@ -257,21 +259,21 @@ def bind(
         if room is not None:
             check_room(layout, room, prefetch_depth, f"this model ({ns})")
         binding.kept_blocks = layout.kept
+        binding.edges = layout.edges
         order = layout.blocks
-        for prefix, _, rel in order:
-            block_names.update(f"{prefix}.{r}" for r in rel)
-        text_start = next((i for i, (p, _, _) in enumerate(order) if ".language_model." in f".{p}."), 0)
-        for i, (prefix, module, rel) in enumerate(order):
+        for _, _, _, src in order:
+            block_names.update(src)
+        for i, (_, module, rel, src) in enumerate(order):
             nxt: list[str] = []
             j = i
             for _ in range(prefetch_depth):
-                j = j + 1 if j + 1 < len(order) else text_start  # decoding loops over the text layers
+                j = layout.after[j]  # decoding loops over the text layers
                 if j == i:
                     break
-                nxt += [f"{ns}/{order[j][0]}.{r}" for r in order[j][2]]
-            hook = StreamBlockHook(client, rel, [f"{ns}/{prefix}.{r}" for r in rel], nxt)
+                nxt += [f"{ns}/{s}" for s in order[j][3] if f"{ns}/{s}" not in nxt]
+            hook = StreamBlockHook(client, rel, [f"{ns}/{s}" for s in src], nxt)
             add_hook(module, hook)
-            binding.blocks.append((module, [f"{prefix}.{r}" for r in rel]))
+            binding.blocks.append((module, list(src)))
 
     # Largest first, on its own: while a get runs, every entry it names that is already in RAM is held
     # in place, so small tensors fetched together with the embedding could split the free space
@@ -281,7 +283,7 @@ def bind(
         (n for n in names if n not in block_names),
         key=lambda n: -(stored.get(n) or _nbytes(get_tensor(model, n))),
     )
-    views = client.get_many([f"{ns}/{n}" for n in resident[:1]])
+    views = client.get_many([f"{ns}/{n}" for n in resident[:1]]) if resident else []
     views += client.get_many([f"{ns}/{n}" for n in resident[1:]]) if len(resident) > 1 else []
     for n, v in zip(resident, views, strict=True):
         set_tensor(model, n, v)
@@ -315,9 +317,8 @@ def streaming_minimum(checkpoint_dir: str | Path, *, prefetch_depth: int = 2) ->
     in with this ``prefetch_depth``; read from the shard headers and the config, no weight is read."""
     ckpt = Path(checkpoint_dir)
     nbytes = {n: info.nbytes for shard in shards(ckpt) for n, info in shard.tensors.items()}
-    layout = streaming_layout(
-        _meta_model(ckpt), list(nbytes), nbytes, room=None, prefetch_depth=prefetch_depth
-    )
+    # room 0: the layout that needs least (the embedding and the head streamed when that is less)
+    layout = streaming_layout(_meta_model(ckpt), list(nbytes), nbytes, room=0, prefetch_depth=prefetch_depth)
     return layout.minimum_bytes
 
 

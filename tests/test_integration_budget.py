@@ -53,7 +53,8 @@ def _ram_capacity(c: Client) -> int:
 
 def test_the_minimum_is_stated_and_below_it_nothing_is_read(start_daemon, ckpt, weights_bytes) -> None:
     need = streaming_minimum(ckpt)
-    # the tensors outside the blocks (the tied embedding above all) plus 3 of the largest block
+    # the largest run of 3 blocks (the tied embedding and the two decoder layers after it: the
+    # embedding streams as a block of its own when that needs less than keeping it resident)
     assert 0.15 * weights_bytes < need < 0.3 * weights_bytes
     assert streaming_minimum(ckpt, prefetch_depth=1) < need < streaming_minimum(ckpt, prefetch_depth=3)
     d = start_daemon(ram_bytes=str(need - 4096), disk_bytes="64MiB")
@@ -86,7 +87,10 @@ def test_every_budget_from_the_minimum_up_generates_the_plain_tokens(
     with Client(socket=d.socket) as c:
         assert _ram_capacity(c) >= need
         model = from_pretrained(ckpt, c)
-        assert model._tierd_binding.mode == ("resident" if share == 1.2 else "streaming")
+        binding = model._tierd_binding
+        assert binding.mode == ("resident" if share == 1.2 else "streaming")
+        # at the minimum even the (tied) embedding and output head stream; with room, they stay
+        assert binding.edges == (share is None)
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
         assert torch.equal(out, reference), f"RAM tier {ram} bytes ({ram / weights_bytes:.0%} of the weights)"
