@@ -388,6 +388,7 @@ def _guess_rid(payload: bytes | memoryview) -> int:
         obj = msgspec.msgpack.decode(payload)
     except protocol.DecodeError:
         return 0
-    if isinstance(obj, list) and obj and isinstance(obj[0], int) and 0 <= obj[0] < 2**63:
+    # a bool is an int to Python, but a reply whose rid is msgpack true/false does not decode
+    if isinstance(obj, list) and obj and type(obj[0]) is int and 0 <= obj[0] < 2**63:
         return obj[0]
     return 0
