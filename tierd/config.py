@@ -139,6 +139,8 @@ class Config:
     """Puts one client may have reserved and not sealed at once; one more gets TierFull."""
     max_open_put_bytes: str = "50%"
     """Bytes one client may have reserved and not sealed: a SIZE or a % of the RAM tier."""
+    max_partial_frame_bytes: str = "256MiB"
+    """Bytes of unfinished requests held for all connections at once (17MiB+); past it, one is refused."""
     sources: dict[str, str] = field(default_factory=dict, repr=False)
     """Where each non-default value came from (for error messages); not a setting."""
 
@@ -174,6 +176,17 @@ class Config:
 
     def max_open_put_bytes_value(self) -> int:
         return self._size("max_open_put_bytes", self.ram_tier_bytes())
+
+    def max_partial_frame_bytes_value(self) -> int:
+        from tierd.protocol import MAX_REQUEST_BYTES
+
+        n = self._size("max_partial_frame_bytes", None)
+        if n < MAX_REQUEST_BYTES + 5:
+            raise ConfigError(
+                f"max_partial_frame_bytes: {self.max_partial_frame_bytes} is less than one request frame "
+                f"({MAX_REQUEST_BYTES >> 20}MiB): use 17MiB or more"
+            )
+        return n
 
     def tag_codec_map(self) -> dict[str, str]:
         """``tag_codecs`` parsed: {"weight": "int8", ...}; ConfigError on a bad item or codec name."""
@@ -238,6 +251,7 @@ class Config:
         if self.max_open_puts < 1:
             raise ConfigError(f"max_open_puts: {self.max_open_puts} is not a positive number")
         self.max_open_put_bytes_value()
+        self.max_partial_frame_bytes_value()
         self.socket_gid()
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from tierd import __version__, protocol
 from tierd.config import Config, ConfigError, load
-from tierd.connection import Connection
+from tierd.connection import Connection, PartialFrames
 from tierd.loops import loop_factory
 from tierd.manager import Manager
 from tierd.metrics import Metrics
@@ -57,6 +57,7 @@ class Server:
         self.notifier = Notifier()
         self.connections: set[Connection] = set()
         self.max_connections = config.max_connections
+        self.partial_frames = PartialFrames(config.max_partial_frame_bytes_value())
         self.tasks: set[asyncio.Task[Any]] = set()
         #: the daemon's counters (status reads them; a metrics exporter will too)
         self.metrics = Metrics()
