@@ -5,7 +5,7 @@
   cuts them off (its partial-frame timeout, or its cap on unfinished bytes of all connections
   together) they come back and do it again;
 - connection hogs: every remaining connection slot held idle, and more refused past the cap;
-- one well-behaved client meanwhile puts, gets (bytes compared) and deletes, round trip after round
+- one well-behaved client meanwhile puts and gets (bytes compared), round trip after round
   trip.
 
 The daemon's resident memory is sampled (psutil) and its kernel-kept peak (VmHWM) read; both must
@@ -16,9 +16,10 @@ stay under a bound derived from the configured caps::
                + half-framers x one read
                + connections x per-connection overhead + allocator slack
 
-Without the pending-reply cap the never-readers alone would pass it within seconds (each reply
-read would be buffered: ~60 KiB per 15-byte request); without the cap on unfinished bytes the
-half-framers would hold 12 x 16 MiB where the cap allows 64 MiB.
+The test fails without the caps it checks: with the pending-reply cap lifted (tried once), the
+daemon spent itself answering the never-readers' ~60 KiB replies to 15-byte requests and did not
+answer a new client's HELLO within 60 s; without the cap on unfinished bytes the half-framers
+would hold 12 x 16 MiB where the cap allows 64 MiB (a 15 s run before that cap peaked at 269 MiB).
 """
 
 from __future__ import annotations
