@@ -1,9 +1,12 @@
 # make demo   - set up, then run tierd on its defaults with real model processes against it
 # make check  - set up, then lint, type-check and run the tests (what CI runs)
+# make chaos  - the standing chaos and fuzz suite (tests/chaos; docs/reliability.md); its budget:
+#               CHAOS_EXAMPLES per request type, CHAOS_KILLS kill -9s, CHAOS_HOSTILE_SECONDS
+#               (make chaos-ci: the bounded form CI runs after make check, under 2 minutes here)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo check test lint bench lock check-upstream clean
+.PHONY: setup demo check test lint chaos chaos-ci bench lock check-upstream clean
 
 setup: $(VENV)/.setup-done
 
@@ -24,6 +27,16 @@ test: setup
 	$(PY) -m pytest
 
 check: lint test
+
+CHAOS_EXAMPLES ?= 500
+CHAOS_KILLS ?= 25
+CHAOS_HOSTILE_SECONDS ?= 45
+chaos: setup
+	CHAOS_EXAMPLES=$(CHAOS_EXAMPLES) CHAOS_KILLS=$(CHAOS_KILLS) CHAOS_HOSTILE_SECONDS=$(CHAOS_HOSTILE_SECONDS) \
+		$(PY) -m pytest -m chaos tests/chaos
+
+chaos-ci:
+	$(MAKE) chaos CHAOS_EXAMPLES=60 CHAOS_KILLS=5 CHAOS_HOSTILE_SECONDS=15
 
 bench: setup
 	$(PY) bench/bench_core.py

@@ -156,6 +156,7 @@ def test_every_setting_from_each_source(tmp_path: Path) -> None:
         "metrics_listen": "127.0.0.1:9464",
         "metrics_textfile": "/x/tierd.prom",
         "metrics_interval": "2.5",
+        "max_partial_frame_bytes": "64MiB",
     }
     floats = ("graceful_timeout", "ram_high_watermark", "ram_low_watermark", "metrics_interval")
     assert sorted(values) == sorted(config.SETTINGS)
@@ -176,6 +177,12 @@ def test_every_setting_from_each_source(tmp_path: Path) -> None:
     for cfg in (from_flags, from_env, from_file):
         assert {k: getattr(cfg, k) for k in config.SETTINGS} == expect
         assert set(cfg.sources) == set(config.SETTINGS)
+
+
+def test_max_partial_frame_bytes_must_hold_one_request_frame() -> None:
+    assert load(["--max-partial-frame-bytes", "17MiB"], {}).max_partial_frame_bytes_value() == 17 * MiB
+    with pytest.raises(ConfigError, match="less than one request frame"):
+        load(["--max-partial-frame-bytes", "16MiB"], {}).validate()
 
 
 def test_file_table_form_and_dashes(tmp_path: Path) -> None:

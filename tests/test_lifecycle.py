@@ -19,7 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
+from tests.conftest import wait_until
 from tierd import launch
 from tierd_client import Client
 
@@ -293,6 +295,25 @@ def test_watchdog_pings(short_tmp: Path) -> None:
             times.append(time.monotonic())
         # WATCHDOG_USEC=200000: a ping every 0.1 s (half the interval), not every 1 s (the idle tick)
         assert times[-1] - times[0] < 1.0, times
+    finally:
+        assert stop(proc) == 0
+        listener.close()
+
+
+def test_a_notify_listener_that_stops_reading_cannot_stop_the_daemon(short_tmp: Path) -> None:
+    """The listener takes READY and then reads nothing: its queue (10 datagrams) fills with watchdog
+    pings within a tenth of a second. The daemon drops the notes it has no room for and serves on
+    (a blocking send once froze it there for good, ~100 s into any run under a quiet listener)."""
+    path = str(short_tmp / "notify")
+    listener = Listener(path)
+    proc = spawn(short_tmp, NOTIFY_SOCKET=path, WATCHDOG_USEC="20000", TIERD_LOG_LEVEL="debug")
+    try:
+        listener.wait("READY", proc)
+        log = short_tmp / "tierd.log"
+        wait_until(lambda: "sd_notify to" in log.read_text(), timeout=30, what="a dropped notification")
+        with Client(short_tmp / "tierd.sock", timeout=10) as c:
+            c.put("n/x", torch.arange(5.0))
+            assert torch.equal(c.get("n/x"), torch.arange(5.0))
     finally:
         assert stop(proc) == 0
         listener.close()

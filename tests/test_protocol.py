@@ -140,6 +140,19 @@ def test_rid_is_echoed_on_validation_error(seeded) -> None:
     assert isinstance(r, protocol.Error) and r.rid == 42
 
 
+@pytest.mark.parametrize("first", [True, False, -1, 2**63, 1.5, "7"])
+def test_a_rid_that_is_not_a_request_id_is_answered_with_rid_0(seeded, first) -> None:
+    """A malformed request whose first field is no valid rid (a bool, a negative or too large int,
+    a float, a string) gets its typed error with rid 0: the reply still decodes (found by the
+    chaos suite: a bool was echoed as msgpack true, which no client could read)."""
+    d, x = seeded
+    s = raw(d.socket)
+    s.sendall(frame(protocol.SEAL, msgspec.msgpack.encode([first, "not a put id"])))
+    r = read_reply(s)
+    assert isinstance(r, protocol.Error) and r.code == "invalid" and r.rid == 0, r
+    still_serving(d, x)
+
+
 def test_4gib_length_prefix_closes_connection(seeded) -> None:
     d, x = seeded
     s = raw(d.socket)

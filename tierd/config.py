@@ -148,6 +148,8 @@ class Config:
     """Rewrite this file with the metrics every metrics_interval seconds (node_exporter); empty = off."""
     metrics_interval: float = 5.0
     """Seconds between two rewrites of metrics_textfile."""
+    max_partial_frame_bytes: str = "256MiB"
+    """Bytes of unfinished requests held for all connections at once (17MiB+); past it, one is refused."""
     sources: dict[str, str] = field(default_factory=dict, repr=False)
     """Where each non-default value came from (for error messages); not a setting."""
 
@@ -186,6 +188,17 @@ class Config:
 
     def max_open_put_bytes_value(self) -> int:
         return self._size("max_open_put_bytes", self.ram_tier_bytes())
+
+    def max_partial_frame_bytes_value(self) -> int:
+        from tierd.protocol import MAX_REQUEST_BYTES
+
+        n = self._size("max_partial_frame_bytes", None)
+        if n < MAX_REQUEST_BYTES + 5:
+            raise ConfigError(
+                f"max_partial_frame_bytes: {self.max_partial_frame_bytes} is less than one request frame "
+                f"({MAX_REQUEST_BYTES >> 20}MiB): use 17MiB or more"
+            )
+        return n
 
     def tag_codec_map(self) -> dict[str, str]:
         """``tag_codecs`` parsed: {"weight": "int8", ...}; ConfigError on a bad item or codec name."""
@@ -255,6 +268,7 @@ class Config:
                 f"ram_quota ({self.sources.get('ram_quota', 'default')}): {self.ram_quota!r} is below "
                 "the 1 MiB minimum"
             )
+        self.max_partial_frame_bytes_value()
         self.socket_gid()
         self.validate_metrics()
 

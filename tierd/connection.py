@@ -53,6 +53,23 @@ MAX_PENDING_REPLY_BYTES = 1 << 20
 PARTIAL_FRAME_TIMEOUT = 10.0
 
 
+class PartialFrames:
+    """Bytes of request frames read and not yet handled, summed over every connection, against one
+    cap (config ``max_partial_frame_bytes``). Each connection's unfinished frame is capped (16 MiB)
+    and timed; this bounds their sum, which would otherwise be ``max_connections`` x 16 MiB (16 GiB
+    at the defaults). A connection whose bytes take the sum over the cap is refused and closed;
+    the others keep theirs."""
+
+    __slots__ = ("cap", "held", "refused")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        #: bytes held now, over all connections
+        self.held = 0
+        #: connections closed because their frame did not fit
+        self.refused = 0
+
+
 class Host(Protocol):
     """What a connection needs from the daemon that accepted it (``tierd.server.Server`` is one).
 
@@ -67,6 +84,8 @@ class Host(Protocol):
 
     #: connections served at once (config max_connections): one more is refused with a message
     max_connections: int
+    #: the bytes of unfinished request frames of all connections (config max_partial_frame_bytes)
+    partial_frames: PartialFrames
 
     def peer_allowed(self, uid: int, gid: int) -> bool: ...
 
@@ -88,6 +107,8 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self._replies_waiting = False  # the write buffer is over MAX_PENDING_REPLY_BYTES
         self._partial_timer: asyncio.TimerHandle | None = None
+        self._held = 0  # this connection's part of server.partial_frames.held
+        self._draining = False  # refused: what the client still sends is read and dropped
 
     # -- transport callbacks ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -100,13 +121,13 @@ class Connection(asyncio.Protocol):
             )
         if not self.server.peer_allowed(self.peer_uid, self.peer_gid):
             log.warning("refused a connection from uid %d (pid %d)", self.peer_uid, self.peer_pid)
-            self._fatal(ProtocolError(f"uid {self.peer_uid} may not use this tierd"))
+            self._refuse(ProtocolError(f"uid {self.peer_uid} may not use this tierd"))
             return
         cap = self.server.max_connections
         if len(self.server.connections) > cap:
             log.warning("refused a connection from pid %d: %d connections open (max_connections)",
                         self.peer_pid, cap)  # fmt: skip
-            self._fatal(DaemonUnavailable(
+            self._refuse(DaemonUnavailable(
                 f"tierd serves at most {cap} connections (max_connections) and all are open: close one, "
                 "or raise the setting", max_connections=cap,
             ))  # fmt: skip
@@ -115,6 +136,7 @@ class Connection(asyncio.Protocol):
         self.closed = True
         if self._partial_timer is not None:
             self._partial_timer.cancel()
+        self._account()
         self.server.connections.discard(self)
         if self.client_id:
             self.service.leave(self.client_id)
@@ -134,10 +156,20 @@ class Connection(asyncio.Protocol):
             self._serve_frames()
 
     def data_received(self, data: bytes) -> None:
-        if self.closed or self.reader.broken:
-            return
+        if self.closed or self.reader.broken or self._draining:
+            return  # (draining: read and dropped, so that the close cannot reset the refusal away)
         self.reader.feed(data)
         self._serve_frames()
+        frames = self.server.partial_frames
+        if frames.held > frames.cap and self._held and not self.closed:
+            frames.refused += 1
+            log.warning("refused pid %d's unfinished request: %d such bytes held (max_partial_frame_bytes)",
+                        self.peer_pid, frames.held)  # fmt: skip
+            self._refuse(DaemonUnavailable(
+                f"tierd holds {frames.held >> 20} MiB of unfinished requests from all clients, over its "
+                f"{frames.cap >> 20} MiB cap (max_partial_frame_bytes): send the request again later",
+                max_partial_frame_bytes=frames.cap,
+            ))  # fmt: skip
 
     def _serve_frames(self) -> None:
         reader = self.reader
@@ -156,8 +188,15 @@ class Connection(asyncio.Protocol):
             self._handle(*frame)
         self._watch_partial_frame()
 
+    def _account(self) -> None:
+        """Bring this connection's share of the daemon-wide sum of unfinished bytes up to date."""
+        held = 0 if self.closed or self._draining else self.reader.buffered
+        self.server.partial_frames.held += held - self._held
+        self._held = held
+
     def _watch_partial_frame(self) -> None:
         """Time a partial frame from when it is first seen; the timer ends when no part is left."""
+        self._account()
         partial = bool(self.reader.buffered) and not self._replies_waiting and not self.closed
         if partial and self._partial_timer is None:
             loop = asyncio.get_running_loop()
@@ -349,6 +388,21 @@ class Connection(asyncio.Protocol):
         self._reply(Error(0, *err.to_wire()))
         self.close()
 
+    def _refuse(self, err: TierdError) -> None:
+        """Say why, end our side, and drop what the client still sends for up to a second before
+        closing: a socket closed with unread bytes resets its peer, which would lose the reason."""
+        self._reply(Error(0, *err.to_wire()))
+        self._draining = True
+        self.reader = protocol.FrameReader(MAX_REQUEST_BYTES)  # the unfinished frame is let go
+        self._account()
+        if self._partial_timer is not None:
+            self._partial_timer.cancel()
+            self._partial_timer = None
+        assert self.transport is not None
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        asyncio.get_running_loop().call_later(1.0, self.close)
+
     def close(self) -> None:
         """Close the connection (its leases end when the transport reports it lost)."""
         if self.transport is not None and not self.closed:
@@ -415,6 +469,7 @@ def _guess_rid(payload: bytes | memoryview) -> int:
         obj = msgspec.msgpack.decode(payload)
     except protocol.DecodeError:
         return 0
-    if isinstance(obj, list) and obj and isinstance(obj[0], int) and 0 <= obj[0] < 2**63:
+    # a bool is an int to Python, but a reply whose rid is msgpack true/false does not decode
+    if isinstance(obj, list) and obj and type(obj[0]) is int and 0 <= obj[0] < 2**63:
         return obj[0]
     return 0

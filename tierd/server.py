@@ -36,7 +36,7 @@ from prometheus_client import generate_latest
 
 from tierd import __version__, hardware, logs, protocol
 from tierd.config import Config, ConfigError, load
-from tierd.connection import Connection
+from tierd.connection import Connection, PartialFrames
 from tierd.exporter import MetricsHttp, bind_listen, textfile_loop
 from tierd.exposition import daemon_registry
 from tierd.loops import loop_factory
@@ -65,6 +65,7 @@ class Server:
         self.reloader = Reloader(config, sys.argv[1:] if argv is None else argv, self.notifier)
         self.connections: set[Connection] = set()
         self.max_connections = config.max_connections
+        self.partial_frames = PartialFrames(config.max_partial_frame_bytes_value())
         self.tasks: set[asyncio.Task[Any]] = set()
         #: the daemon's counters (status reads them; a metrics exporter will too)
         self.metrics = Metrics()
@@ -292,6 +293,8 @@ class Server:
         hook("max_open_puts", lambda c: setattr(m, "max_open_puts", c.max_open_puts))
         hook("max_open_put_bytes", lambda c: setattr(m, "max_open_put_bytes", c.max_open_put_bytes_value()))
         hook("ram_quota", lambda c: m.ram.set_quota(c.ram_quota_bytes()))
+        frames = self.partial_frames
+        hook("max_partial_frame_bytes", lambda c: setattr(frames, "cap", c.max_partial_frame_bytes_value()))
         hook("metrics_listen", lambda c: self._background(self._relisten(c.metrics_listen)))
 
     async def _relisten(self, spec: str) -> None:
