@@ -179,3 +179,17 @@ def hung_peer(short_tmp: Path) -> Iterator:
     yield make
     for p in peers:
         p.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator:
+    """A real 3-node Redis Cluster on loopback (tests/redis_cluster.py), shared by the session's
+    tests; each test keeps to its own key prefix. Tests that break nodes start their own."""
+    from tests.redis_cluster import LocalCluster
+
+    with tempfile.TemporaryDirectory(prefix="tierd-redis-") as d:
+        cluster = LocalCluster(Path(d))
+        try:
+            yield cluster
+        finally:
+            cluster.close()
