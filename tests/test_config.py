@@ -152,8 +152,14 @@ def test_every_setting_from_each_source(tmp_path: Path) -> None:
         "max_connections": "100",
         "max_open_puts": "10",
         "max_open_put_bytes": "25%",
+        "remote": "redis://10.0.0.1:7000,10.0.0.2:7000",
+        "remote_prefix": "prod",
+        "remote_password": "pw",
+        "remote_tls_ca": "/x/ca.pem",
+        "remote_timeout": "0.5",
+        "remote_tags": "weight,vision",
     }
-    floats = ("graceful_timeout", "ram_high_watermark", "ram_low_watermark")
+    floats = ("graceful_timeout", "ram_high_watermark", "ram_low_watermark", "remote_timeout")
     assert sorted(values) == sorted(config.SETTINGS)
     expect = {
         **values,
@@ -172,6 +178,24 @@ def test_every_setting_from_each_source(tmp_path: Path) -> None:
     for cfg in (from_flags, from_env, from_file):
         assert {k: getattr(cfg, k) for k in config.SETTINGS} == expect
         assert set(cfg.sources) == set(config.SETTINGS)
+
+
+def test_remote_settings(tmp_path: Path) -> None:
+    f = write(
+        tmp_path / "t.toml",
+        'remote = "rediss://u:p%40w@h1:7000,[::1]:7001"\nremote_tags = ["weight", "vision"]\n',
+    )
+    cfg = load(["--config", str(f)], {})
+    assert cfg.remote_tag_set() == {"weight", "vision"}
+    rs = cfg.remote_settings()
+    assert rs is not None
+    assert (rs.nodes, rs.tls, rs.username, rs.password) == ((("h1", 7000), ("::1", 7001)), True, "u", "p@w")
+    assert rs.where == "rediss://h1:7000,::1:7001"  # no password in what is shown
+    assert (
+        load([], {"TIERD_REMOTE": "redis://h:1", "TIERD_REMOTE_PASSWORD": "env"}).remote_settings().password
+        == "env"
+    )
+    assert load([], {}).remote_settings() is None and load([], {}).remote_tag_set() == frozenset()
 
 
 def test_file_table_form_and_dashes(tmp_path: Path) -> None:

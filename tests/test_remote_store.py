@@ -21,16 +21,17 @@ import pytest
 
 from tests.redis_cluster import LocalCluster
 from tierd.codecs import get_codec
+from tierd.config import RemoteSettings, parse_remote_url
 from tierd.errors import CorruptEntry, StorageError, TierFull
-from tierd.tiers.remote import RemoteConfig, RemoteStore, parse_url
+from tierd.tiers.remote import RemoteStore
 
 MiB = 1 << 20
 _prefixes = itertools.count()
 
 
 def _store(cluster: LocalCluster, timeout: float = 2.0, prefix: str | None = None) -> RemoteStore:
-    nodes, _tls, _u, _p = parse_url(cluster.url)
-    return RemoteStore(RemoteConfig(nodes, prefix=prefix or f"t{next(_prefixes)}-{time.time_ns()}",
+    nodes, _tls, _u, _p = parse_remote_url(cluster.url)
+    return RemoteStore(RemoteSettings(nodes, prefix=prefix or f"t{next(_prefixes)}-{time.time_ns()}",
                                     timeout=timeout))  # fmt: skip
 
 
@@ -57,14 +58,6 @@ def _write(store: RemoteStore, pool, version: int, raw: np.ndarray, key: str = "
 
 def _chunk_keys(store: RemoteStore) -> set[bytes]:
     return set(store.rc.scan_iter(match=f"{store.cfg.prefix}:c:*", target_nodes=store.rc.PRIMARIES))
-
-
-def test_parse_url() -> None:
-    assert parse_url("redis://a:1,b:2") == ((("a", 1), ("b", 2)), False, None, None)
-    assert parse_url("rediss://u:p%40ss@h:6379") == ((("h", 6379),), True, "u", "p@ss")
-    for bad in ("http://a:1", "redis://a", "redis://", "redis://a:x"):
-        with pytest.raises(ValueError):
-            parse_url(bad)
 
 
 def test_round_trip_through_another_daemons_store(redis_cluster: LocalCluster, store, pool, seed) -> None:

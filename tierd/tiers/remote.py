@@ -37,9 +37,7 @@ import hashlib
 import itertools
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import unquote, urlsplit
 
 import msgspec
 import redis
@@ -47,6 +45,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
+from tierd.config import RemoteSettings
 from tierd.errors import StorageError
 from tierd.tiers.store import ChunkStore, NoRoom, RecordMeta
 
@@ -67,54 +66,10 @@ _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(RemoteRecord)
 
 
-@dataclass(frozen=True)
-class RemoteConfig:
-    """Where the cluster is and how to talk to it (parsed from ``--remote`` and its options)."""
-
-    nodes: tuple[tuple[str, int], ...]
-    prefix: str = "tierd"
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-    tls_ca: str | None = None
-    timeout: float = 2.0
-
-    @property
-    def where(self) -> str:
-        scheme = "rediss" if self.tls else "redis"
-        return f"{scheme}://" + ",".join(f"{h}:{p}" for h, p in self.nodes)
-
-
-def parse_url(url: str) -> tuple[tuple[tuple[str, int], ...], bool, str | None, str | None]:
-    """``redis://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]`` (``rediss://`` for TLS) -> (nodes, tls,
-    user, password); ValueError with the reason when it is not one."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in ("redis", "rediss"):
-        raise ValueError(f"{url!r} is not redis://HOST:PORT[,HOST:PORT...] (or rediss:// for TLS)")
-    auth, at, hosts = rest.rpartition("@")
-    user = password = None
-    if at:
-        u, colon, p = auth.partition(":")
-        user, password = (unquote(u) or None), (unquote(p) if colon else None)
-    nodes = []
-    for item in filter(None, hosts.rstrip("/").split(",")):
-        parts = urlsplit(f"//{item}")
-        try:
-            port = parts.port
-        except ValueError:
-            port = None
-        if not parts.hostname or port is None:
-            raise ValueError(f"{url!r}: {item!r} is not HOST:PORT")
-        nodes.append((parts.hostname, port))
-    if not nodes:
-        raise ValueError(f"{url!r} names no HOST:PORT")
-    return tuple(nodes), scheme == "rediss", user, password
-
-
 class RemoteStore(ChunkStore):
     durable: ClassVar[bool] = False  # shared, not a durable put's store: the cluster decides persistence
 
-    def __init__(self, cfg: RemoteConfig, *, name: str = "remote") -> None:
+    def __init__(self, cfg: RemoteSettings, *, name: str = "remote") -> None:
         super().__init__()
         self.name = name
         self.cfg = cfg
@@ -311,4 +266,4 @@ class RemoteStore(ChunkStore):
 
 _enc_rec = msgspec.msgpack.Encoder()
 
-__all__ = ["RemoteConfig", "RemoteStore", "parse_url"]
+__all__ = ["RemoteStore"]
