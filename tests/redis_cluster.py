@@ -118,15 +118,16 @@ class LocalCluster:
         return "redis://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
 
     def node_of(self, key: str) -> int:
-        """The index of the node that owns ``key``'s slot."""
-        slot = int(_ask(self.ports[0], "CLUSTER", "KEYSLOT", key).strip().lstrip(b":"))
-        for row in _bulk(_ask(self.ports[0], "CLUSTER", "NODES")).splitlines():
+        """The index of the node that owns ``key``'s slot (asked of a node still running)."""
+        port = next(p for p, proc in zip(self.ports, self.procs, strict=True) if proc.poll() is None)
+        slot = int(_ask(port, "CLUSTER", "KEYSLOT", key).strip().lstrip(b":"))
+        for row in _bulk(_ask(port, "CLUSTER", "NODES")).splitlines():
             f = row.split()  # id host:port@bus flags master ping pong epoch state slot-range...
-            port = int(f[1].split("@")[0].rsplit(":", 1)[1])
+            owner = int(f[1].split("@")[0].rsplit(":", 1)[1])
             for rng in f[8:]:
                 lo, _, hi = rng.partition("-")
                 if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
-                    return self.ports.index(port)
+                    return self.ports.index(owner)
         raise LookupError(f"no node owns slot {slot}")
 
     def kill(self, i: int) -> None:

@@ -20,6 +20,7 @@ tiers (:class:`~tierd.placement.Placement`) and the access log with its prefetch
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -202,10 +203,12 @@ class Service:
 
     async def _get_shared(self, cid: int, refs: list[tuple[str, int]]) -> list[Located]:
         """A get naming a key missing here: fetch what the remote tier has, then get as usual."""
-        assert self.sharing is not None
-        for key, version in refs:
-            if version == 0 and key not in self.m.entries:
-                await self.sharing.fetch(key)  # None: absent there too; resolve says NotFound
+        sharing = self.sharing
+        assert sharing is not None
+        missing = {k for k, v in refs if v == 0 and k not in self.m.entries}
+        # in parallel (each fetch reads its chunks in parallel too); None: absent there as well,
+        # and resolve below says NotFound
+        await asyncio.gather(*(sharing.fetch(k) for k in sorted(missing)))
         found = [self.m.resolve(k, v) for k, v in refs]
         return await self._get_slow(cid, found)
 

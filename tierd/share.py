@@ -26,8 +26,9 @@ a newer version shared by another machine is seen once the key is deleted (or wa
 Deleting an entry here does not delete its shared copy (other machines may be reading it); Redis's
 own memory limit and policy bound the cluster.
 
-All redis I/O runs in this object's threads (a writer, and a pool of ``NET_THREADS`` for reads:
-waiting on the network takes no CPU, and one entry's chunks lie on every shard), never on the loop.
+All redis I/O runs in this object's threads, never on the loop: a writer and ``NET_THREADS`` readers
+that each drive one entry, and ``NET_THREADS`` more for their chunks' GETs and SETs (waiting on the
+network takes no CPU, and one entry's chunks lie on every shard).
 """
 
 from __future__ import annotations
@@ -70,8 +71,11 @@ class Sharing:
         self.store = store
         self.tags = tags
         self.metrics = manager.metrics
+        #: a share's write, and a fetch's read, each wait in one of these threads for its chunks, which
+        #: go through ``net`` (leaf work only, that waits on nothing else: no pool waits on itself)
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="tierd-remote-w")
-        self.net = ThreadPoolExecutor(NET_THREADS, thread_name_prefix="tierd-remote-r")
+        self.reader = ThreadPoolExecutor(NET_THREADS, thread_name_prefix="tierd-remote-r")
+        self.net = ThreadPoolExecutor(NET_THREADS, thread_name_prefix="tierd-remote-n")
         self._writes: set[asyncio.Task[None]] = set()
         self._fetching: dict[str, asyncio.Future[Entry | None]] = {}
 
@@ -149,7 +153,7 @@ class Sharing:
             offset = await self.placement.alloc(key, rec.nbytes)
             try:
                 view = home.view(offset, rec.nbytes)
-                await loop.run_in_executor(self.net, self.store.read_into, rec, view, self.net)
+                await loop.run_in_executor(self.reader, self.store.read_into, rec, view, self.net)
             except BaseException:
                 home.free(offset)
                 raise
@@ -194,6 +198,6 @@ class Sharing:
             _done, pending = await asyncio.wait(list(self._writes), timeout=timeout)
             if pending:
                 log.warning("%d shares did not finish at shutdown", len(pending))
-        self.writer.shutdown(wait=True)
-        self.net.shutdown(wait=True)
+        for pool in (self.writer, self.reader, self.net):
+            pool.shutdown(wait=True)
         self.store.close()
