@@ -177,3 +177,29 @@ def test_a_paused_node_costs_at_most_the_timeout_per_call(tmp_path: Path, seed) 
         store.close()
     finally:
         cluster.close()
+
+
+def test_a_damaged_or_inconsistent_record_is_refused(store, pool) -> None:
+    """Another machine's record is checked before it sizes anything: garbage, a plan that disagrees
+    with the shape, a chunk list of the wrong length are CorruptEntry, and ls leaves them out."""
+    import msgspec
+
+    from tierd.tiers.remote import RemoteRecord
+
+    _write(store, pool, 1, np.arange(200_000, dtype=np.uint8), key="ok")
+    good = msgspec.msgpack.decode(store.rc.get(f"{store.cfg.prefix}:r:ok"), type=RemoteRecord)
+    bad = {
+        "garbage": b"\x93not a record",
+        "bigger": msgspec.msgpack.encode(
+            RemoteRecord(rec=msgspec.structs.replace(good.rec, nbytes=10**12), ids=good.ids)
+        ),
+        "fewer_ids": msgspec.msgpack.encode(RemoteRecord(rec=good.rec, ids=good.ids[:-1])),
+        "bad_id": msgspec.msgpack.encode(RemoteRecord(rec=good.rec, ids=["../x", *good.ids[1:]])),
+    }
+    for key, blob in bad.items():
+        store.rc.set(f"{store.cfg.prefix}:r:{key}", blob)
+        store.rc.zadd(f"{store.cfg.prefix}:index", {key: 0})
+        with pytest.raises(CorruptEntry, match="remote tier"):
+            store.lookup(key)
+    assert [r.key for r in store.records()] == ["ok"]
+    assert store.stats()["corrupt"] == 2 * len(bad)

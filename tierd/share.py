@@ -39,8 +39,8 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from tierd.entry import SEALED, Entry
-from tierd.errors import StorageError, TierFull
+from tierd.entry import SEALED, Entry, PutArgs
+from tierd.errors import CorruptEntry, InvalidRequest, StorageError, TierFull
 from tierd.protocol import LS_PAGE, LS_PAGE_MAX, check_key
 from tierd.tiers.store import CHUNK_BYTES
 
@@ -148,6 +148,14 @@ class Sharing:
         if rec is None:
             self.metrics.remote_misses += 1
             return None
+        try:
+            if rec.key != key:
+                raise InvalidRequest(f"it names key {rec.key!r}")
+            self.m.validate_put(PutArgs(key, rec.dtype, rec.shape, rec.nbytes, rec.tags, ttl=rec.ttl))
+        except InvalidRequest as e:
+            self.store.forget(rec)
+            raise CorruptEntry(f"the remote tier's record of {key!r} is not a valid entry ({e}); it is "
+                               "not served", key=key) from None  # fmt: skip
         home = self.m.ram
         try:
             offset = await self.placement.alloc(key, rec.nbytes)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import re
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, TypeVar
@@ -45,11 +46,13 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
+from tierd.codecs import Plan
 from tierd.config import RemoteSettings
-from tierd.errors import StorageError
+from tierd.errors import CorruptEntry, StorageError
 from tierd.tiers.store import ChunkStore, NoRoom, RecordMeta
 
 T = TypeVar("T")
+_ID = re.compile(r"[0-9a-f]{64}")
 #: tokens handed out for records read from the cluster start here (a daemon's own versions are far
 #: below it), so a token never names a local write in flight
 TOKEN_BASE = 1 << 62
@@ -215,16 +218,30 @@ class RemoteStore(ChunkStore):
 
     # -- what the sharing side asks ---------------------------------------------------------------
     def _adopt(self, blob: Any) -> RecordMeta | None:
+        """A record read from the cluster, checked and renumbered with a local token; None when
+        there is none; CorruptEntry when it does not decode or does not add up (another machine's
+        bytes are checked like a damaged disk record: never trusted to size a read)."""
         if not isinstance(blob, bytes):
             return None
         try:
             found = _dec.decode(blob)
-        except msgspec.DecodeError:
-            return None  # a damaged record is not served: the key reads as absent here
+            rec, ids = found.rec, found.ids
+            plan = Plan.from_dict(rec.plan)
+            if (plan.dtype, list(plan.shape), plan.nbytes) != (rec.dtype, list(rec.shape), rec.nbytes):
+                raise ValueError("its codec plan and its dtype, shape or size disagree")
+            if not plan.n_chunks == len(rec.chunks) == len(ids) or not all(_ID.fullmatch(i) for i in ids):
+                raise ValueError("its chunk list does not match its plan")
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as e:
+            with self._lock:
+                self.counts.corrupt += 1
+            raise CorruptEntry(
+                f"a record on the remote tier ({self.cfg.where}) is damaged ({e}); it is not served",
+                tier=self.name,
+            ) from None
         token = next(self._tokens)
         with self._state:
-            self._known[token] = (found.rec.key, found.ids)
-        return msgspec.structs.replace(found.rec, version=token)
+            self._known[token] = (rec.key, ids)
+        return msgspec.structs.replace(rec, version=token)
 
     def lookup(self, key: str) -> RecordMeta | None:
         """The committed record of entry ``key``, renumbered with a local token (its chunks are then
@@ -257,7 +274,10 @@ class RemoteStore(ChunkStore):
 
         out = []
         for blob in self._call("read records", get_all) if keys else []:
-            rec = self._adopt(blob)
+            try:
+                rec = self._adopt(blob)
+            except CorruptEntry:
+                continue  # a damaged record is not listed
             if rec is not None:
                 out.append(rec)
                 self.forget(rec)
