@@ -104,6 +104,12 @@ def test_a_damaged_chunk_is_refused_never_served(store, pool, seed) -> None:
         store.read_into(rec, memoryview(np.zeros_like(raw)), pool)
     assert ei.value.details["chunk"] == 2 and store.stats()["corrupt"] == 1
     assert "on remote" in str(ei.value)
+    store.rc.set(f"{store.cfg.prefix}:c:{ids[1]}", b"short")  # read in pieces: a short chunk, then none
+    with pytest.raises(CorruptEntry, match="chunk 1 of 4: wrong size"):
+        store.read_into(rec, memoryview(np.zeros_like(raw)), pool)
+    store.rc.delete(f"{store.cfg.prefix}:c:{ids[1]}")
+    with pytest.raises(CorruptEntry, match="chunk 1 of 4: missing"):
+        store.read_into(rec, memoryview(np.zeros_like(raw)), pool)
 
 
 def test_ls_pages_in_key_order(store, pool) -> None:
