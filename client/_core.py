@@ -333,10 +333,18 @@ class Core:
 
     # -- plans -------------------------------------------------------------------------------
     def _put_plan(
-        self, key: str, value: Any, tags: Any, durable: bool, codec: str | None, ttl: float | None, scope: str
+        self,
+        key: str,
+        value: Any,
+        tags: Any,
+        durable: bool,
+        codec: str | None,
+        ttl: float | None,
+        scope: str,
+        share: bool = False,
     ) -> Plan:
         """put: reserve a region, copy into it, seal; the region goes back (ABORT) if either fails."""
-        msg, value = self._put_msg(key, value, tags, durable, codec, ttl, scope)
+        msg, value = self._put_msg(key, value, tags, durable, codec, ttl, scope, share)
         ready = yield msg
         assert isinstance(ready, protocol.PutReady)
         try:
@@ -367,7 +375,15 @@ class Core:
 
     # -- put -------------------------------------------------------------------------------------
     def _put_msg(
-        self, key: str, value: Any, tags: Any, durable: bool, codec: str | None, ttl: float | None, scope: str
+        self,
+        key: str,
+        value: Any,
+        tags: Any,
+        durable: bool,
+        codec: str | None,
+        ttl: float | None,
+        scope: str,
+        share: bool = False,
     ) -> tuple[protocol.Put, Any]:
         import numpy as np
         import torch
@@ -395,6 +411,7 @@ class Core:
             codec,
             None if ttl is None else float(ttl),
             scope,
+            bool(share),
         )
         return msg, value
 

@@ -184,8 +184,9 @@ class AsyncClient(Core):
         codec: str | None = None,
         ttl: float | None = None,
         scope: str = "shared",
+        share: bool = False,
     ) -> Handle:
-        return await self._run(self._put_plan(key, tensor, tags, durable, codec, ttl, scope))
+        return await self._run(self._put_plan(key, tensor, tags, durable, codec, ttl, scope, share))
 
     async def get(self, key: str | Handle) -> torch.Tensor:
         return (await self.get_many([key]))[0]
@@ -218,11 +219,13 @@ class AsyncClient(Core):
     async def prefetch(self, keys: list[str]) -> int:
         return int(await self._ok(protocol.Prefetch(self._next_rid(), list(keys))))
 
-    async def ls(self, prefix: str = "", *, page: int = protocol.LS_PAGE) -> list[dict[str, Any]]:
+    async def ls(
+        self, prefix: str = "", *, page: int = protocol.LS_PAGE, remote: bool = False
+    ) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         while True:
             after = out[-1]["key"] if out else ""
-            got = list(await self._ok(protocol.Ls(self._next_rid(), prefix, after, page)))
+            got = list(await self._ok(protocol.Ls(self._next_rid(), prefix, after, page, remote)))
             out += got
             if len(got) < page:
                 return out

@@ -160,14 +160,17 @@ class Client(Core):
         codec: str | None = None,
         ttl: float | None = None,
         scope: str = "shared",
+        share: bool = False,
     ) -> Handle:
         """Store a copy of ``tensor`` (torch or numpy, any device) as the newest version of ``key``.
 
         Raises TierFull when no tier can take it (nothing existing changes), InvalidRequest for a
         bad key / dtype / argument. ``scope="client"`` deletes it when this client disconnects;
-        ``ttl`` deletes it that many seconds after its last access.
+        ``ttl`` deletes it that many seconds after its last access. ``share=True`` also writes it to
+        the remote tier after SEAL (in the background), where other machines' daemons find it;
+        Unsupported when the daemon runs without ``--remote``.
         """
-        return self._run(self._put_plan(key, tensor, tags, durable, codec, ttl, scope))
+        return self._run(self._put_plan(key, tensor, tags, durable, codec, ttl, scope, share))
 
     def get(self, key: str | Handle) -> torch.Tensor:
         """A read-only zero-copy view of the entry, leased to this client until released or collected."""
@@ -219,13 +222,16 @@ class Client(Core):
         """Hint that ``keys`` will be read soon; returns how many of them exist."""
         return int(self._ok(protocol.Prefetch(self._next_rid(), list(keys))))
 
-    def ls(self, prefix: str = "", *, page: int = protocol.LS_PAGE) -> list[dict[str, Any]]:
+    def ls(
+        self, prefix: str = "", *, page: int = protocol.LS_PAGE, remote: bool = False
+    ) -> list[dict[str, Any]]:
         """Every entry whose key starts with ``prefix``, as dicts (key, dtype, shape, tiers, ...), in key
-        order; fetched ``page`` entries per round trip, so no reply is unbounded."""
+        order; fetched ``page`` entries per round trip, so no reply is unbounded. ``remote=True``:
+        the entries the remote tier holds (every machine's shares), not this daemon's."""
         out: list[dict[str, Any]] = []
         while True:
             after = out[-1]["key"] if out else ""
-            got = list(self._ok(protocol.Ls(self._next_rid(), prefix, after, page)))
+            got = list(self._ok(protocol.Ls(self._next_rid(), prefix, after, page, remote)))
             out += got
             if len(got) < page:
                 return out

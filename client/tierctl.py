@@ -155,6 +155,19 @@ def print_entries(entries: list[dict[str, Any]]) -> None:
     print(f"{len(entries)} entries, {human_bytes(total)}")
 
 
+def print_remote_entries(entries: list[dict[str, Any]]) -> None:
+    if not entries:
+        print("(no entries in the remote tier)")
+        return
+    rows = [
+        [e["key"], e["dtype"], "x".join(map(str, e["shape"])) or "()", human_bytes(e["nbytes"]),
+         human_bytes(e["stored_bytes"]), "yes" if e["here"] else "no", ",".join(e["tags"]) or "-"]
+        for e in entries
+    ]  # fmt: skip
+    print(_table(rows, ["KEY", "DTYPE", "SHAPE", "SIZE", "STORED", "HERE", "TAGS"]))
+    print(f"{len(entries)} entries in the remote tier, {human_bytes(sum(e['nbytes'] for e in entries))}")
+
+
 def print_entry(e: dict[str, Any]) -> None:
     lossy = f" (lossy: max relative error {e['error_bound']:g})" if e.get("error_bound") else ""
     stored = e.get("stored_bytes")
@@ -261,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls = cmd("ls", "list entries")
     ls.add_argument("--prefix", default="", help="only keys starting with this (e.g. a namespace 'qwen/')")
     ls.add_argument("prefix_pos", nargs="?", default=None, metavar="PREFIX", help="same as --prefix")
+    ls.add_argument(
+        "--remote", action="store_true",
+        help="list what the remote tier (Redis Cluster, shared by several machines) holds, not this daemon",
+    )  # fmt: skip
     cmd("show", "one entry: dtype, shape, size, tiers, encoding, leases, pins, tags").add_argument("key")
     cmd(
         "why",
@@ -461,9 +478,10 @@ def run(args: argparse.Namespace) -> int:
             if not args.json:
                 print_clients(out, me=c.client_id)
         elif args.cmd == "ls":
-            out = c.ls(args.prefix_pos if args.prefix_pos is not None else args.prefix)
+            prefix = args.prefix_pos if args.prefix_pos is not None else args.prefix
+            out = c.ls(prefix, remote=args.remote)
             if not args.json:
-                print_entries(out)
+                print_remote_entries(out) if args.remote else print_entries(out)
         elif args.cmd == "show":
             out = c.stat(args.key)
             if not args.json:

@@ -3,11 +3,20 @@
 Every tensor of a checkpoint is one durable entry ``NAMESPACE/<param name>`` tagged ``weight`` and
 ``xxh3:<hex>`` (the xxh3-64 of its bytes), so a second ingest, or a second process, skips what is
 there already and every process maps the same arena bytes.
+
+Several machines: ``ingest(..., share=True)`` also writes every tensor to the daemon's remote tier,
+plus the checkpoint's description under ``NAMESPACE/.checkpoint/`` (``config.json``,
+``generation_config.json`` when there is one, and ``tensors.json``: the checkpoint's name and, per
+tensor, its dtype, shape and bytes; each a uint8 entry). Another machine's daemon on the same
+remote tier then serves ``from_pretrained(None, client, namespace=NAMESPACE)``, which builds the
+model from those entries alone, with no access to the checkpoint files.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +25,7 @@ import torch
 from torch import nn
 
 from tierd.pages import limit_heap_retention
+from tierd_client import NotFound
 from tierd_client._core import DTYPE_SIZES, dtype_name
 from tierd_integration.hooks import (
     Binding,
@@ -31,6 +41,9 @@ from tierd_integration.shards import TensorInfo, shards
 
 CHECKSUM_TAG = "xxh3:"
 SOURCE_TAG = "src:"
+#: where a shared checkpoint's description lives, under its namespace
+MANIFEST = ".checkpoint"
+_MANIFEST_FILES = ("config.json", "generation_config.json")
 
 
 def checksum(t: torch.Tensor) -> str:
@@ -102,10 +115,13 @@ class _Progress:
 class _Putter:
     """Puts tensors under a namespace, skipping entries already there with the same bytes."""
 
-    def __init__(self, client: Any, namespace: str, codec: str | None, durable: bool | None) -> None:
+    def __init__(
+        self, client: Any, namespace: str, codec: str | None, durable: bool | None, share: bool = False
+    ) -> None:
         self.client = client
         self.namespace = namespace.rstrip("/")
         self.codec = codec
+        self.share = share
         self.durable = _has_disk(client) if durable is None else durable
         self.existing = {e["key"]: e for e in client.ls(self.namespace + "/")}
         self.counts = {"put": 0, "skipped": 0, "bytes": 0, "tensors": 0}
@@ -125,8 +141,9 @@ class _Putter:
             return
         self.counts["tensors"] += 1
         self.client.put(
-            key, t, tags=["weight", CHECKSUM_TAG + digest, *tags], durable=self.durable, codec=self.codec
-        )
+            key, t, tags=["weight", CHECKSUM_TAG + digest, *tags], durable=self.durable, codec=self.codec,
+            share=self.share,
+        )  # fmt: skip
         self.counts["put"] += 1
         self.counts["bytes"] += _nbytes(t)
 
@@ -149,6 +166,7 @@ def ingest(
     progress: bool = True,
     durable: bool | None = None,
     verify: bool = False,
+    share: bool = False,
 ) -> dict[str, Any]:
     """Put every tensor of a safetensors checkpoint into tierd as ``namespace/<name>``, one at a time.
 
@@ -159,8 +177,10 @@ def ingest(
     daemon has a disk tier (a durable put is refused without one). Returns ``{"put", "skipped",
     "bytes" (put), "tensors", "seconds"}``; progress goes to stderr. Tensors are read with ``preadv``
     and their page cache dropped after (see shards.py): ingest never leaves the model in the cache.
+    ``share=True`` writes every tensor put to the remote tier too, and the checkpoint's description
+    (see the module docstring); the daemon must run with ``--remote``.
     """
-    putter = _Putter(client, namespace, codec, durable)
+    putter = _Putter(client, namespace, codec, durable, share)
     prog = _Progress(f"ingest {namespace}", progress)
     for shard in shards(checkpoint_dir):
         for name, info in shard.tensors.items():
@@ -172,9 +192,51 @@ def ingest(
             putter(name, t, (SOURCE_TAG + shard.stamp,))
             prog.add(info.nbytes)
             del t
+    if share:
+        _put_manifest(putter, Path(checkpoint_dir))
     c = putter.counts
     seconds = prog.done(f" (put {c['put']}, skipped {c['skipped']})")
     return {**c, "seconds": seconds}
+
+
+def _put_manifest(putter: _Putter, ckpt: Path) -> None:
+    """The checkpoint's config files and tensor index as uint8 entries under NAMESPACE/.checkpoint/."""
+    index = {
+        n: [info.dtype_code, list(info.shape), info.nbytes]
+        for s in shards(ckpt)
+        for n, info in s.tensors.items()
+    }
+    files = {name: (ckpt / name).read_bytes() for name in _MANIFEST_FILES if (ckpt / name).exists()}
+    # the checkpoint's name as this machine's models see it (config._name_or_path): another machine's
+    # model gets it too, so that what is keyed by it (the vision cache's default model_id) matches
+    files["tensors.json"] = json.dumps({"name_or_path": str(ckpt), "tensors": index}).encode()
+    for name, data in files.items():
+        t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        putter.client.put(f"{putter.namespace}/{MANIFEST}/{name}", t, tags=["checkpoint"],
+                          durable=putter.durable, share=True)  # fmt: skip
+
+
+def _read_manifest(client: Any, ns: str, into: Path) -> tuple[str, dict[str, tuple[str, list[int], int]]]:
+    """Write a shared checkpoint's config files into ``into``; returns its name and tensor index."""
+
+    def read(name: str) -> bytes:
+        t = client.get(f"{ns}/{MANIFEST}/{name}")
+        try:
+            return bytes(t.numpy().tobytes())
+        finally:
+            client.release(t)
+
+    for name in _MANIFEST_FILES:
+        try:
+            (into / name).write_bytes(read(name))
+        except NotFound:
+            if name == "config.json":
+                raise NotFound(
+                    f"no checkpoint {ns!r} in tierd (nor in its remote tier): ingest it with share=True "
+                    "on a machine that has its files", key=f"{ns}/{MANIFEST}/{name}",
+                ) from None  # fmt: skip
+    desc = json.loads(read("tensors.json"))
+    return str(desc["name_or_path"]), {n: (d, list(s), int(b)) for n, (d, s, b) in desc["tensors"].items()}
 
 
 # -- binding ----------------------------------------------------------------------------------------
@@ -323,7 +385,7 @@ def streaming_minimum(checkpoint_dir: str | Path, *, prefetch_depth: int = 2) ->
 
 
 def from_pretrained(
-    checkpoint_dir: str | Path,
+    checkpoint_dir: str | Path | None,
     client: Any,
     *,
     namespace: str | None = None,
@@ -338,7 +400,38 @@ def from_pretrained(
     ``namespace`` defaults to the checkpoint folder's name. ``mode`` None chooses: resident when all
     weights fit the RAM tier and ``ram_budget``, else streaming. Streaming in less room than
     :func:`streaming_minimum` raises :class:`RamTierTooSmall` before the checkpoint is read.
+
+    ``checkpoint_dir=None``: no checkpoint files here; the model is built from what
+    ``ingest(..., share=True)`` put under ``namespace`` on some machine, found in this daemon or its
+    remote tier (NotFound when neither has it), and nothing is ingested.
     """
+    if checkpoint_dir is None:
+        if not namespace:
+            raise ValueError("from_pretrained(None, ...) needs the namespace the checkpoint was shared under")
+        ns = namespace.rstrip("/")
+        with tempfile.TemporaryDirectory(prefix="tierd-ckpt-") as tmp:
+            name, index = _read_manifest(client, ns, Path(tmp))
+            model = _meta_model(Path(tmp))
+            model.config._name_or_path = name  # as on the machine that ingested it
+        nbytes = {n: b for n, (_d, _s, b) in index.items()}
+        room = _room(client, ram_budget)
+        mode = mode or _choose_mode(client, sum(nbytes.values()), ram_budget)
+        if mode == "streaming":
+            layout = streaming_layout(model, list(nbytes), nbytes, room=room, prefetch_depth=prefetch_depth)
+            check_room(
+                layout, room, prefetch_depth, f"{ns} ({sum(nbytes.values()) / 2**20:.0f} MiB of weights)"
+            )
+        bind(
+            model,
+            client,
+            ns,
+            list(nbytes),
+            mode=mode,
+            prefetch_depth=prefetch_depth,
+            room=room,
+            nbytes=nbytes,
+        )
+        return model
     ckpt = Path(checkpoint_dir)
     ns = (namespace or ckpt.resolve().name).rstrip("/")
     tensors = {n: info for shard in shards(ckpt) for n, info in shard.tensors.items()}

@@ -17,6 +17,22 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV (with access to the system's packages, so an installed torch is kept)"
   "$PY" -m venv --system-site-packages "$VENV"
 fi
+# The remote tier's tests run a real Redis Cluster on loopback: redis-server and redis-cli (redis-tools)
+# come from the system's package manager (Debian here; CI runs as root), installed only when missing.
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+  if command -v apt-get >/dev/null; then
+    SUDO=()
+    [ "$(id -u)" = 0 ] || SUDO=(sudo)
+    echo "setup: installing redis-server and redis-tools with apt-get (the remote tier's tests need them)"
+    "${SUDO[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends \
+      redis-server redis-tools >/dev/null
+  else
+    echo "setup: redis-server is missing and there is no apt-get here: install redis-server and" \
+      "redis-cli (7.x) with your package manager; the remote tier's tests need them" >&2
+    exit 2
+  fi
+fi
 echo "setup: installing the locked dependencies (requirements.lock, hashes checked)"
 # -qq: errors only (a machine's pip configuration can warn once per package about its index folders)
 "${PIP[@]}" install -qq --require-hashes --no-deps -r requirements.lock

@@ -180,3 +180,40 @@ def hung_peer(short_tmp: Path) -> Iterator:
     yield make
     for p in peers:
         p.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator:
+    """A real 3-node Redis Cluster on loopback (tests/redis_cluster.py), shared by the session's
+    tests; each test keeps to its own key prefix. Tests that break nodes start their own."""
+    from tests.redis_cluster import LocalCluster
+
+    with tempfile.TemporaryDirectory(prefix="tierd-redis-") as d:
+        cluster = LocalCluster(Path(d))
+        try:
+            yield cluster
+        finally:
+            cluster.close()
+
+
+@pytest.fixture
+def machines() -> Iterator:
+    """Factory: machines(name, *flags) -> a daemon with its own socket and state dir (a machine)."""
+    started: list[launch.Daemon] = []
+    with tempfile.TemporaryDirectory(prefix="tierd-m-", dir="/tmp") as d:
+
+        def make(name: str, *flags: str, ram_bytes: str = "64MiB", disk_bytes: str = "0") -> launch.Daemon:
+            root = Path(d) / name
+            root.mkdir()
+            daemon = launch.start(
+                root / "s", "--state-dir", str(root / "state"), "--disk-bytes", disk_bytes, *flags,
+                ram_bytes=ram_bytes, log_path=root / "tierd.log",
+            )  # fmt: skip
+            started.append(daemon)
+            return daemon
+
+        yield make
+        for daemon in started:
+            running = daemon.proc.poll() is None
+            rc = daemon.stop()
+            assert not running or rc == 0, f"tierd exited with {rc}; log:\n{daemon.log()}"

@@ -157,8 +157,16 @@ def test_every_setting_from_each_source(tmp_path: Path) -> None:
         "metrics_textfile": "/x/tierd.prom",
         "metrics_interval": "2.5",
         "max_partial_frame_bytes": "64MiB",
+        "remote": "redis://10.0.0.1:7000,10.0.0.2:7000",
+        "remote_prefix": "prod",
+        "remote_password": "pw",
+        "remote_tls_ca": "/x/ca.pem",
+        "remote_timeout": "0.5",
+        "remote_tags": "weight,vision",
     }
-    floats = ("graceful_timeout", "ram_high_watermark", "ram_low_watermark", "metrics_interval")
+    floats = (
+        "graceful_timeout", "ram_high_watermark", "ram_low_watermark", "metrics_interval", "remote_timeout",
+    )  # fmt: skip
     assert sorted(values) == sorted(config.SETTINGS)
     expect = {
         **values,
@@ -183,6 +191,24 @@ def test_max_partial_frame_bytes_must_hold_one_request_frame() -> None:
     assert load(["--max-partial-frame-bytes", "17MiB"], {}).max_partial_frame_bytes_value() == 17 * MiB
     with pytest.raises(ConfigError, match="less than one request frame"):
         load(["--max-partial-frame-bytes", "16MiB"], {}).validate()
+
+
+def test_remote_settings(tmp_path: Path) -> None:
+    f = write(
+        tmp_path / "t.toml",
+        'remote = "rediss://u:p%40w@h1:7000,[::1]:7001"\nremote_tags = ["weight", "vision"]\n',
+    )
+    cfg = load(["--config", str(f)], {})
+    assert cfg.remote_tag_set() == {"weight", "vision"}
+    rs = cfg.remote_settings()
+    assert rs is not None
+    assert (rs.nodes, rs.tls, rs.username, rs.password) == ((("h1", 7000), ("::1", 7001)), True, "u", "p@w")
+    assert rs.where == "rediss://h1:7000,::1:7001"  # no password in what is shown
+    assert (
+        load([], {"TIERD_REMOTE": "redis://h:1", "TIERD_REMOTE_PASSWORD": "env"}).remote_settings().password
+        == "env"
+    )
+    assert load([], {}).remote_settings() is None and load([], {}).remote_tag_set() == frozenset()
 
 
 def test_file_table_form_and_dashes(tmp_path: Path) -> None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import grp
+import math
 import os
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from tierd.paths import default_socket_path, default_state_dir
 
@@ -99,6 +101,45 @@ def parse_tiers(spec: str) -> list[TierSpec]:
     return out
 
 
+@dataclass(frozen=True)
+class RemoteSettings:
+    """How to reach the remote tier (from ``remote`` and the ``remote_*`` settings)."""
+
+    nodes: tuple[tuple[str, int], ...]
+    prefix: str = "tierd"
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    tls_ca: str | None = None
+    timeout: float = 2.0
+
+    @property
+    def where(self) -> str:
+        """The cluster as users name it (no password)."""
+        return ("rediss" if self.tls else "redis") + "://" + ",".join(f"{h}:{p}" for h, p in self.nodes)
+
+
+def parse_remote_url(url: str) -> tuple[tuple[tuple[str, int], ...], bool, str | None, str | None]:
+    """``redis://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]`` (``rediss://`` for TLS) -> (nodes, tls,
+    user, password); ValueError saying why when it is not one."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("redis", "rediss"):
+        raise ValueError(f"{url!r} is not redis://HOST:PORT[,HOST:PORT...] (or rediss:// for TLS)")
+    auth, at, hosts = rest.rpartition("@")
+    user = password = None
+    if at:
+        u, colon, p = auth.partition(":")
+        user, password = (unquote(u) or None), (unquote(p) if colon else None)
+    nodes = []
+    for item in hosts.rstrip("/").split(","):
+        host, colon, port = item.strip().rpartition(":")
+        host = host.strip("[]")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{url!r}: {item!r} is not HOST:PORT")
+        nodes.append((host, int(port)))
+    return tuple(nodes), scheme == "rediss", user, password
+
+
 @dataclass
 class Config:
     """Everything the daemon can be told. Sizes stay strings here and resolve at start."""
@@ -150,6 +191,18 @@ class Config:
     """Seconds between two rewrites of metrics_textfile."""
     max_partial_frame_bytes: str = "256MiB"
     """Bytes of unfinished requests held for all connections at once (17MiB+); past it, one is refused."""
+    remote: str = ""
+    """Shared remote tier: Redis Cluster seed nodes redis://[USER:PASS@]HOST:PORT[,...]; rediss:// = TLS."""
+    remote_prefix: str = "tierd"
+    """Prefix of every key tierd writes to the remote tier: deployments with different prefixes never meet."""
+    remote_password: str = ""
+    """Password for the remote tier (AUTH); overrides one in the URL. Prefer $TIERD_REMOTE_PASSWORD."""
+    remote_tls_ca: str = ""
+    """CA certificate file that signs the cluster's certificates (rediss://); empty = the system's."""
+    remote_timeout: float = 2.0
+    """Seconds one call to the remote tier may take before it fails (a dead or paused node)."""
+    remote_tags: str = ""
+    """Entries with one of these tags (comma-separated: "weight,vision") are shared as by put(share=True)."""
     sources: dict[str, str] = field(default_factory=dict, repr=False)
     """Where each non-default value came from (for error messages); not a setting."""
 
@@ -216,6 +269,33 @@ class Config:
                 raise ConfigError(f"tag_codecs: unknown codec {bad[0]!r} (known: {', '.join(CODEC_NAMES)})")
         return out
 
+    def remote_tag_set(self) -> frozenset[str]:
+        """``remote_tags`` parsed: the tags whose entries are shared."""
+        return frozenset(t.strip() for t in self.remote_tags.split(",") if t.strip())
+
+    def remote_settings(self) -> RemoteSettings | None:
+        """How to reach the remote tier, or None without ``remote``; ConfigError on a bad value."""
+        if not self.remote:
+            return None
+        src = self.sources.get("remote", "default")
+        try:
+            nodes, tls, user, password = parse_remote_url(self.remote)
+        except ValueError as e:
+            raise ConfigError(f"remote ({src}): {e}") from None
+        if not self.remote_prefix or any(c.isspace() for c in self.remote_prefix):
+            raise ConfigError(f"remote_prefix: {self.remote_prefix!r} must be non-empty, without spaces")
+        if not (self.remote_timeout > 0 and math.isfinite(self.remote_timeout)):
+            raise ConfigError(f"remote_timeout: {self.remote_timeout} is not a positive number of seconds")
+        if self.remote_tls_ca and not tls:
+            raise ConfigError("remote_tls_ca: set, but remote is not rediss:// (TLS)")
+        if self.remote_tls_ca and not Path(self.remote_tls_ca).is_file():
+            raise ConfigError(f"remote_tls_ca: {self.remote_tls_ca} is not a file")
+        return RemoteSettings(
+            nodes=nodes, prefix=self.remote_prefix, username=user,
+            password=self.remote_password or password, tls=tls, tls_ca=self.remote_tls_ca or None,
+            timeout=self.remote_timeout,
+        )  # fmt: skip
+
     def socket_gid(self) -> int | None:
         if not self.socket_group:
             return None
@@ -271,6 +351,7 @@ class Config:
         self.max_partial_frame_bytes_value()
         self.socket_gid()
         self.validate_metrics()
+        self.remote_settings()
 
     def validate_metrics(self) -> None:
         """The metrics routes' settings (see tierd.exporter)."""
@@ -305,6 +386,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return int(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name} ({source}): {value!r} is not a whole number") from None
+    if name == "remote_tags" and isinstance(value, list) and all(isinstance(t, str) for t in value):
+        return ",".join(value)  # remote_tags = ["weight", "vision"] in a TOML file
     if isinstance(value, (dict, list)):
         raise ConfigError(f"{name} ({source}): expected a single value, got {type(value).__name__}")
     return str(value)
@@ -357,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
             "metrics_listen": "HOST:PORT",
             "metrics_textfile": "PATH",
             "metrics_interval": "SECONDS",
+            "remote": "URL",
+            "remote_timeout": "SECONDS",
+            "remote_tls_ca": "FILE",
         }.get(
             f.name,
             "SIZE"

@@ -360,7 +360,9 @@ class Connection(asyncio.Protocol):
     def on_unpin(self, m: protocol.Unpin) -> Ok:
         return Ok(m.rid, self.service.unpin(self.client_id, m.key))
 
-    def on_ls(self, m: protocol.Ls) -> Ok:
+    def on_ls(self, m: protocol.Ls) -> Any:
+        if m.remote:  # asks the cluster: answered when it has
+            return _ok(m.rid, self.service.ls_remote(m.prefix, m.after, m.limit))
         return Ok(m.rid, self.service.ls(m.prefix, m.after, m.limit))
 
     def on_stat(self, m: protocol.Stat) -> Ok:

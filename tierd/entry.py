@@ -46,6 +46,8 @@ class PutSpec(Protocol):
     def ttl(self) -> float | None: ...
     @property
     def scope(self) -> str: ...
+    @property
+    def share(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,7 @@ class PutArgs:
     codec: str | None = None
     ttl: float | None = None
     scope: str = "shared"
+    share: bool = False
 
 
 @dataclass(eq=False)
@@ -91,6 +94,7 @@ class Entry:
     codec: str | None = None  # requested for chunk-store copies (None = the policy decides)
     protect: int = 0  # moves in flight (Manager.protected)
     prefetched: bool = False  # brought into RAM on a prediction, not read since
+    share: bool = False  # put with share=True: written to the remote tier after SEAL
 
     @property
     def tiers(self) -> list[str]:

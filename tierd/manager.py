@@ -47,7 +47,7 @@ from tierd.policy import LRU
 from tierd.protocol import DTYPE_SIZES, LS_PAGE, LS_PAGE_MAX, SCOPES, Located, check_key
 from tierd.tiers.base import Tier
 from tierd.tiers.memory import MemoryTier
-from tierd.tiers.store import ChunkStore
+from tierd.tiers.store import ChunkStore, RecordMeta
 
 MAX_TAGS = 64
 MAX_TAG_LEN = 256
@@ -100,7 +100,8 @@ class Manager:
         self.max_open_puts = 4096
         self.max_open_put_bytes = home.capacity_bytes // 2
         #: uids that may change any uid's entries: root and the daemon's own
-        self.admin_uids = {0, os.getuid()}
+        self.daemon_uid = os.getuid()
+        self.admin_uids = {0, self.daemon_uid}
         self._next_version = 1
         self._next_lease = 1
         self._next_client = 1
@@ -212,7 +213,7 @@ class Manager:
             key=req.key, version=version, dtype=req.dtype, shape=list(req.shape), nbytes=req.nbytes,
             where={self.ram.name: offset}, tags=list(req.tags), durable=req.durable, ttl=req.ttl,
             scope=req.scope, owner=cid, uid=uid, created=now, last_access=now, last_access_mono=mono,
-            codec=None if req.codec in (None, "auto") else req.codec,
+            codec=None if req.codec in (None, "auto") else req.codec, share=req.share,
         )  # fmt: skip
         self.versions[version] = e
         c = self.clients[cid]
@@ -236,6 +237,27 @@ class Manager:
             if old is not None:
                 self._hide(old)
             self._next_version = max(self._next_version, e.version + 1)
+
+    def adopt(self, rec: RecordMeta, offset: int) -> Entry:
+        """Publish as the key's current version what another machine shared (``rec``, from the
+        remote tier), its bytes read into the home region at ``offset`` (the daemon uid's arena): a
+        new local version, sealed, owned by no client and by the daemon's uid (another machine's uid
+        means nothing here), neither durable nor shared again from here."""
+        now, mono = self.clock(), self.mono()
+        e = Entry(
+            key=rec.key, version=self.new_version(), dtype=rec.dtype, shape=list(rec.shape),
+            nbytes=rec.nbytes, where={self.ram.name: offset}, tags=list(rec.tags), durable=False,
+            ttl=rec.ttl, scope="shared", owner=0, uid=self.daemon_uid, created=rec.created, last_access=now,
+            last_access_mono=mono, state=SEALED,
+        )  # fmt: skip
+        self.versions[e.version] = e
+        old = self.entries.get(e.key)
+        self.entries[e.key] = e
+        e.current = True
+        self.policy.on_put(e.version, e)
+        if old is not None:
+            self._hide(old)
+        return e
 
     def validate_put(self, req: PutSpec) -> None:
         why = check_key(req.key)
@@ -264,6 +286,8 @@ class Manager:
             raise InvalidRequest(f"at most {MAX_TAGS} tags of 1..{MAX_TAG_LEN} characters each")
         if req.scope not in SCOPES:
             raise InvalidRequest(f"scope must be one of {SCOPES}, not {req.scope!r}")
+        if req.share and req.scope != "shared":
+            raise InvalidRequest(f"share=True needs scope='shared' ({req.key!r} has scope {req.scope!r})")
         if req.ttl is not None and not (req.ttl > 0 and math.isfinite(req.ttl)):
             raise InvalidRequest(f"ttl must be a positive number of seconds, not {req.ttl!r}")
         if req.durable and self.durable_store is None:

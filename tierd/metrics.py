@@ -63,6 +63,11 @@ class Metrics:
     demand_waits_for_prefetch: int = _counter("waits of a demand request for prefetches in flight")
     promoted_bytes: int = _counter("bytes copied into RAM by promotions (gets and prefetches)")
     demoted_bytes: int = _counter("bytes of copies dropped from a memory tier by demotions")
+    shares_written: int = _counter("versions written to the remote tier (put share=True or remote_tags)")
+    shares_dropped: int = _counter("shares not written because the remote tier was full (maxmemory)")
+    shares_failed: int = _counter("shares not written because the remote tier failed (down, timeout)")
+    remote_hits: int = _counter("keys missing here that a get found in the remote tier and promoted")
+    remote_misses: int = _counter("keys missing here that the remote tier did not have either")
 
     def snapshot(self) -> dict[str, int]:
         """Every counter by name, in the order declared (status shows this)."""

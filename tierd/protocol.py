@@ -112,6 +112,8 @@ class Put(Msg):
     codec: str | None = None
     ttl: float | None = None
     scope: str = "shared"
+    #: also write it to the remote tier, where other machines' daemons find it (needs --remote)
+    share: bool = False
 
 
 class Seal(Msg):
@@ -160,12 +162,14 @@ LS_PAGE_MAX = 1024
 
 class Ls(Msg):
     """One page of the entries whose key starts with ``prefix``, in key order, keys after ``after``;
-    at most ``limit`` of them (0: the daemon's default page; it caps the page size)."""
+    at most ``limit`` of them (0: the daemon's default page; it caps the page size). ``remote``: the
+    entries the remote tier holds instead of this daemon's own."""
 
     rid: int
     prefix: str = ""
     after: str = ""
     limit: int = 0
+    remote: bool = False
 
 
 class Stat(Msg):

@@ -37,6 +37,7 @@ from prometheus_client import generate_latest
 from tierd import __version__, hardware, logs, protocol
 from tierd.config import Config, ConfigError, load
 from tierd.connection import Connection, PartialFrames
+from tierd.errors import StorageError
 from tierd.exporter import MetricsHttp, bind_listen, textfile_loop
 from tierd.exposition import daemon_registry
 from tierd.loops import loop_factory
@@ -50,6 +51,7 @@ from tierd.prefetch import Prefetcher
 from tierd.pressure import Relief
 from tierd.reload import Reloader
 from tierd.service import Service
+from tierd.share import Sharing, open_store
 from tierd.tiers import registry
 from tierd.tiers.ram import ArenaError, RamTier
 
@@ -74,6 +76,7 @@ class Server:
         self.placement: Placement
         self.prefetcher: Prefetcher
         self.service: Service
+        self.sharing: Sharing | None = None
         self.relief: Relief
         self.socket_path = config.socket_path()
         self._gid = config.socket_gid()
@@ -101,6 +104,7 @@ class Server:
     async def startup(self) -> None:
         cfg = self.config
         ram_bytes = cfg.ram_tier_bytes()
+        remote = await self._open_remote()
         # Bind first: a second daemon on the same socket is refused before it allocates an arena.
         # Clients that connect meanwhile wait in the listen backlog until the loop serves them.
         sock = self._bind()
@@ -117,6 +121,8 @@ class Server:
             self.socket_path.unlink(missing_ok=True)
             if metrics_sock is not None:
                 metrics_sock.close()
+            if remote is not None:
+                remote.close()
             raise
         log.info("tiers ready in %.2fs: %s", time.perf_counter() - t0, ", ".join(t.name for t in tiers))
         ram = tiers[0]
@@ -131,7 +137,11 @@ class Server:
         budget = cfg.prefetch_budget_bytes()
         self.prefetcher = Prefetcher(self.placement, predictor=cfg.predictor, budget_bytes=budget,
                                      depth=cfg.prefetch_depth)  # fmt: skip
-        self.service = Service(self.manager, self.placement, self.prefetcher, describe=self._describe)
+        self.sharing = None
+        if remote is not None:
+            self.sharing = Sharing(self.manager, self.placement, remote, cfg.remote_tag_set())
+        self.service = Service(self.manager, self.placement, self.prefetcher, describe=self._describe,
+                               sharing=self.sharing)  # fmt: skip
         store = self.manager.durable_store
         if store is not None:
             n = self.placement.restore()
@@ -150,6 +160,23 @@ class Server:
         status = f"serving {ram.capacity_bytes / _GIB:.2f} GiB RAM tier on {self.socket_path}"
         self.notifier.ready(status)
         log.info("tierd %s ready (%s loop): %s", __version__, self.loop_name, status)
+
+    async def _open_remote(self) -> Any:
+        """Connect to the remote tier's cluster (when ``remote`` is set) before anything else is
+        built: one that cannot be reached is a ConfigError (exit 2) naming it."""
+        settings = self.config.remote_settings()
+        if settings is None:
+            return None
+        try:
+            store = await asyncio.get_running_loop().run_in_executor(None, open_store, settings)
+        except StorageError as e:
+            src = self.config.sources.get("remote", "default")
+            raise ConfigError(
+                f"remote ({src}): cannot use the Redis Cluster at {settings.where}: {e}"
+            ) from None
+        log.info("remote tier: %s, prefix %r, shares tags %s", settings.where, settings.prefix,
+                 sorted(self.config.remote_tag_set()) or "none (put share=True)")  # fmt: skip
+        return store
 
     def _background(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -261,6 +288,8 @@ class Server:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.prefetcher.close()
+        if self.sharing is not None:
+            await self.sharing.close()  # shares in flight finish first: they read home copies
         await self.placement.close()
         for tier in self.manager.tiers.values():
             tier.close()

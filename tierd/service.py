@@ -20,6 +20,7 @@ tiers (:class:`~tierd.placement.Placement`) and the access log with its prefetch
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -27,7 +28,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from tierd.entry import ClientInfo, PutSpec
-from tierd.errors import InvalidRequest, ProtocolError, Unsupported
+from tierd.errors import InvalidRequest, NotFound, ProtocolError, Unsupported
 from tierd.metrics import Latency, Metrics
 from tierd.protocol import Located
 from tierd.tiers.ram import ArenaError
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from tierd.manager import Manager
     from tierd.placement import Placement
     from tierd.prefetch import Prefetcher
+    from tierd.share import Sharing
     from tierd.tiers.memory import MapHandle
 
 log = logging.getLogger("tierd")
@@ -62,8 +64,11 @@ class Service:
         prefetcher: Prefetcher,
         *,
         describe: Callable[[], dict[str, Any]] = dict,
+        sharing: Sharing | None = None,
     ) -> None:
         self.m = manager
+        #: the remote tier's side (put share=True, gets of keys missing here); None without --remote
+        self.sharing = sharing
         self.placement = placement
         self.prefetcher = prefetcher
         #: the daemon's counters (their owner: tierd.metrics)
@@ -107,6 +112,11 @@ class Service:
         m = self.m
         m.validate_put(spec)
         check_codec(spec)
+        if spec.share and self.sharing is None:
+            raise Unsupported(
+                f"share=True needs a remote tier and this tierd runs without one (--remote); put "
+                f"{spec.key!r} with share=False", key=spec.key,
+            )  # fmt: skip
         old = m.entries.get(spec.key)
         if old is not None:
             m.guard(cid, old, "put a new version of")
@@ -152,6 +162,7 @@ class Service:
         old_on_disk = old is not None and old.durable and old.record is not None
         sealed = m.seal(cid, put_id)
         self._record(cid, e, "put", "-")
+        self._maybe_share(e)
         if old_on_disk:
             return self._after_unpublish(sealed)  # the old durable copy must be gone first
         return sealed
@@ -164,7 +175,14 @@ class Service:
     async def _seal_durable(self, cid: int, put_id: int, e: Entry) -> tuple[str, int]:
         sealed = await self.placement.seal_durable(cid, put_id)
         self._record(cid, e, "put", "-")
+        self._maybe_share(e)
         return sealed
+
+    def _maybe_share(self, e: Entry) -> None:
+        """A version just sealed goes to the remote tier too when it is to be shared (background)."""
+        sharing = self.sharing
+        if sharing is not None and sharing.wants(e):
+            sharing.share(e)
 
     async def _after_unpublish(self, result: T) -> T:
         await self.placement.settled()
@@ -178,9 +196,15 @@ class Service:
     def get(self, cid: int, refs: list[tuple[str, int]]) -> Later[list[Located]]:
         """Lease every version asked for ((key, version); version 0 = the current one), or none
         when one is missing (NotFound). At once when all are home; otherwise a coroutine that
-        promotes the others first (the wait is counted in ``stall_us``)."""
+        promotes the others first (the wait is counted in ``stall_us``). With a remote tier, a key
+        missing here is looked for there first (:meth:`tierd.share.Sharing.fetch`)."""
         m = self.m
-        found = [m.resolve(k, v) for k, v in refs]
+        try:
+            found = [m.resolve(k, v) for k, v in refs]
+        except NotFound:
+            if self.sharing is None:
+                raise
+            return self._get_shared(cid, refs)
         if self.placement.resident(found):
             got = m.lease(cid, found)
             record = self._record
@@ -188,6 +212,17 @@ class Service:
                 record(cid, e, "get", "ram")
             return got
         return self._get_slow(cid, found)
+
+    async def _get_shared(self, cid: int, refs: list[tuple[str, int]]) -> list[Located]:
+        """A get naming a key missing here: fetch what the remote tier has, then get as usual."""
+        sharing = self.sharing
+        assert sharing is not None
+        missing = {k for k, v in refs if v == 0 and k not in self.m.entries}
+        # in parallel (each fetch reads its chunks in parallel too); None: absent there as well,
+        # and resolve below says NotFound
+        await asyncio.gather(*(sharing.fetch(k) for k in sorted(missing)))
+        found = [self.m.resolve(k, v) for k, v in refs]
+        return await self._get_slow(cid, found)
 
     async def _get_slow(self, cid: int, found: list[Entry]) -> list[Located]:
         tiers = [e.tiers[0] for e in found]
@@ -242,6 +277,12 @@ class Service:
         """One page of entries in key order (see Manager.ls)."""
         return self.m.ls(prefix, after, limit)
 
+    async def ls_remote(self, prefix: str = "", after: str = "", limit: int = 0) -> list[dict[str, Any]]:
+        """One page of the entries the remote tier holds (``ls --remote``)."""
+        if self.sharing is None:
+            raise Unsupported("this tierd runs without a remote tier (--remote): there is nothing to list")
+        return await self.sharing.ls(prefix, after, limit)
+
     def stat(self, key: str) -> dict[str, Any]:
         return self.m.stat(key)
 
@@ -259,6 +300,7 @@ class Service:
         pl = self.placement
         calib = pl.calibration
         s["prefetch"] = self.prefetcher.status()
+        s["remote"] = self.sharing.status() if self.sharing is not None else None
         s["placement"] = {
             "policy": self.m.policy.name,
             "ram_high_watermark": pl.high,
