@@ -337,7 +337,7 @@ class Core:
         key: str,
         value: Any,
         tags: Any,
-        durable: bool,
+        durable: bool | str,
         codec: str | None,
         ttl: float | None,
         scope: str,
@@ -379,7 +379,7 @@ class Core:
         key: str,
         value: Any,
         tags: Any,
-        durable: bool,
+        durable: bool | str,
         codec: str | None,
         ttl: float | None,
         scope: str,
@@ -397,6 +397,11 @@ class Core:
             raise InvalidRequest("sparse tensors cannot be stored: call .to_dense() first")
         if isinstance(tags, str):
             tags = [tags]
+        share_first = durable == "remote"
+        if share_first:  # written to the remote tier before the put answers, not to the local disk
+            durable, share = False, True
+        elif not isinstance(durable, bool):
+            raise InvalidRequest(f"durable must be True, False or 'remote', not {durable!r}")
         name = dtype_name(value)
         shape = [int(d) for d in value.shape]
         nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPE_SIZES[name]
@@ -412,6 +417,7 @@ class Core:
             None if ttl is None else float(ttl),
             scope,
             bool(share),
+            share_first,
         )
         return msg, value
 

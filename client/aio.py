@@ -180,7 +180,7 @@ class AsyncClient(Core):
         tensor: Any,
         *,
         tags: Any = None,
-        durable: bool = False,
+        durable: bool | str = False,
         codec: str | None = None,
         ttl: float | None = None,
         scope: str = "shared",

@@ -156,7 +156,7 @@ class Client(Core):
         tensor: Any,
         *,
         tags: Any = None,
-        durable: bool = False,
+        durable: bool | str = False,
         codec: str | None = None,
         ttl: float | None = None,
         scope: str = "shared",
@@ -168,7 +168,10 @@ class Client(Core):
         bad key / dtype / argument. ``scope="client"`` deletes it when this client disconnects;
         ``ttl`` deletes it that many seconds after its last access. ``share=True`` also writes it to
         the remote tier after SEAL (in the background), where other machines' daemons find it;
-        Unsupported when the daemon runs without ``--remote``.
+        Unsupported when the daemon runs without ``--remote``. ``durable="remote"`` shares it and
+        answers only once the remote tier holds it (written before it is sealed here, not to the
+        local disk): TierFull when the cluster is full, StorageError when it fails, and then
+        nothing was put.
         """
         return self._run(self._put_plan(key, tensor, tags, durable, codec, ttl, scope, share))
 

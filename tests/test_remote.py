@@ -19,7 +19,7 @@ from tests.redis_cluster import LocalCluster
 from tests.test_config import run_tierd
 from tests.test_tierctl import tierctl
 from tierd import launch
-from tierd_client import Client, CorruptEntry, InvalidRequest, NotFound, StorageError, Unsupported
+from tierd_client import Client, CorruptEntry, InvalidRequest, NotFound, StorageError, TierFull, Unsupported
 
 _prefixes = itertools.count()
 Start = Callable[..., launch.Daemon]
@@ -88,6 +88,16 @@ def test_b_serves_what_a_shared(redis_cluster: LocalCluster, machines: Start, se
         assert [e["key"] for e in cb.ls("m/", remote=True, page=1)] == ["m/big", "m/w"]
         assert _counter(cb, "remote_misses") == 2  # m/none
         assert _counter(cb, "shares_written") == 0  # B does not share again what it fetched
+
+        # durable="remote": the put answers once the cluster holds it, so B finds it at once
+        written = _counter(ca, "shares_written")
+        ca.put("m/now", feat, durable="remote")
+        assert _counter(ca, "shares_written") == written + 1  # before the put returned, and once
+        assert torch.equal(cb.get("m/now"), feat)
+        row = ca.ls("m/now")[0]
+        assert not row["durable"] and row["tiers"] == ["ram"]  # not written to a local disk
+        with pytest.raises(InvalidRequest, match="durable must be"):
+            ca.put("m/bad", feat, durable="disk")
 
 
 def test_tierctl_ls_remote(redis_cluster: LocalCluster, machines: Start) -> None:
@@ -160,7 +170,12 @@ def test_faults_full_redis_and_a_killed_node(tmp_path: Path, machines: Start, se
             _until_shared(ca, 1, "shares_dropped")
             assert _counter(ca, "shares_written") == 1
             assert torch.equal(ca.get("f/big"), big)  # the local entry is unaffected
-            assert ca.ls("f/", remote=True)[0]["key"] == "f/small"
+            # durable="remote" into a full cluster: the put fails and nothing was put here
+            ca.delete("f/big")  # room in A's RAM: what refuses the next put is the cluster
+            with pytest.raises(TierFull, match="remote"):
+                ca.put("f/big-now", big, durable="remote")
+            assert ca.ls("f/big-now") == [] and _counter(ca, "shares_dropped") == 2
+            assert [e["key"] for e in ca.ls("f/", remote=True)] == ["f/small"]
             with pytest.raises(NotFound):
                 cb.get("f/big")
 

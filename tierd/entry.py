@@ -48,6 +48,8 @@ class PutSpec(Protocol):
     def scope(self) -> str: ...
     @property
     def share(self) -> bool: ...
+    @property
+    def share_first(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,7 @@ class PutArgs:
     ttl: float | None = None
     scope: str = "shared"
     share: bool = False
+    share_first: bool = False
 
 
 @dataclass(eq=False)
@@ -95,6 +98,8 @@ class Entry:
     protect: int = 0  # moves in flight (Manager.protected)
     prefetched: bool = False  # brought into RAM on a prediction, not read since
     share: bool = False  # put with share=True: written to the remote tier after SEAL
+    share_first: bool = False  # durable="remote": written to the remote tier before SEAL
+    shared: bool = False  # written to the remote tier already (not again after SEAL)
 
     @property
     def tiers(self) -> list[str]:

@@ -214,6 +214,7 @@ class Manager:
             where={self.ram.name: offset}, tags=list(req.tags), durable=req.durable, ttl=req.ttl,
             scope=req.scope, owner=cid, uid=uid, created=now, last_access=now, last_access_mono=mono,
             codec=None if req.codec in (None, "auto") else req.codec, share=req.share,
+            share_first=req.share_first,
         )  # fmt: skip
         self.versions[version] = e
         c = self.clients[cid]
@@ -288,6 +289,8 @@ class Manager:
             raise InvalidRequest(f"scope must be one of {SCOPES}, not {req.scope!r}")
         if req.share and req.scope != "shared":
             raise InvalidRequest(f"share=True needs scope='shared' ({req.key!r} has scope {req.scope!r})")
+        if req.share_first and not req.share:
+            raise InvalidRequest("share_first (durable='remote') needs share=True")
         if req.ttl is not None and not (req.ttl > 0 and math.isfinite(req.ttl)):
             raise InvalidRequest(f"ttl must be a positive number of seconds, not {req.ttl!r}")
         if req.durable and self.durable_store is None:

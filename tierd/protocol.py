@@ -114,6 +114,9 @@ class Put(Msg):
     scope: str = "shared"
     #: also write it to the remote tier, where other machines' daemons find it (needs --remote)
     share: bool = False
+    #: with share: written to the remote tier BEFORE it is sealed here (the client's
+    #: durable="remote"): the SEAL answers once the cluster holds it, or fails with the remote's error
+    share_first: bool = False
 
 
 class Seal(Msg):

@@ -156,6 +156,8 @@ class Service:
     def _seal(self, cid: int, put_id: int) -> Later[tuple[str, int]]:
         m = self.m
         e = m.writing(cid, put_id)
+        if e.share_first and not e.shared and self.sharing is not None:
+            return self._seal_shared_first(cid, put_id, e)
         if e.durable:
             return self._seal_durable(cid, put_id, e)
         old = m.entries.get(e.key)
@@ -178,10 +180,18 @@ class Service:
         self._maybe_share(e)
         return sealed
 
+    async def _seal_shared_first(self, cid: int, put_id: int, e: Entry) -> tuple[str, int]:
+        """durable="remote": the version goes to the remote tier first, then is sealed here; a
+        remote failure (full: TierFull, down: StorageError) fails the SEAL and the client aborts."""
+        assert self.sharing is not None
+        await self.sharing.write_now(e)
+        e.shared = True
+        return await settle(self._seal(cid, put_id))  # aborted meanwhile: InvalidRequest
+
     def _maybe_share(self, e: Entry) -> None:
         """A version just sealed goes to the remote tier too when it is to be shared (background)."""
         sharing = self.sharing
-        if sharing is not None and sharing.wants(e):
+        if sharing is not None and not e.shared and sharing.wants(e):
             sharing.share(e)
 
     async def _after_unpublish(self, result: T) -> T:

@@ -11,6 +11,10 @@ same cluster and prefix::
         to the remote store (raw, 16 MiB chunks, xxh3 each, content-addressed, record last) and
         unprotected. Redis full: the share is dropped and counted (``shares_dropped``), the local
         entry unaffected; any other failure is logged and counted (``shares_failed``).
+    put(durable="remote") (the wire's share_first)
+        the same write, before the SEAL is applied here: the SEAL answers once the cluster holds the
+        version, or fails with TierFull / StorageError (counted the same way) and the client aborts
+        the put, so nothing is published here. Not written to the local disk.
     get of a key this daemon does not know (version 0: "the newest")
         the remote record by key -> room in RAM (placement demotes to make it) -> chunks read in
         parallel over the shards, checksums checked -> published here as a new local version
@@ -92,17 +96,33 @@ class Sharing:
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
+    async def write_now(self, e: Entry) -> None:
+        """Write ``e`` to the remote tier and return once the cluster holds it (durable="remote",
+        before its SEAL); TierFull (Redis full) or StorageError are raised, and counted."""
+        with self.m.protected(e):
+            try:
+                await self._put_remote(e)
+            except TierFull:
+                self.metrics.shares_dropped += 1
+                raise
+            except StorageError:
+                self.metrics.shares_failed += 1
+                raise
+
+    async def _put_remote(self, e: Entry) -> None:
+        home = self.m.ram
+        view = home.view(e.where[home.name], e.nbytes)
+        meta = {
+            "key": e.key, "version": e.version, "dtype": e.dtype, "shape": list(e.shape),
+            "nbytes": e.nbytes, "tags": list(e.tags), "durable": False, "ttl": e.ttl,
+            "scope": e.scope, "created": e.created,
+        }  # fmt: skip
+        await asyncio.get_running_loop().run_in_executor(self.writer, self._store, meta, view)
+        self.metrics.shares_written += 1
+
     async def _write(self, e: Entry, hold: contextlib.AbstractContextManager[None]) -> None:
         try:
-            home = self.m.ram
-            view = home.view(e.where[home.name], e.nbytes)
-            meta = {
-                "key": e.key, "version": e.version, "dtype": e.dtype, "shape": list(e.shape),
-                "nbytes": e.nbytes, "tags": list(e.tags), "durable": False, "ttl": e.ttl,
-                "scope": e.scope, "created": e.created,
-            }  # fmt: skip
-            await asyncio.get_running_loop().run_in_executor(self.writer, self._store, meta, view)
-            self.metrics.shares_written += 1
+            await self._put_remote(e)
         except TierFull as ex:
             self.metrics.shares_dropped += 1
             log.warning("not shared: %s", ex)
