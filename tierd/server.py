@@ -46,6 +46,7 @@ from tierd.pressure import Relief
 from tierd.reload import Reloader
 from tierd.service import Service
 from tierd.tiers import registry
+from tierd.tiers.memory import MemoryTier
 from tierd.tiers.ram import ArenaError, RamTier
 
 log = logging.getLogger("tierd")
@@ -99,19 +100,27 @@ class Server:
         _raise_fd_limit(cfg.max_connections)
         limit_heap_retention()  # codec and protocol buffers go back to the kernel when freed
         t0 = time.perf_counter()
-        log.info("building the tiers (%s): %.2f GiB RAM memfd arena, pre-faulting...", cfg.tiers,
+        try:  # the device first: a GPU that cannot be had is refused before the arena is pre-faulted
+            gpu = registry.gpu_tier(cfg) if "gpu" in cfg.tier_list().split(",") else None
+        except BaseException:
+            sock.close()
+            self.socket_path.unlink(missing_ok=True)
+            raise
+        log.info("building the tiers (%s): %.2f GiB RAM memfd arena, pre-faulting...", cfg.tier_list(),
                  ram_bytes / _GIB)  # fmt: skip
         try:
-            tiers = registry.build(cfg)
+            tiers = registry.build(cfg, gpu)
         except BaseException:
             sock.close()
             self.socket_path.unlink(missing_ok=True)
             raise
         log.info("tiers ready in %.2fs: %s", time.perf_counter() - t0, ", ".join(t.name for t in tiers))
-        ram = tiers[0]
-        assert isinstance(ram, RamTier)  # registry.build: ram is first
+        at = next(i for i, t in enumerate(tiers) if t.name == "ram")
+        ram = tiers[at]
+        assert isinstance(ram, RamTier)  # registry.build: ram is first, or second after gpu
         self.ram = ram
-        self.manager = Manager(ram, *tiers[1:], metrics=self.metrics)
+        upper = tuple(t for t in tiers[:at] if isinstance(t, MemoryTier))
+        self.manager = Manager(ram, *tiers[at + 1 :], upper=upper, metrics=self.metrics)
         self.manager.max_open_puts = cfg.max_open_puts
         self.manager.max_open_put_bytes = cfg.max_open_put_bytes_value()
         self.placement = Placement(self.manager, high=cfg.ram_high_watermark, low=cfg.ram_low_watermark,
