@@ -19,6 +19,7 @@ made) raises GpuImportError naming the driver call and its error; the daemon is 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import weakref
 from typing import Any
@@ -57,7 +58,12 @@ class CudaImporter:
             raise GpuImportError(why) from None
         self.drv = driver
         self.device = device
-        self._call("cuInit", 0)
+        try:
+            self._call("cuInit", 0)
+        except GpuImportError:
+            raise
+        except Exception as e:  # noqa: BLE001  # no libcuda: the bindings raise their own loader error
+            raise GpuImportError(f"no CUDA driver in this process ({type(e).__name__}: {e})") from None
         dev = self._call("cuDeviceGet", device)
         # torch's own context on this device is the primary one: share it
         self._ctx = self._call("cuDevicePrimaryCtxRetain", dev)
@@ -109,7 +115,7 @@ class CudaImporter:
         import torch
 
         handle = self.drv.CUipcEventHandle()
-        handle.reserved = event
+        ctypes.memmove(handle.getPtr(), event, len(event))  # the daemon's 64 opaque bytes
         ev = self._call("cuIpcOpenEventHandle", handle)
         try:
             stream = torch.cuda.current_stream(self.device).cuda_stream

@@ -354,3 +354,30 @@ def test_only_the_gpu_modules_import_cuda() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cuda") is None, reason="cuda-bindings is not installed")
+def test_the_cuda_modules_name_only_what_the_bindings_have() -> None:
+    """No GPU needed: every driver call and enum the CUDA backends use exists in the installed
+    cuda-bindings (a typo would otherwise wait for the first GPU machine)."""
+    import re
+
+    from cuda.bindings import driver
+
+    missing = []
+    for rel in ("tierd/gpu/cuda.py", "client/gpu_cuda.py"):
+        src = (ROOT / rel).read_text()
+        for fn in set(re.findall(r'(?:\bcu|self\._cu|self\._call)\("(\w+)"', src)):
+            if not hasattr(driver, fn):
+                missing.append(f"{rel}: {fn}")
+        for dotted in set(re.findall(r"\b(?:drv|driver|self\.drv)\.([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)?)", src)):
+            obj: object = driver
+            for part in dotted.split("."):
+                if not hasattr(obj, part):
+                    missing.append(f"{rel}: {dotted}")
+                    break
+                obj = getattr(obj, part)
+        for name in set(re.findall(r"\battr\.(\w+)", src)):  # attr = driver.CUdevice_attribute
+            if not hasattr(driver.CUdevice_attribute, name):
+                missing.append(f"{rel}: CUdevice_attribute.{name}")
+    assert missing == []

@@ -46,6 +46,7 @@ from tierd.pressure import Relief
 from tierd.reload import Reloader
 from tierd.service import Service
 from tierd.tiers import registry
+from tierd.tiers.gpu import GpuTier
 from tierd.tiers.memory import MemoryTier
 from tierd.tiers.ram import ArenaError, RamTier
 
@@ -121,6 +122,11 @@ class Server:
         self.ram = ram
         upper = tuple(t for t in tiers[:at] if isinstance(t, MemoryTier))
         self.manager = Manager(ram, *tiers[at + 1 :], upper=upper, metrics=self.metrics)
+        gpu_tier = self.manager.memory.get("gpu")
+        if isinstance(gpu_tier, GpuTier):  # CUDA: the daemon uid's arena is pinned for fast copies
+            took = gpu_tier.register_host(ram.mmap)
+            name = gpu_tier.device.describe()["name"]
+            log.info("GPU tier on %s: host memory registered in %.2fs", name, took)
         self.manager.max_open_puts = cfg.max_open_puts
         self.manager.max_open_put_bytes = cfg.max_open_put_bytes_value()
         self.placement = Placement(self.manager, high=cfg.ram_high_watermark, low=cfg.ram_low_watermark,

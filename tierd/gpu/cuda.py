@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import logging
 import os
 import queue
@@ -45,6 +46,8 @@ from tierd.gpu.device import Copy, Device, DeviceError, DeviceOOM, Slab
 
 log = logging.getLogger("tierd.gpu")
 REGISTER_PIECE = 256 << 20
+#: CUipcEventHandle is 64 opaque bytes (the bindings expose them through getPtr())
+IPC_HANDLE_BYTES = 64
 
 
 def _driver() -> Any:
@@ -119,6 +122,8 @@ class CudaDevice(Device):
             cu("cuInit", 0)
         except DeviceError as e:
             raise DeviceError(f"CUDA driver not usable: {e}") from None
+        except Exception as e:  # noqa: BLE001  # no libcuda: the bindings raise their own loader error
+            raise DeviceError(f"no CUDA driver on this machine ({type(e).__name__}: {e})") from None
         count = cu("cuDeviceGetCount")
         if not 0 <= index < count:
             raise DeviceError(f"gpu_device: no CUDA device {index} (this machine has {count})")
@@ -245,7 +250,7 @@ class CudaDevice(Device):
         fut: concurrent.futures.Future[None] = concurrent.futures.Future()
         # the event is destroyed once it has completed (clients that opened it keep their handle)
         done.add(event, fut, after=lambda: cu("cuEventDestroy", event))
-        return Copy(bytes(ipc.reserved), fut)
+        return Copy(ctypes.string_at(ipc.getPtr(), IPC_HANDLE_BYTES), fut)
 
     def upload(self, slab: Slab, offset: int, src: memoryview) -> Copy:
         return self._copy("h2d", slab, offset, src)

@@ -178,6 +178,12 @@ class GpuTier(MemoryTier):
     def event_fd(self) -> int:
         return self.device.event_fd()
 
+    def register_host(self, buf: Any) -> float:
+        """Pin the host memory ``buf`` (the RAM tier's arena) for the device's copies; seconds taken."""
+        import numpy as np
+
+        return self.device.register_host(int(np.frombuffer(buf, np.uint8).ctypes.data), len(buf))
+
     def space(self) -> Space:
         free = self._capacity - self._used
         largest = max((h.alloc.largest_free() for h in self._held.values()), default=0)
