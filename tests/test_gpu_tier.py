@@ -282,6 +282,16 @@ def test_status_and_tierctl_show_the_gpu(gpu_daemon, backend: str) -> None:
     assert r.returncode == 0, r.stderr
     st = json.loads(r.stdout)
     assert st["counters"]["gpu_promotions"] == 1 and "hits_gpu" in st["counters"]
+    deadline = time.monotonic() + 10  # the copy speeds are measured once, in the background, at start
+    while True:
+        tierctl = [sys.executable, "-m", "tierd_client.tierctl", "--socket", str(d.socket), "status"]
+        r = subprocess.run(tierctl, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        if "copies H2D" in r.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert "gpu: simulated device" in r.stdout and "backend simulated" in r.stdout
+    assert "copies H2D" in r.stdout
     r = subprocess.run([sys.executable, "-m", "tierd_client.tierctl", "--socket", str(d.socket), "show",
                         "m/s"], capture_output=True, text=True, timeout=30)  # fmt: skip
     assert r.returncode == 0 and "gpu" in r.stdout
@@ -381,3 +391,76 @@ def test_the_cuda_modules_name_only_what_the_bindings_have() -> None:
             if not hasattr(driver.CUdevice_attribute, name):
                 missing.append(f"{rel}: CUdevice_attribute.{name}")
     assert missing == []
+
+
+NOBODY_GPU = textwrap.dedent(
+    """
+    import ctypes, errno, json, mmap, os, sys
+    import torch
+    from tierd_client import Client, Forbidden
+    libc = ctypes.CDLL(None, use_errno=True)
+    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+    out = {}
+
+    def attempt(name, fn):
+        try:
+            fn()
+            out[name] = "done"
+        except Forbidden:
+            out[name] = "forbidden"
+        except OSError as e:
+            out[name] = errno.errorcode.get(e.errno, str(e.errno))
+
+    with Client(sys.argv[1]) as c:
+        t = c.get("root/w", tier="gpu")
+        out["read"] = t.float().sum().item()
+        slabs = c.gpu.slabs
+        theirs = next(iter(slabs.values()))
+        fd, size = theirs.fd, theirs.size
+        rw = mmap.PROT_READ | mmap.PROT_WRITE
+        attempt("mmap_rw", lambda: mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=rw))
+        attempt("reopen_rw", lambda: os.open(f"/proc/self/fd/{fd}", os.O_RDWR))
+        attempt("write", lambda: os.pwrite(fd, b"x", 0))
+        ptr = ctypes.c_void_p(theirs.ro.ctypes.data)
+        def mprotect():
+            if libc.mprotect(ptr, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE) != 0:
+                raise OSError(ctypes.get_errno(), "mprotect")
+        attempt("mprotect", mprotect)
+        attempt("pin", lambda: c.pin("root/w", "gpu"))
+        c.put("nobody/x", torch.full((1024,), 3.0), tier="gpu")
+        mine = c.get("nobody/x", tier="gpu")
+        out["own_ok"] = bool((mine == 3).all())
+        out["slabs"] = len(c.gpu.slabs)
+    print(json.dumps(out), flush=True)
+    """
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a process of another uid needs root")
+def test_another_uid_maps_gpu_slabs_read_only_and_gets_its_own(short_tmp: Path) -> None:
+    short_tmp.chmod(0o755)  # nobody must reach the socket
+    d = launch.start(
+        short_tmp / "tierd.sock", "--state-dir", str(short_tmp / "state"), "--socket-group", "nogroup",
+        "--disk-bytes", "0", "--gpu-backend", "simulated", "--gpu-bytes", "16MiB",
+        ram_bytes="64MiB", log_path=short_tmp / "tierd.log",
+    )  # fmt: skip
+    try:
+        with Client(d.socket) as root:
+            w = torch.arange(4096, dtype=torch.float32)
+            root.put("root/w", w)
+            r = subprocess.run([sys.executable, "-c", NOBODY_GPU, str(d.socket)], capture_output=True,
+                               text=True, timeout=120)  # fmt: skip
+            assert r.returncode == 0, r.stderr[-3000:]
+            out = json.loads(r.stdout.strip().splitlines()[-1])
+            assert out["read"] == float(w.sum())
+            # the kernel refuses every way of writing root's slab through the fd nobody was sent
+            assert out["mmap_rw"] == "EACCES" and out["reopen_rw"] == "EACCES"
+            assert out["write"] == "EBADF" and out["mprotect"] == "EACCES"
+            assert out["pin"] == "forbidden"
+            # nobody's own entry went to a slab of its own
+            assert out["own_ok"] and out["slabs"] == 2
+            got = root.get("root/w", tier="gpu")
+            assert torch.equal(got, w)
+            assert sorted(root.stat("nobody/x")["tiers"]) == ["gpu", "ram"]
+    finally:
+        assert d.stop() == 0

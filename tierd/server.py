@@ -149,6 +149,8 @@ class Server:
         self._background(self.placement.balancer())
         self._background(self.prefetcher.run())
         self._background(self._calibrate())
+        if isinstance(gpu_tier, GpuTier):
+            self._background(self._measure_gpu(gpu_tier))
         status = f"serving {ram.capacity_bytes / _GIB:.2f} GiB RAM tier on {self.socket_path}"
         self.notifier.ready(status)
         log.info("tierd %s ready (%s loop): %s", __version__, self.loop_name, status)
@@ -181,6 +183,11 @@ class Server:
         )
         self.placement.calibration = calib
         log.info("calibration in %.1fs: %s", time.perf_counter() - t0, calib.to_dict())
+
+    async def _measure_gpu(self, tier: GpuTier) -> None:
+        """Time the GPU tier's copy path once (a thread), for status."""
+        speeds = await asyncio.get_running_loop().run_in_executor(self.placement.io, tier.measure_copies)
+        log.info("GPU tier copies: %s GB/s", speeds)
 
     async def main_loop(self) -> None:
         tick = 1.0

@@ -81,6 +81,26 @@ class _Cuda:
         return rest[0] if len(rest) == 1 else rest
 
 
+def _pcie_link(index: int) -> dict[str, int]:
+    """The device's current PCIe generation and width from NVML; empty where NVML cannot say."""
+    try:
+        import pynvml
+    except ImportError:
+        return {}
+    try:
+        pynvml.nvmlInit()
+        try:
+            h = pynvml.nvmlDeviceGetHandleByIndex(index)
+            return {
+                "pcie_gen": int(pynvml.nvmlDeviceGetCurrPcieLinkGeneration(h)),
+                "pcie_width": int(pynvml.nvmlDeviceGetCurrPcieLinkWidth(h)),
+            }
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        return {}
+
+
 class _Completions:
     """One thread per copy stream: waits on each recorded event in order, then sets its future."""
 
@@ -179,6 +199,7 @@ class CudaDevice(Device):
         with contextlib.suppress(DeviceError):
             bus = attr.CU_DEVICE_ATTRIBUTE_PCI_BUS_ID
             out["pci_bus"] = int(self._cu("cuDeviceGetAttribute", bus, self._dev))
+        out.update(_pcie_link(self.index))
         return out
 
     @property

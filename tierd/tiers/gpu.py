@@ -78,6 +78,8 @@ class GpuTier(MemoryTier):
         self.slabs_made = 0
         self.slabs_freed = 0
         self.device_oom = 0
+        #: GB/s of the copy path measured at start (:meth:`measure_copies`), for status
+        self.copy_gbps: dict[str, float] = {}
         self._closed = False
 
     # -- slabs -----------------------------------------------------------------------------------
@@ -178,6 +180,29 @@ class GpuTier(MemoryTier):
     def event_fd(self) -> int:
         return self.device.event_fd()
 
+    def measure_copies(self, nbytes: int = 32 << 20) -> dict[str, float]:
+        """Time one host -> device and one device -> host copy of ``nbytes`` through a slab of its
+        own (blocking: run it off the loop, once, at start); GB/s for status. On the simulated
+        device the deliberate delay is part of what is measured."""
+        import time
+
+        n = round_up(nbytes, self.device.granularity)
+        try:
+            slab = self.device.create_slab(n)
+        except DeviceOOM:
+            return {}
+        try:
+            buf = memoryview(bytearray(n))
+            t0 = time.perf_counter()
+            self.device.upload(slab, 0, buf).done.result()
+            t1 = time.perf_counter()
+            self.device.download(slab, 0, buf).done.result()
+            t2 = time.perf_counter()
+        finally:
+            self.device.free_slab(slab)
+        self.copy_gbps = {"h2d": round(n / (t1 - t0) / 1e9, 2), "d2h": round(n / (t2 - t1) / 1e9, 2)}
+        return self.copy_gbps
+
     def register_host(self, buf: Any) -> float:
         """Pin the host memory ``buf`` (the RAM tier's arena) for the device's copies; seconds taken."""
         import numpy as np
@@ -207,6 +232,7 @@ class GpuTier(MemoryTier):
             "slabs_made": self.slabs_made,
             "slabs_freed": self.slabs_freed,
             "device_oom": self.device_oom,
+            "copy_gbps": self.copy_gbps,
             "device": self.device.describe(),
         }
 
