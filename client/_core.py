@@ -98,6 +98,18 @@ def _storage_id(t: torch.Tensor) -> int:
     return int(t.untyped_storage()._cdata)
 
 
+def put_tier(value: Any, tier: str | None, daemon_has_gpu: bool) -> str:
+    """The tier a put also asks for (SEAL's ``tier``): ``tier`` as given ("gpu"; "ram" = none),
+    else "gpu" for a CUDA tensor when the daemon has a GPU tier, else none: a CUDA tensor put to a
+    daemon without one is copied to RAM like any tensor."""
+    if tier is not None:
+        if tier not in ("gpu", "ram"):
+            raise InvalidRequest(f"put(tier=...) is 'gpu' or 'ram', not {tier!r}")
+        return "" if tier == "ram" else tier
+    device = getattr(value, "device", None)
+    return "gpu" if daemon_has_gpu and getattr(device, "type", "cpu") == "cuda" else ""
+
+
 def unavailable(path: Path, why: str) -> DaemonUnavailable:
     return DaemonUnavailable(
         f"no tierd at {path} ({why}): start it with `tierd` (or `systemctl --user start tierd`), "
@@ -398,14 +410,7 @@ class Core:
         return Handle(sealed.value[0], sealed.value[1])
 
     def _put_tier(self, value: Any, tier: str | None) -> str:
-        """The tier a put also asks for: ``tier`` as given ("gpu" or "ram"), else "gpu" for a CUDA
-        tensor when the daemon has a GPU tier (it stays in RAM when the GPU has no room)."""
-        if tier is not None:
-            if tier not in ("gpu", "ram"):
-                raise InvalidRequest(f"put(tier=...) is 'gpu' or 'ram', not {tier!r}")
-            return "" if tier == "ram" else tier
-        device = getattr(value, "device", None)
-        return "gpu" if self.gpu is not None and getattr(device, "type", "cpu") == "cuda" else ""
+        return put_tier(value, tier, self.gpu is not None)
 
     # get is one round trip, and the hot path: a request and a reply, no plan
     def _get_request(self, keys: list[Any], tier: str | None = None) -> protocol.Get:

@@ -464,3 +464,23 @@ def test_another_uid_maps_gpu_slabs_read_only_and_gets_its_own(short_tmp: Path) 
             assert sorted(root.stat("nobody/x")["tiers"]) == ["gpu", "ram"]
     finally:
         assert d.stop() == 0
+
+
+def test_which_puts_ask_for_the_gpu() -> None:
+    """A CUDA tensor asks for the GPU tier where the daemon has one, and is copied to RAM like any
+    tensor where it has none; tier= overrides; anything else is refused before a byte moves."""
+    from tierd.errors import InvalidRequest
+    from tierd_client._core import put_tier
+
+    class CudaLike:  # what put_tier looks at: a tensor's device type (no CUDA tensor here)
+        class device:
+            type = "cuda"
+
+    cpu = torch.ones(2)
+    assert put_tier(CudaLike(), None, daemon_has_gpu=True) == "gpu"
+    assert put_tier(CudaLike(), None, daemon_has_gpu=False) == ""
+    assert put_tier(cpu, None, daemon_has_gpu=True) == ""
+    assert put_tier(cpu, "gpu", daemon_has_gpu=True) == "gpu"
+    assert put_tier(CudaLike(), "ram", daemon_has_gpu=True) == ""
+    with pytest.raises(InvalidRequest):
+        put_tier(cpu, "disk", daemon_has_gpu=True)
