@@ -8,6 +8,7 @@ the device-level tests at the end drive the simulated device and the tier in-pro
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import mmap
@@ -484,3 +485,71 @@ def test_which_puts_ask_for_the_gpu() -> None:
     assert put_tier(CudaLike(), "ram", daemon_has_gpu=True) == ""
     with pytest.raises(InvalidRequest):
         put_tier(cpu, "disk", daemon_has_gpu=True)
+
+
+# ---- scripted: the use cases over gpu, ram, disk, with Manager.check() after every step --------------
+@pytest.mark.asyncio
+async def test_scripted_gpu_promotion_leases_demotion_and_delete(tmp_path: Path) -> None:
+    """put 4 entries of 1.5 MiB with a 4 MiB GPU tier (two slabs): gets on the GPU take slabs, a
+    GPU lease holds its copy, room is made from unleased copies, a deleted entry leaves the GPU when
+    its last lease goes, and every step keeps the manager's and the tiers' books straight."""
+    from tierd.config import Config
+    from tierd.entry import PutArgs
+    from tierd.manager import Manager
+    from tierd.placement import Placement
+    from tierd.prefetch import Prefetcher
+    from tierd.service import Service, settle
+    from tierd.tiers import registry
+
+    cfg = Config(ram_bytes="16MiB", disk_bytes="64MiB", state_dir=str(tmp_path / "state"), gpu_bytes="4MiB",
+                 gpu_backend="simulated", gpu_sim_delay_ms=5)  # fmt: skip
+    tiers = registry.build(cfg)
+    gpu, ram, disk = tiers
+    assert [t.name for t in tiers] == ["gpu", "ram", "disk"]
+    m = Manager(ram, disk, upper=(gpu,))  # type: ignore[arg-type]
+    pl = Placement(m)
+    pf = Prefetcher(pl, predictor="none")
+    s = Service(m, pl, pf)
+    n = 3 * MiB // 2
+    try:
+        cid = s.join(pid=1, uid=0, name="scripted")
+        for i, k in enumerate("abcd"):
+            put_id, offset = await settle(s.put(cid, PutArgs(f"t/{k}", "uint8", [n], n)))
+            ram.view(offset, n)[:] = bytes([i + 1]) * n
+            await settle(s.seal(cid, put_id))
+            m.check()
+        [a] = await settle(s.get(cid, [("t/a", 0)], "gpu"))
+        m.check()
+        assert a.event  # the copy was still in flight when the lease was answered
+        [b] = await settle(s.get(cid, [("t/b", 0)], "gpu"))
+        s.release(cid, [b.lease])
+        m.check()
+        [c] = await settle(s.get(cid, [("t/c", 0)], "gpu"))  # waits for b's copy to land, then takes its room
+        m.check()
+        assert m.resolve("t/b").tiers == ["ram"] and m.resolve("t/a").tiers == ["gpu", "ram"]
+        assert m.resolve("t/a").held == {"gpu": 1}
+        with pytest.raises(TierFull):
+            await settle(s.get(cid, [("t/d", 0)], "gpu"))
+        m.check()
+        # RAM copies of GPU-leased entries may go to disk: the GPU lease holds the GPU copy only
+        assert await pl.demote(m.resolve("t/a"), "ram")
+        assert m.resolve("t/a").tiers == ["gpu", "disk"]
+        m.check()
+        s.delete(cid, "t/a")  # hidden; its bytes stay while leased
+        m.check()
+        assert gpu.used_bytes == 2 * gpu.region_bytes(n)
+        s.release(cid, [a.lease, c.lease])
+        await asyncio.gather(*pl.moves.device_copies)
+        m.check()
+        assert gpu.used_bytes == gpu.region_bytes(n)  # a's copy went with its last lease; c's stays
+        assert m.metrics.gpu_promotions == 3 and m.metrics.hits_gpu == 0
+        [c2] = await settle(s.get(cid, [("t/c", 0)], "gpu"))
+        assert m.metrics.hits_gpu == 1 and not c2.event  # there, copy landed: nothing to wait for
+        s.leave(cid)
+        m.check()
+        assert sum(e.leases for e in m.versions.values()) == 0
+    finally:
+        pf.close()
+        await pl.close()
+        for t in tiers:
+            t.close()
