@@ -545,6 +545,9 @@ async def test_scripted_gpu_promotion_leases_demotion_and_delete(tmp_path: Path)
         assert m.metrics.gpu_promotions == 3 and m.metrics.hits_gpu == 0
         [c2] = await settle(s.get(cid, [("t/c", 0)], "gpu"))
         assert m.metrics.hits_gpu == 1 and not c2.event  # there, copy landed: nothing to wait for
+        with pytest.raises(Unsupported) as err:  # a tier no daemon has, from a raw frame
+            s.get(cid, [("t/c", 0)], "tape" * 100_000)
+        assert len(str(err.value)) < 200 and len(err.value.details["tier"]) == 64  # echoed cut short
         s.leave(cid)
         m.check()
         assert sum(e.leases for e in m.versions.values()) == 0
@@ -553,3 +556,35 @@ async def test_scripted_gpu_promotion_leases_demotion_and_delete(tmp_path: Path)
         await pl.close()
         for t in tiers:
             t.close()
+
+
+@pytest.mark.asyncio
+async def test_async_client_waits_for_late_copies_without_blocking_its_loop(short_tmp: Path) -> None:
+    from tierd_client import AsyncClient, InvalidRequest
+
+    d = launch.start(
+        short_tmp / "tierd.sock", "--state-dir", str(short_tmp / "state"), "--disk-bytes", "0",
+        "--gpu-backend", "simulated", "--gpu-bytes", "16MiB", "--gpu-sim-delay-ms", "300",
+        ram_bytes="64MiB", log_path=short_tmp / "tierd.log",
+    )  # fmt: skip
+    try:
+        async with await AsyncClient.connect(d.socket) as c:
+            x = torch.full((4096,), 5.0)
+            await c.put("m/a", x)
+            ticks = 0
+
+            async def tick() -> None:
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.01)
+                    ticks += 1
+
+            ticker = asyncio.ensure_future(tick())
+            t = await c.get("m/a", tier="gpu")  # the copy lands 300 ms after the reply
+            ticker.cancel()
+            assert torch.equal(t, x)
+            assert ticks >= 10, "the loop must keep running while the client waits for the copy"
+            with pytest.raises(InvalidRequest, match="'ram' or 'gpu'"):
+                await c.get("m/a", tier="tape")  # refused by the client before anything is sent
+    finally:
+        assert d.stop() == 0

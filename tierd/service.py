@@ -170,7 +170,8 @@ class Service:
         m = self.m
         if tier not in m.memory:
             have = ", ".join(m.memory)
-            raise Unsupported(f"this tierd has no {tier} tier (its memory tiers: {have})", tier=tier)
+            name = tier[:64]  # a client's string, echoed in the reply: bounded
+            raise Unsupported(f"this tierd has no {name} tier (its memory tiers: {have})", tier=name)
         if m.rank[tier] > m.rank[m.ram.name]:
             raise Unsupported(f"reads are served from {m.ram.name} or a tier above it, not {tier}", tier=tier)
         return tier
