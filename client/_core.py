@@ -53,8 +53,11 @@ from tierd.errors import (
     from_wire,
 )
 from tierd.paths import default_socket_path, peer_uid, trusted_daemon_uids
-from tierd.protocol import DTYPE_SIZES, MAX_ARENAS
+from tierd.protocol import DTYPE_SIZES, MAX_ARENAS, MAX_SLABS
 from tierd_client.arena import Arena, Handle
+
+if TYPE_CHECKING:
+    from tierd_client.gpu import GpuSlabs
 
 if TYPE_CHECKING:
     import torch
@@ -93,6 +96,18 @@ def dtype_name(x: Any) -> str:
 
 def _storage_id(t: torch.Tensor) -> int:
     return int(t.untyped_storage()._cdata)
+
+
+def put_tier(value: Any, tier: str | None, daemon_has_gpu: bool) -> str:
+    """The tier a put also asks for (SEAL's ``tier``): ``tier`` as given ("gpu"; "ram" = none),
+    else "gpu" for a CUDA tensor when the daemon has a GPU tier, else none: a CUDA tensor put to a
+    daemon without one is copied to RAM like any tensor."""
+    if tier is not None:
+        if tier not in ("gpu", "ram"):
+            raise InvalidRequest(f"put(tier=...) is 'gpu' or 'ram', not {tier!r}")
+        return "" if tier == "ram" else tier
+    device = getattr(value, "device", None)
+    return "gpu" if daemon_has_gpu and getattr(device, "type", "cpu") == "cuda" else ""
 
 
 def unavailable(path: Path, why: str) -> DaemonUnavailable:
@@ -156,6 +171,10 @@ class Core:
         #: the daemon's RAM arenas by space (one per uid): this client's uid's is ``arena``
         self.arenas: dict[int, Arena] = {}
         self.arena: Arena | None = None
+        #: the daemon's GPU tier as this client maps it (None: the daemon has none)
+        self.gpu: GpuSlabs | None = None
+        #: events of GPU leases taken with wait=False, by lease id, until wait_gpu or release
+        self._gpu_events: dict[int, bytes] = {}
         self.client_id = 0
         self.daemon_pid = 0
         self._leases: dict[int, _Lease] = {}
@@ -209,6 +228,14 @@ class Core:
                 raise ProtocolError(f"the daemon named RAM arena {space} but did not send it")
         return a
 
+    def _gpu_slabs(self, space: int) -> GpuSlabs:
+        """The GPU slabs, with slab ``space`` among them (fetched again when it is new)."""
+        if self.gpu is None or space not in self.gpu:
+            self._fetch_arenas()
+        if self.gpu is None or space not in self.gpu:
+            raise ProtocolError(f"the daemon named GPU slab {space} but did not send it")
+        return self.gpu
+
     def _exchange(
         self, hello: protocol.Hello, frames: protocol.FrameReader
     ) -> tuple[socket.socket, protocol.Msg, list[int]]:
@@ -235,7 +262,8 @@ class Core:
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 s.sendall(protocol.encode(self._hello()))
             while (reply := self._next_reply(frames)) is None:
-                data, anc, _flags, _addr = s.recvmsg(65536, socket.CMSG_SPACE(MAX_ARENAS * fds.itemsize))
+                room = socket.CMSG_SPACE((MAX_ARENAS + MAX_SLABS + 1) * fds.itemsize)
+                data, anc, _flags, _addr = s.recvmsg(65536, room)
                 for level, kind, payload in anc:
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                         fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
@@ -264,14 +292,28 @@ class Core:
             for fd in fds:
                 os.close(fd)
             raise from_wire(reply.code, reply.message, reply.details)
+        gpu = reply.gpu if isinstance(reply, protocol.Welcome) else None
+        n_gpu = len(gpu.slabs) + gpu.events if gpu is not None else 0
         if (
             not isinstance(reply, protocol.Welcome)
-            or len(fds) != len(reply.arenas)
+            or len(fds) != len(reply.arenas) + n_gpu
             or sum(a.writable for a in reply.arenas) != 1
         ):
             for fd in fds:
                 os.close(fd)
             raise ProtocolError("the daemon's WELCOME did not carry its arenas")
+        fds, gpu_fds = fds[: len(reply.arenas)], fds[len(reply.arenas) :]
+        if gpu is not None:
+            if self.gpu is None:
+                from tierd_client.gpu import GpuSlabs
+
+                try:
+                    self.gpu = GpuSlabs(gpu)
+                except BaseException:
+                    for fd in fds + gpu_fds:
+                        os.close(fd)
+                    raise
+            self.gpu.update(gpu, gpu_fds)
         for info, fd in zip(reply.arenas, fds, strict=True):
             if info.space in self.arenas:
                 os.close(fd)
@@ -284,6 +326,8 @@ class Core:
     def _close_arenas(self) -> None:
         for a in self.arenas.values():
             a.close()
+        if self.gpu is not None:
+            self.gpu.close()
 
     # -- frames ----------------------------------------------------------------------------------
     def _request(self, msg: protocol.Msg) -> bytes:
@@ -342,9 +386,11 @@ class Core:
         ttl: float | None,
         scope: str,
         share: bool = False,
+        tier: str | None = None,
     ) -> Plan:
         """put: reserve a region, copy into it, seal; the region goes back (ABORT) if either fails."""
         msg, value = self._put_msg(key, value, tags, durable, codec, ttl, scope, share)
+        up = self._put_tier(value, tier)
         ready = yield msg
         assert isinstance(ready, protocol.PutReady)
         try:
@@ -353,7 +399,7 @@ class Core:
             yield protocol.Abort(self._next_rid(), ready.put_id)
             raise
         try:
-            sealed = yield protocol.Seal(self._next_rid(), ready.put_id)
+            sealed = yield protocol.Seal(self._next_rid(), ready.put_id, up)
         except (
             TierFull,
             Unsupported,
@@ -364,14 +410,53 @@ class Core:
         assert isinstance(sealed, protocol.Ok)
         return Handle(sealed.value[0], sealed.value[1])
 
-    # get is one round trip, and the hot path: a request and a reply, no plan
-    def _get_request(self, keys: list[Any]) -> protocol.Get:
-        return protocol.Get(self._next_rid(), self._refs(list(keys)))
+    def _put_tier(self, value: Any, tier: str | None) -> str:
+        return put_tier(value, tier, self.gpu is not None)
 
-    def _views(self, got: protocol.Msg) -> list[torch.Tensor]:
-        """Tensors over a GOT's regions, each leased (see the module docstring)."""
+    # get is one round trip, and the hot path: a request and a reply, no plan
+    def _get_request(self, keys: list[Any], tier: str | None = None) -> protocol.Get:
+        if tier not in (None, "", "ram", "gpu"):
+            raise InvalidRequest(f"get(tier=...) is 'ram' or 'gpu', not {tier!r}")
+        return protocol.Get(self._next_rid(), self._refs(list(keys)), "" if tier in (None, "ram") else tier)
+
+    def _views(self, got: protocol.Msg, tier: str | None = None, wait: bool = True) -> list[torch.Tensor]:
+        """Tensors over a GOT's regions, each leased (see the module docstring); for the GPU tier,
+        the copies in flight are waited on (``wait``) or kept for :meth:`wait_gpu`."""
         assert isinstance(got, protocol.Got)
-        return [self._view(loc) for loc in got.items]
+        if tier != "gpu":
+            return [self._view(loc) for loc in got.items]
+        out = [self._gpu_view(loc) for loc in got.items]
+        events = [loc.event for loc in got.items if loc.event]
+        if events and wait:
+            assert self.gpu is not None
+            self.gpu.wait(events, self._timeout)
+        elif events:
+            self._gpu_events.update((loc.lease, loc.event) for loc in got.items if loc.event)
+        return out
+
+    def _gpu_view(self, loc: protocol.Located) -> torch.Tensor:
+        base, owner = self._gpu_slabs(loc.space).view(loc.space, loc.offset, loc.nbytes)
+        t = base.view(_torch_dtype(loc.dtype)).view(loc.shape)
+        self._lease(loc, t, owner)
+        return t
+
+    def _pending_gpu_events(self, tensors: Any) -> list[bytes]:
+        """The events still to wait on for these GPU tensors (taken out of the table)."""
+        items = list(tensors) if isinstance(tensors, list | tuple) else [tensors]
+        out = []
+        for t in items:
+            for lid in self._by_storage.get(_storage_id(t), []):
+                ev = self._gpu_events.pop(lid, None)
+                if ev:
+                    out.append(ev)
+        return out
+
+    def wait_gpu(self, tensors: Any) -> None:
+        """Wait until GPU tensors from get(..., tier="gpu", wait=False) may be read (simulated
+        device: blocks until the copies are done; CUDA: the current stream waits on them)."""
+        events = self._pending_gpu_events(tensors)
+        if events and self.gpu is not None:
+            self.gpu.wait(events, self._timeout)
 
     # -- put -------------------------------------------------------------------------------------
     def _put_msg(
@@ -452,14 +537,20 @@ class Core:
 
         region = self._arena(loc.space).ro[loc.offset : loc.offset + loc.nbytes]
         t = torch.from_numpy(region).view(_torch_dtype(loc.dtype)).view(loc.shape)
+        self._lease(loc, t, region)
+        return t
+
+    def _lease(self, loc: protocol.Located, t: torch.Tensor, owner: Any) -> None:
+        """Record the lease of ``t``; it is queued for release when ``owner`` (what holds the
+        mapped bytes for every view of ``t``) is collected."""
         sid = _storage_id(t)
-        fin = weakref.finalize(region, self._collected.append, loc.lease)
+        fin = weakref.finalize(owner, self._collected.append, loc.lease)
         fin.atexit = False
         self._leases[loc.lease] = _Lease(loc.lease, loc.key, loc.version, sid, fin)
         self._by_storage.setdefault(sid, []).append(loc.lease)
-        return t
 
     def _forget(self, lid: int) -> _Lease | None:
+        self._gpu_events.pop(lid, None)
         lease = self._leases.pop(lid, None)
         if lease is None:
             return None

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tierd import protocol
-from tierd.errors import DaemonUnavailable, ProtocolError, TierdError
+from tierd.errors import DaemonTimeout, DaemonUnavailable, ProtocolError, TierdError
 from tierd_client._core import CopyIn, Core, Handle, Plan, timed_out, unavailable
 
 if TYPE_CHECKING:
@@ -185,14 +185,36 @@ class AsyncClient(Core):
         ttl: float | None = None,
         scope: str = "shared",
         share: bool = False,
+        tier: str | None = None,
     ) -> Handle:
-        return await self._run(self._put_plan(key, tensor, tags, durable, codec, ttl, scope, share))
+        return await self._run(self._put_plan(key, tensor, tags, durable, codec, ttl, scope, share, tier))
 
-    async def get(self, key: str | Handle) -> torch.Tensor:
-        return (await self.get_many([key]))[0]
+    async def get(self, key: str | Handle, *, tier: str | None = None, wait: bool = True) -> torch.Tensor:
+        return (await self.get_many([key], tier=tier, wait=wait))[0]
 
-    async def get_many(self, keys: list[str | Handle]) -> list[torch.Tensor]:
-        return self._views(await self._call(self._get_request(keys)))
+    async def get_many(
+        self, keys: list[str | Handle], *, tier: str | None = None, wait: bool = True
+    ) -> list[torch.Tensor]:
+        got = self._views(await self._call(self._get_request(keys, tier)), tier, wait=False)
+        if wait and tier == "gpu":
+            await self.wait_gpu(got)
+        return got
+
+    async def wait_gpu(self, tensors: Any) -> None:
+        """Client.wait_gpu without blocking the loop (the simulated device is polled with a
+        back-off from 20 us to 1 ms; CUDA's wait is enqueued on the stream at once)."""
+        events = self._pending_gpu_events(tensors)
+        gpu = self.gpu
+        if not events or gpu is None:
+            return
+        pause, waited = 20e-6, 0.0
+        while not all(gpu.ready(ev) for ev in events):
+            if self._timeout is not None and waited > self._timeout:
+                raise DaemonTimeout(f"a GPU copy did not complete within {self._timeout}s")
+            await asyncio.sleep(pause)
+            waited += pause
+            pause = min(pause * 2, 1e-3)
+        gpu.wait(events, self._timeout)  # CUDA: the stream waits; simulated: done already
 
     async def release(self, tensor_or_key: torch.Tensor | str | Handle | list[Any]) -> None:
         frame = self._release_frame(tensor_or_key)

@@ -161,6 +161,7 @@ class Client(Core):
         ttl: float | None = None,
         scope: str = "shared",
         share: bool = False,
+        tier: str | None = None,
     ) -> Handle:
         """Store a copy of ``tensor`` (torch or numpy, any device) as the newest version of ``key``.
 
@@ -171,17 +172,26 @@ class Client(Core):
         Unsupported when the daemon runs without ``--remote``. ``durable="remote"`` shares it and
         answers only once the remote tier holds it (written before it is sealed here, not to the
         local disk): TierFull when the cluster is full, StorageError when it fails, and then
-        nothing was put.
+        nothing was put. The bytes go to RAM; a CUDA tensor (or ``tier="gpu"``) also gets a copy
+        in the GPU tier when it has room (else it stays in RAM). ``tier="ram"``: RAM only.
         """
-        return self._run(self._put_plan(key, tensor, tags, durable, codec, ttl, scope, share))
+        return self._run(self._put_plan(key, tensor, tags, durable, codec, ttl, scope, share, tier))
 
-    def get(self, key: str | Handle) -> torch.Tensor:
-        """A read-only zero-copy view of the entry, leased to this client until released or collected."""
-        return self.get_many([key])[0]
+    def get(self, key: str | Handle, *, tier: str | None = None, wait: bool = True) -> torch.Tensor:
+        """A read-only zero-copy view of the entry, leased to this client until released or collected.
 
-    def get_many(self, keys: list[str | Handle]) -> list[torch.Tensor]:
+        ``tier="gpu"``: a view of its copy in the GPU tier (a CUDA tensor; a CPU tensor over the
+        slab on the simulated device), promoted there first when needed; Unsupported where the
+        daemon has no GPU tier. The copy may still be in flight: ``wait`` (default) waits for it
+        (CUDA: the current stream waits); ``wait=False`` leaves that to :meth:`wait_gpu`.
+        """
+        return self.get_many([key], tier=tier, wait=wait)[0]
+
+    def get_many(
+        self, keys: list[str | Handle], *, tier: str | None = None, wait: bool = True
+    ) -> list[torch.Tensor]:
         """Views of several entries in one round trip; NotFound (and no lease taken) if one is missing."""
-        return self._views(self._call(self._get_request(keys)))
+        return self._views(self._call(self._get_request(keys, tier)), tier, wait)
 
     def release(self, tensor_or_key: torch.Tensor | str | Handle | list[Any]) -> None:
         """End a lease now: of this tensor, or every lease this client holds on a key / handle.

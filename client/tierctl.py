@@ -60,6 +60,15 @@ def print_status(s: dict[str, Any]) -> None:
                 f"disk: {t['path']}: {human_bytes(t['raw_bytes'])} of tensors stored in "
                 f"{human_bytes(t['stored_bytes'])} (entries by codec: {codecs})"
             )
+        if t["name"] == "gpu":
+            dev, speeds = t["device"], t.get("copy_gbps") or {}
+            link = f", PCIe gen {dev['pcie_gen']} x{dev['pcie_width']}" if "pcie_gen" in dev else ""
+            copies = f"; copies H2D {speeds['h2d']} GB/s, D2H {speeds['d2h']} GB/s" if speeds else ""
+            print(
+                f"gpu: {dev['name']} (device {dev['index']}, backend {dev['backend']}{link}): "
+                f"{human_bytes(dev['free_bytes'])} free of {human_bytes(dev['total_bytes'])}; "
+                f"{t['slabs']} slabs, {human_bytes(t['slab_bytes'])}{copies}"
+            )
     print(f"clients {s['clients']}  leases {s['leases']}")
     c = s["counters"]
     print("counters " + "  ".join(f"{k} {v}" for k, v in c.items() if v or k in ("gets", "puts")))

@@ -3,7 +3,8 @@
 This package is the import name of the ``model_integration/`` folder.
 
 - weights: ``ingest`` a safetensors checkpoint tensor by tensor; ``from_pretrained`` builds a Qwen3-VL
-  on the meta device bound to tierd (resident views, or per-block streaming hooks with prefetch);
+  on the meta device bound to tierd (resident views, or per-block streaming hooks with prefetch;
+  ``device="cuda"``: views of the GPU tier);
   ``offload_model`` does the same for a model in memory; ``detach`` makes a bound model plain again.
 - checkpoint: ``make_random_checkpoint`` (a small random Qwen3-VL, offline) and ``sample_inputs``.
 - kvcache: ``TierdKVCache``, a transformers Cache that keeps a window of K/V in the process and

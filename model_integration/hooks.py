@@ -168,6 +168,7 @@ class Binding:
     blocks: list[tuple[nn.Module, list[str]]] = field(default_factory=list)
     kept_blocks: int = 0  # streaming: decoder layers kept resident (leased) instead of streamed
     edges: bool = False  # streaming: the embedding and the output head stream too (small RAM)
+    tier: str | None = None  # the tier the views come from: None (RAM) or "gpu"
 
     def key(self, name: str) -> str:
         return f"{self.namespace}/{name}"
@@ -180,11 +181,14 @@ class StreamBlockHook(ModelHook):
     next ``depth`` blocks; post_forward: parameters back to meta and the leases released (one frame).
     """
 
-    def __init__(self, client: Any, names: list[str], keys: list[str], next_keys: list[str]) -> None:
+    def __init__(
+        self, client: Any, names: list[str], keys: list[str], next_keys: list[str], tier: str | None = None
+    ) -> None:
         self.client = client
         self.names = names  # relative to the block
         self.keys = keys
         self.next_keys = next_keys
+        self.tier = tier  # "gpu": each forward's views come from the GPU tier (promoted from RAM)
         self.views: list[torch.Tensor] = []
         self.calls = 0
 
@@ -196,7 +200,8 @@ class StreamBlockHook(ModelHook):
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         if self.views:  # re-entered without post_forward (should not happen): drop the old leases
             self._unbind(module)
-        views = self.client.get_many(self.keys)
+        get = self.client.get_many
+        views = get(self.keys, tier=self.tier) if self.tier else get(self.keys)
         for name, view in zip(self.names, views, strict=True):
             set_tensor(module, name, view)
         self.views = views

@@ -252,15 +252,28 @@ def _retie(model: nn.Module, tied: dict[str, str]) -> None:
             owner._buffers[attr] = t
 
 
-def _room(client: Any, ram_budget: int | None) -> int:
-    """Bytes of weights this model may keep in RAM: the RAM tier, or ``ram_budget`` when smaller."""
-    ram = next(t for t in client.stats()["tiers"] if t["name"] == "ram")
-    room = int(ram["capacity_bytes"])
+def _tier_of(device: str) -> str | None:
+    """The tier a model's weights are served from for ``device``: "cpu" RAM (None), "cuda" the GPU."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', not {device!r}")
+    return "gpu" if device == "cuda" else None
+
+
+def _room(client: Any, ram_budget: int | None, tier: str | None = None) -> int:
+    """Bytes of weights this model may keep in its tier (RAM, or the GPU tier for device="cuda"):
+    the tier's capacity, or ``ram_budget`` when smaller."""
+    name = tier or "ram"
+    found = next((t for t in client.stats()["tiers"] if t["name"] == name), None)
+    if found is None:
+        from tierd.errors import Unsupported
+
+        raise Unsupported(f"device='cuda' needs a tierd with a GPU tier (--gpu-bytes); it has no {name}")
+    room = int(found["capacity_bytes"])
     return room if ram_budget is None else min(room, int(ram_budget))
 
 
-def _choose_mode(client: Any, total: int, ram_budget: int | None) -> str:
-    return "resident" if total <= _room(client, ram_budget) else "streaming"
+def _choose_mode(client: Any, total: int, ram_budget: int | None, tier: str | None = None) -> str:
+    return "resident" if total <= _room(client, ram_budget, tier) else "streaming"
 
 
 def bind(
@@ -273,8 +286,12 @@ def bind(
     prefetch_depth: int = 2,
     room: int | None = None,
     nbytes: dict[str, int] | None = None,
+    tier: str | None = None,
 ) -> nn.Module:
     """Bind the tensors ``names`` of ``model`` to ``namespace/<name>`` in tierd.
+
+    ``tier``: None serves the views from RAM; "gpu" from the GPU tier (CUDA tensors; promoted from
+    RAM by the daemon as they are asked for), buffers that are not bound moved to their device.
 
     ``resident``: one get_many, every tensor a view for the model's lifetime. ``streaming``: tensors
     outside the blocks (embeddings, norms, lm_head, the vision patch embedding) resident, each block
@@ -306,7 +323,7 @@ def bind(
         src = next((n for n in group if n in name_set), None)
         if src is not None:
             tied.update({n: src for n in group if n != src})
-    binding = Binding(client, ns, mode, list(names), tied, requires_grad)
+    binding = Binding(client, ns, mode, list(names), tied, requires_grad, tier=tier)
 
     block_names: set[str] = set()
     if mode == "streaming":
@@ -333,7 +350,7 @@ def bind(
                 if j == i:
                     break
                 nxt += [f"{ns}/{s}" for s in order[j][3] if f"{ns}/{s}" not in nxt]
-            hook = StreamBlockHook(client, rel, [f"{ns}/{s}" for s in src], nxt)
+            hook = StreamBlockHook(client, rel, [f"{ns}/{s}" for s in src], nxt, tier)
             add_hook(module, hook)
             binding.blocks.append((module, list(src)))
 
@@ -345,10 +362,17 @@ def bind(
         (n for n in names if n not in block_names),
         key=lambda n: -(stored.get(n) or _nbytes(get_tensor(model, n))),
     )
-    views = client.get_many([f"{ns}/{n}" for n in resident[:1]]) if resident else []
-    views += client.get_many([f"{ns}/{n}" for n in resident[1:]]) if len(resident) > 1 else []
+    where = {"tier": tier} if tier else {}
+    views = client.get_many([f"{ns}/{n}" for n in resident[:1]], **where) if resident else []
+    views += client.get_many([f"{ns}/{n}" for n in resident[1:]], **where) if len(resident) > 1 else []
     for n, v in zip(resident, views, strict=True):
         set_tensor(model, n, v)
+    dev = views[0].device if views else torch.device("cpu")
+    if dev.type != "cpu":  # the buffers no tensor of the checkpoint binds (rotary tables) follow
+        bound = set(resident) | block_names | set(tied)
+        for n, b in list(model.named_buffers()):
+            if n not in bound and not b.is_meta and b.device != dev:
+                set_tensor(model, n, b.to(dev))
     binding.resident_views = views
     _retie(model, tied)
     model._tierd_binding = binding
@@ -393,6 +417,7 @@ def from_pretrained(
     prefetch_depth: int = 2,
     mode: str | None = None,
     progress: bool = False,
+    device: str = "cpu",
     **ingest_kw: Any,
 ) -> nn.Module:
     """A Qwen3-VL built on the meta device whose weights are tierd views (ingested first if needed).
@@ -404,7 +429,13 @@ def from_pretrained(
     ``checkpoint_dir=None``: no checkpoint files here; the model is built from what
     ``ingest(..., share=True)`` put under ``namespace`` on some machine, found in this daemon or its
     remote tier (NotFound when neither has it), and nothing is ingested.
+
+    ``device="cuda"``: the weights are views of the GPU tier (Unsupported where the daemon has none):
+    resident when they fit the GPU tier (and ``ram_budget``), else each block streamed RAM -> GPU
+    for its forward by the same hooks and prefetch hints. Processes on one GPU share one copy. With
+    the simulated device they are CPU tensors over its slabs (what CI runs).
     """
+    tier = _tier_of(device)
     if checkpoint_dir is None:
         if not namespace:
             raise ValueError("from_pretrained(None, ...) needs the namespace the checkpoint was shared under")
@@ -414,8 +445,8 @@ def from_pretrained(
             model = _meta_model(Path(tmp))
             model.config._name_or_path = name  # as on the machine that ingested it
         nbytes = {n: b for n, (_d, _s, b) in index.items()}
-        room = _room(client, ram_budget)
-        mode = mode or _choose_mode(client, sum(nbytes.values()), ram_budget)
+        room = _room(client, ram_budget, tier)
+        mode = mode or _choose_mode(client, sum(nbytes.values()), ram_budget, tier)
         if mode == "streaming":
             layout = streaming_layout(model, list(nbytes), nbytes, room=room, prefetch_depth=prefetch_depth)
             check_room(
@@ -430,6 +461,7 @@ def from_pretrained(
             prefetch_depth=prefetch_depth,
             room=room,
             nbytes=nbytes,
+            tier=tier,
         )
         return model
     ckpt = Path(checkpoint_dir)
@@ -438,13 +470,14 @@ def from_pretrained(
     nbytes = {n: info.nbytes for n, info in tensors.items()}
     total = sum(nbytes.values())
     model = _meta_model(ckpt)
-    room = _room(client, ram_budget)
-    mode = mode or _choose_mode(client, total, ram_budget)
+    room = _room(client, ram_budget, tier)
+    mode = mode or _choose_mode(client, total, ram_budget, tier)
     if mode == "streaming":  # refuse a room too small now, before the checkpoint is read
         layout = streaming_layout(model, list(tensors), nbytes, room=room, prefetch_depth=prefetch_depth)
         check_room(layout, room, prefetch_depth, f"{ckpt.name} ({total / 2**20:.0f} MiB of weights)")
     ingest(client, ckpt, ns, progress=progress, **ingest_kw)
-    bind(model, client, ns, list(tensors), mode=mode, prefetch_depth=prefetch_depth, room=room, nbytes=nbytes)
+    bind(model, client, ns, list(tensors), mode=mode, prefetch_depth=prefetch_depth, room=room, nbytes=nbytes,
+         tier=tier)  # fmt: skip
     return model
 
 
@@ -494,7 +527,7 @@ def detach(model: nn.Module) -> nn.Module:
     def make_plain(n: str, v: torch.Tensor) -> None:
         module_path, _, attr = n.rpartition(".")
         owner = model.get_submodule(module_path) if module_path else model
-        plain = v.detach().clone()
+        plain = v.detach().to("cpu", copy=True)
         if attr in owner._parameters:
             owner._parameters[attr] = nn.Parameter(plain, requires_grad=rg.get(n, True))
         else:

@@ -2,7 +2,7 @@
 # Refresh requirements.lock, the exact set that scripts/setup.sh installs (make lock runs this).
 #
 # A refresh is deliberate: commit the new lock on its own, so its CI run shows the new versions pass.
-# The lock holds every package that tierd and its extras (model, remote, test, bench) need, each at one version
+# The lock holds every package that tierd and its extras (model, remote, test, bench, gpu) need, each at one version
 # with the hashes of its files, for CPython 3.11 on Linux x86-64. The one package it leaves out is torch:
 # its build depends on the machine (CPU or CUDA), so setup.sh installs the version in scripts/torch.pin
 # only where no torch is importable. torch's own dependencies are resolved against the CPU build of that
@@ -34,15 +34,15 @@ else
 fi
 echo "${torch_pin}+cpu" >"$constraints"
 
-echo "lock: resolving tierd[model,remote,test,bench] for CPython 3.11 on Linux x86-64"
+echo "lock: resolving tierd[model,remote,test,bench,gpu] for CPython 3.11 on Linux x86-64"
 "$VENV/bin/python" -m uv pip compile pyproject.toml \
-  --extra model --extra remote --extra test --extra bench \
+  --extra model --extra remote --extra test --extra bench --extra gpu \
   --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
   --generate-hashes --no-emit-package torch --no-header --quiet \
   --constraint "$constraints" "${extra[@]}" \
   --output-file requirements.lock.new
 {
-  echo "# The exact set scripts/setup.sh installs: tierd[model,remote,test,bench] on CPython 3.11, Linux x86-64."
+  echo "# The exact set scripts/setup.sh installs: tierd[model,remote,test,bench,gpu] on CPython 3.11, Linux x86-64."
   echo "# Written by scripts/lock.sh (make lock) with uv $UV_VERSION; do not edit by hand."
   echo "# torch is left out here (its build depends on the machine): setup.sh installs $(cat scripts/torch.pin)"
   echo "# where none is importable. Everything else, torch's own dependencies included, is pinned with hashes."

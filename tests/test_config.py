@@ -141,6 +141,9 @@ def test_every_setting_from_each_source(tmp_path: Path) -> None:
         "disk_bytes": "0",
         "tiers": "ram,disk",
         "gpu_bytes": "0",
+        "gpu_backend": "simulated",
+        "gpu_device": "1",
+        "gpu_sim_delay_ms": "5.5",
         "log_level": "debug",
         "graceful_timeout": "2.5",
         "ram_high_watermark": "0.8",
@@ -166,11 +169,13 @@ def test_every_setting_from_each_source(tmp_path: Path) -> None:
     }
     floats = (
         "graceful_timeout", "ram_high_watermark", "ram_low_watermark", "metrics_interval", "remote_timeout",
+        "gpu_sim_delay_ms",
     )  # fmt: skip
     assert sorted(values) == sorted(config.SETTINGS)
     expect = {
         **values,
         **{k: float(values[k]) for k in floats},
+        "gpu_device": 1,
         "prefetch_depth": 3,
         "max_connections": 100,
         "max_open_puts": 10,
@@ -179,7 +184,7 @@ def test_every_setting_from_each_source(tmp_path: Path) -> None:
     argv = [x for k, v in values.items() for x in (f"--{k.replace('_', '-')}", v)]
     from_flags = load(argv, {})
     from_env = load([], {f"TIERD_{k.upper()}": v for k, v in values.items()})
-    bare = (*floats, "prefetch_depth", "max_connections", "max_open_puts")
+    bare = (*floats, "prefetch_depth", "max_connections", "max_open_puts", "gpu_device")
     toml = "".join(f'{k} = "{v}"\n' if k not in bare else f"{k} = {v}\n" for k, v in values.items())
     from_file = load(["--config", str(write(tmp_path / "t.toml", toml))], {})
     for cfg in (from_flags, from_env, from_file):
@@ -310,8 +315,14 @@ def run_tierd(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
     [
         (["--ram-bytes", "lots"], ["ram_bytes", "--ram-bytes", "'lots'"]),
         (["--ram-bytes", "250%"], ["ram_bytes", "more than 100%"]),
-        (["--gpu-bytes", "1GiB"], ["gpu_bytes", "no GPU tier"]),
-        (["--gpu-bytes", "10%"], ["gpu_bytes", "percentage"]),
+        # auto looks for CUDA only (none here) and says how to run the simulated device instead
+        (["--gpu-bytes", "1GiB"], ["gpu_backend=auto", "--gpu-backend simulated"]),
+        (["--gpu-bytes", "10%"], ["gpu_backend=auto", "CUDA"]),
+        (["--gpu-bytes", "lots"], ["gpu_bytes", "'lots'"]),
+        (["--gpu-backend", "opencl", "--gpu-bytes", "64MiB"], ["gpu_backend", "'opencl'"]),
+        # the simulated device has 4 GiB: asking for more is refused at start, naming both sizes
+        (["--gpu-backend", "simulated", "--gpu-bytes", "8GiB"], ["gpu_bytes", "8.00 GiB", "4.00 GiB free"]),
+        (["--tiers", "gpu,ram,disk"], ["tiers", "gpu_bytes is 0"]),
         (["--disk-bytes", "1MiB"], ["disk_bytes", "16 MiB minimum"]),
         (["--tag-codecs", "weight=int9"], ["tag_codecs", "int9"]),
         (["--ram-low-watermark", "0.95"], ["ram_low_watermark", "0.95"]),

@@ -402,3 +402,36 @@ def test_backward_into_bound_weights_is_refused_and_adapters_train(daemon, ckpt,
         assert adapter.grad is not None and adapter.grad.abs().sum() > 0
         handle.remove()
         detach(model)
+
+
+def test_device_cuda_serves_the_weights_from_the_gpu_tier(start_daemon, ckpt, inputs, reference) -> None:
+    """from_pretrained(..., device="cuda") on the simulated GPU device (CPU tensors over its slabs):
+    resident and streamed RAM -> GPU per block, identical tokens; refused without a GPU tier."""
+    from tierd_client import Unsupported
+
+    d = start_daemon("--gpu-backend", "simulated", "--gpu-bytes", "64MiB")
+    with Client(socket=d.socket) as c:
+        resident = from_pretrained(ckpt, c, device="cuda")
+        binding = resident._tierd_binding
+        assert binding.mode == "resident" and binding.tier == "gpu"
+        assert not any(c.arena.contains(p) for p in resident.parameters())  # not the RAM copies
+        assert all("gpu" in e["tiers"] for e in c.ls(f"{binding.namespace}/"))
+        assert torch.equal(generate(resident, inputs), reference)
+
+        # a budget that keeps no decoder layer resident: every block streams RAM -> GPU
+        streaming = from_pretrained(ckpt, c, device="cuda", ram_budget=streaming_minimum(ckpt))
+        assert streaming._tierd_binding.mode == "streaming"
+        hook = streaming.model.language_model.layers[0]._tierd_hook
+        assert isinstance(hook, StreamBlockHook) and hook.tier == "gpu"
+        before = c.stats()
+        assert torch.equal(generate(streaming, inputs), reference)
+        after = c.stats()
+        assert after["counters"]["hits_gpu"] > before["counters"]["hits_gpu"]  # blocks read on the GPU
+        assert after["leases"] == before["leases"]
+        detach(streaming)
+        detach(resident)
+        assert c.stats()["leases"] == 0
+    d.stop()
+    plain = start_daemon()
+    with Client(socket=plain.socket) as c, pytest.raises(Unsupported, match="GPU tier"):
+        from_pretrained(ckpt, c, device="cuda")

@@ -112,6 +112,24 @@ def test_verify_as_shipped_only_misses_the_binary(tmp_path: Path) -> None:
 
 
 @needs_analyze
+def test_gpu_drop_in_opens_the_nvidia_devices_only(tmp_path: Path) -> None:
+    """systemd/tierd-gpu.conf parses, applies over the unit and keeps the exposure low."""
+    unit = installed_unit(tmp_path)
+    (tmp_path / "tierd.service.d").mkdir()
+    shutil.copy(UNIT.parent / "tierd-gpu.conf", tmp_path / "tierd.service.d" / "tierd-gpu.conf")
+    r = analyze("verify", "--man=no", str(unit), cwd=tmp_path)
+    assert r.returncode == 0 and about_unit(r.stderr) == [], r.stderr
+    r = analyze("security", "--offline=yes", str(unit), cwd=tmp_path)
+    assert "tierd-gpu.conf" not in r.stderr, r.stderr  # no value it could not parse
+    marked = [line for line in r.stdout.splitlines() if line.startswith(("✓", "✗"))]
+    rows = {line.split()[1].rstrip("="): line for line in marked}
+    assert rows["PrivateDevices"].startswith("✗")  # the drop-in applied
+    assert "char-nvidia*:rw" in rows["DeviceAllow"]
+    exposure = float(re.search(r"Overall exposure level for tierd.service: ([\d.]+)", r.stdout)[1])
+    assert exposure <= MAX_EXPOSURE + 0.5, r.stdout
+
+
+@needs_analyze
 def test_security_exposure(tmp_path: Path) -> None:
     unit = installed_unit(tmp_path)
     r = analyze("security", "--offline=yes", str(unit), cwd=tmp_path)

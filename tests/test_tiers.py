@@ -130,7 +130,9 @@ def test_tier_list_configuration_is_checked() -> None:
     for bad, why in [
         ("disk,ram", "must start with ram"),
         ("ram,ram", "twice"),
-        ("ram,gpu", "is not ram, disk or"),
+        ("ram,gpu", "gpu must come first"),
+        ("gpu,disk,ram", "must start with ram, or gpu then ram"),
+        ("ram,flash", "is not gpu, ram, disk or"),
         ("ram,disk=x.y:Z@1GiB", "built-in"),
         ("ram,x=a:B@lots", "not a size"),
     ]:

@@ -67,7 +67,7 @@ def total_ram_bytes() -> int:
 
 
 _TIER_ITEM = re.compile(r"^(?P<name>[a-z][a-z0-9_-]*)(?:=(?P<target>[\w.]+:\w+)@(?P<size>\S+))?$")
-BUILTIN_TIERS = ("ram", "disk")
+BUILTIN_TIERS = ("gpu", "ram", "disk")
 
 
 @dataclass(frozen=True)
@@ -86,15 +86,21 @@ def parse_tiers(spec: str) -> list[TierSpec]:
     for item in filter(None, (x.strip() for x in spec.split(","))):
         m = _TIER_ITEM.match(item)
         if m is None or (m["target"] is None and m["name"] not in BUILTIN_TIERS):
-            raise ConfigError(f"tiers: {item!r} is not ram, disk or NAME=MODULE:CLASS@SIZE")
+            raise ConfigError(f"tiers: {item!r} is not gpu, ram, disk or NAME=MODULE:CLASS@SIZE")
         if m["target"] is not None and m["name"] in BUILTIN_TIERS:
             raise ConfigError(f"tiers: {m['name']!r} is a built-in tier; give yours another name")
         out.append(TierSpec(m["name"], m["target"] or "", m["size"] or ""))
     names = [t.name for t in out]
     if len(set(names)) != len(names):
         raise ConfigError(f"tiers: a name appears twice in {spec!r}")
-    if not names or names[0] != "ram":
-        raise ConfigError(f"tiers: {spec!r} must start with ram (puts are written there)")
+    if "gpu" in names[1:]:
+        raise ConfigError(f"tiers: {spec!r}: gpu must come first (it is the tier above ram)")
+    home = names[1:] if names[:1] == ["gpu"] else names
+    if not home or home[0] != "ram":
+        raise ConfigError(
+            f"tiers: {spec!r} must start with ram, or gpu then ram (puts are written to ram; gpu is "
+            "the only tier above it)"
+        )
     for t in out:
         if t.size:
             parse_size(t.size)
@@ -172,7 +178,13 @@ class Config:
     prefetch_depth: int = 2
     """How many predicted next entries to prefetch after each read."""
     gpu_bytes: str = "0"
-    """Size of the GPU tier; 0 = none. This build has no GPU tier: any other value is refused."""
+    """Size of the GPU tier (above RAM; SIZE or a % of the device's memory); 0 = none."""
+    gpu_backend: str = "auto"
+    """auto (CUDA; never the simulated device), cuda, or simulated (a test and demo tool: no GPU)."""
+    gpu_device: int = 0
+    """Which GPU the GPU tier uses (CUDA device index)."""
+    gpu_sim_delay_ms: float = 20.0
+    """Simulated device only: each copy completes at least this late (clients must wait on events)."""
     log_level: str = "info"
     """debug, info, warning or error."""
     graceful_timeout: float = 5.0
@@ -233,8 +245,19 @@ class Config:
         st = os.statvfs(probe)
         return self._size("disk_bytes", st.f_blocks * st.f_frsize)
 
-    def gpu_tier_bytes(self) -> int:
-        return self._size("gpu_bytes", None)
+    def gpu_tier_bytes(self, device_total: int = 0) -> int:
+        """The GPU tier's size; a percentage needs the device's total memory (0: not known yet,
+        any non-zero percentage counts as 1 byte so that callers can tell "a GPU tier")."""
+        if device_total == 0 and str(self.gpu_bytes).strip().endswith("%"):
+            return 1 if self._size("gpu_bytes", 100) else 0
+        return self._size("gpu_bytes", device_total)
+
+    def tier_list(self) -> str:
+        """``tiers`` with the GPU tier put first when gpu_bytes > 0 and ``tiers`` does not name it."""
+        names = [x.strip() for x in self.tiers.split(",")]
+        if self.gpu_tier_bytes() and "gpu" not in names:
+            return "gpu," + self.tiers
+        return self.tiers
 
     def prefetch_budget_bytes(self) -> int:
         return self._size("prefetch_budget", self.ram_tier_bytes())
@@ -334,8 +357,18 @@ class Config:
         if not 0 <= self.prefetch_depth <= 64:
             raise ConfigError(f"prefetch_depth: {self.prefetch_depth} is not between 0 and 64")
         self.prefetch_budget_bytes()
-        if self.gpu_tier_bytes() != 0:
-            raise ConfigError("gpu_bytes: this build of tierd has no GPU tier; leave gpu_bytes at 0")
+        gpu = self.gpu_tier_bytes()
+        if "gpu" in [t.name for t in parse_tiers(self.tiers)] and not gpu:
+            raise ConfigError("tiers: names gpu but gpu_bytes is 0 (set --gpu-bytes)")
+        parse_tiers(self.tier_list())
+        from tierd.gpu.device import BACKENDS
+
+        if self.gpu_backend not in BACKENDS:
+            raise ConfigError(f"gpu_backend: {self.gpu_backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.gpu_device < 0:
+            raise ConfigError(f"gpu_device: {self.gpu_device} is not a device index (0, 1, ...)")
+        if not 0 <= self.gpu_sim_delay_ms <= 10_000:
+            raise ConfigError(f"gpu_sim_delay_ms: {self.gpu_sim_delay_ms} is not between 0 and 10000")
         if self.graceful_timeout < 0:
             raise ConfigError("graceful_timeout: must be >= 0")
         if self.max_connections < 1:
@@ -443,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
             "remote": "URL",
             "remote_timeout": "SECONDS",
             "remote_tls_ca": "FILE",
+            "gpu_device": "N",
+            "gpu_backend": "auto|cuda|simulated",
+            "gpu_sim_delay_ms": "MS",
         }.get(
             f.name,
             "SIZE"

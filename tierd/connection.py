@@ -36,7 +36,7 @@ from tierd.errors import (
     TierdError,
     VersionMismatch,
 )
-from tierd.protocol import MAX_REQUEST_BYTES, ArenaInfo, Error, Got, Located, Ok, PutReady, Welcome
+from tierd.protocol import MAX_REQUEST_BYTES, ArenaInfo, Error, Got, GpuInfo, Located, Ok, PutReady, Welcome
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -298,10 +298,17 @@ class Connection(asyncio.Protocol):
             self.client_id = service.join(self.peer_pid, self.peer_uid, msg.name)
             self.info = service.client(self.client_id)
         arenas = [ArenaInfo(h.space, h.nbytes, h.writable, h.backed) for h in maps]
-        welcome = protocol.encode(
-            Welcome(protocol.PROTOCOL_VERSION, os.getpid(), self.client_id, __version__, arenas)
-        )
         fds = array.array("i", [h.fd for h in maps])
+        gpu = service.gpu(self.peer_uid)
+        info = None
+        if gpu is not None:
+            backend, index, slabs, event_fd = gpu
+            info = GpuInfo(backend, index, [ArenaInfo(h.space, h.nbytes, False, False) for h in slabs],
+                           event_fd >= 0)  # fmt: skip
+            fds.extend([h.fd for h in slabs] + ([event_fd] if event_fd >= 0 else []))
+        welcome = protocol.encode(
+            Welcome(protocol.PROTOCOL_VERSION, os.getpid(), self.client_id, __version__, arenas, info)
+        )
         try:
             with self._raw_socket() as s:
                 s.sendmsg([welcome], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
@@ -323,7 +330,7 @@ class Connection(asyncio.Protocol):
         return _put_ready(m.rid, r, self.service.split)
 
     def on_seal(self, m: protocol.Seal) -> Any:
-        r = self.service.seal(self.client_id, m.put_id)
+        r = self.service.seal(self.client_id, m.put_id, m.tier)
         if isinstance(r, tuple):
             return Ok(m.rid, list(r))
         return _sealed(m.rid, r)
@@ -333,7 +340,7 @@ class Connection(asyncio.Protocol):
         return Ok(m.rid)
 
     def on_get(self, m: protocol.Get) -> Any:
-        r = self.service.get(self.client_id, m.refs)
+        r = self.service.get(self.client_id, m.refs, m.tier)
         if isinstance(r, list):
             return Got(m.rid, r)
         return _got(m.rid, r)
@@ -353,9 +360,11 @@ class Connection(asyncio.Protocol):
     def on_verify(self, m: protocol.Verify) -> Any:
         return _ok(m.rid, self.service.verify(m.prefix))
 
-    def on_pin(self, m: protocol.Pin) -> Ok:
-        self.service.pin(self.client_id, m.key, m.tier)
-        return Ok(m.rid)
+    def on_pin(self, m: protocol.Pin) -> Any:
+        r = self.service.pin(self.client_id, m.key, m.tier)
+        if r is None:
+            return Ok(m.rid)
+        return _ok(m.rid, r)
 
     def on_unpin(self, m: protocol.Unpin) -> Ok:
         return Ok(m.rid, self.service.unpin(self.client_id, m.key))

@@ -93,6 +93,8 @@ class Entry:
     state: str = WRITING
     current: bool = False
     leases: int = 0
+    #: leases per tier (a lease holds the copy in the tier it was served from: RAM or GPU)
+    held: dict[str, int] = field(default_factory=dict)
     pins: set[str] = field(default_factory=set)
     codec: str | None = None  # requested for chunk-store copies (None = the policy decides)
     protect: int = 0  # moves in flight (Manager.protected)

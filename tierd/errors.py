@@ -114,6 +114,15 @@ class CorruptEntry(TierdError):
     recoverable = False
 
 
+class GpuImportError(TierdError):
+    """This process cannot import the daemon's GPU slabs (no cuda-bindings, a driver without POSIX
+    fd export, another device): raised in the client, naming the driver call and its error; the
+    daemon is unaffected. Not recoverable in this process: read from RAM (tier=None) instead."""
+
+    code = "gpu_import"
+    recoverable = False
+
+
 ERRORS_BY_CODE: dict[str, type[TierdError]] = {
     cls.code: cls
     for cls in (
@@ -130,6 +139,7 @@ ERRORS_BY_CODE: dict[str, type[TierdError]] = {
         StorageError,
         Forbidden,
         CorruptEntry,
+        GpuImportError,
     )
 }
 

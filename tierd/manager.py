@@ -42,7 +42,7 @@ from typing import Any
 
 from tierd.entry import ABORTED, FREED, SEALED, WRITING, ClientInfo, Entry, PutSpec
 from tierd.errors import Forbidden, InvalidRequest, NotFound, TierFull, Unsupported
-from tierd.metrics import Metrics
+from tierd.metrics import GPU_COUNTERS, Metrics
 from tierd.policy import LRU
 from tierd.protocol import DTYPE_SIZES, LS_PAGE, LS_PAGE_MAX, SCOPES, Located, check_key
 from tierd.tiers.base import Tier
@@ -61,16 +61,18 @@ class Manager:
         self,
         home: MemoryTier,
         *lower: Tier,
+        upper: tuple[MemoryTier, ...] = (),
         metrics: Metrics | None = None,
         clock=time.time,
         mono=time.monotonic,
     ) -> None:
         #: the home tier: puts are written here, leases point here
         self.ram = home
-        #: every tier, fastest first
-        self.tiers: dict[str, Tier] = {t.name: t for t in (home, *lower)}
-        if len(self.tiers) != 1 + len(lower):
-            raise ValueError(f"tier names must be unique: {[t.name for t in (home, *lower)]}")
+        #: every tier, fastest first: ``upper`` tiers (the GPU) above the home tier, ``lower`` below
+        order = (*upper, home, *lower)
+        self.tiers: dict[str, Tier] = {t.name: t for t in order}
+        if len(self.tiers) != len(order):
+            raise ValueError(f"tier names must be unique: {[t.name for t in order]}")
         self.rank = {name: i for i, name in enumerate(self.tiers)}
         self.memory: dict[str, MemoryTier] = {
             n: t for n, t in self.tiers.items() if isinstance(t, MemoryTier)
@@ -90,6 +92,8 @@ class Manager:
         self.entries: dict[str, Entry] = {}  # key -> current sealed version
         self.versions: dict[int, Entry] = {}  # every version whose bytes are held
         self.leases: dict[int, tuple[int, Entry]] = {}  # lease id -> (client id, version)
+        #: lease id -> the tier it holds, for leases outside the home tier (GPU leases)
+        self.lease_tier: dict[int, str] = {}
         self.clients: dict[int, ClientInfo] = {}
         #: the daemon's counters (their one owner; see tierd.metrics)
         self.metrics = metrics if metrics is not None else Metrics()
@@ -376,34 +380,44 @@ class Manager:
         """Lease every requested version, or none of them when one is missing (all must be home)."""
         return self.lease(cid, [self.resolve(k, v) for k, v in refs])
 
-    def lease(self, cid: int, found: list[Entry], loaded: int = 0) -> list[Located]:
-        """Lease versions whose bytes are home (placement promotes the others first, ``loaded`` of them)."""
+    def lease(self, cid: int, found: list[Entry], loaded: int = 0, tier: str = "") -> list[Located]:
+        """Lease versions whose bytes are in ``tier`` (home by default; placement promotes the
+        others first, ``loaded`` of them). A lease holds the copy in that tier only."""
         client = self.clients.get(cid)
         if client is None:
             return []  # the client went while its get was waiting on the disk
         now, mono = self.clock(), self.mono()
         home = self.ram.name
-        split = self.ram.split
+        tier = tier or home
+        t = self.memory[tier]
+        split, event_of, policy = t.split, t.event_of, self.policies[tier]
         out = []
         for e in found:
-            offset = e.where.get(home)
-            assert offset is not None and e.state == SEALED, "lease of a version not in the home tier"
+            offset = e.where.get(tier)
+            assert offset is not None and e.state == SEALED, f"lease of a version not in {tier}"
             lid = self._next_lease
             self._next_lease += 1
             self.leases[lid] = (cid, e)
+            if tier != home:
+                self.lease_tier[lid] = tier
             client.leases.add(lid)
             e.leases += 1
+            e.held[tier] = e.held.get(tier, 0) + 1
             e.last_access, e.last_access_mono = now, mono
             if e.prefetched:
                 e.prefetched = False
                 self.spec_bytes -= self.ram.region_bytes(e.nbytes)
                 self.metrics.prefetch_used += 1
-            self.policy.on_hit(e.version)
+            policy.on_hit(e.version)
             space, at = split(offset)
-            out.append(Located(e.key, e.version, e.dtype, e.shape, at, e.nbytes, lid, space))
+            event = event_of(offset)
+            out.append(Located(e.key, e.version, e.dtype, e.shape, at, e.nbytes, lid, space, event))
         metrics = self.metrics
         metrics.gets += len(found)
-        metrics.hits_ram += len(found) - loaded
+        if tier == home:
+            metrics.hits_ram += len(found) - loaded
+        else:
+            metrics.hits_gpu += len(found) - loaded
         return out
 
     def release(self, cid: int, lease_ids: list[int]) -> int:
@@ -422,10 +436,12 @@ class Manager:
 
     def _end_lease(self, lid: int) -> None:
         cid, e = self.leases.pop(lid)
+        tier = self.lease_tier.pop(lid, self.ram.name)
         c = self.clients.get(cid)
         if c is not None:
             c.leases.discard(lid)
         e.leases -= 1
+        e.held[tier] -= 1
         self._maybe_free(e)
 
     # ---- delete / pin / lifetime ---------------------------------------------------------------
@@ -526,7 +542,7 @@ class Manager:
 
     def drop(self, e: Entry, tier: str) -> int:
         """Free the copy of ``e`` in memory tier ``tier`` (it has another); returns the bytes freed."""
-        assert len(e.where) > 1 and tier in self.memory and (tier != self.ram.name or e.leases == 0)
+        assert len(e.where) > 1 and tier in self.memory and not e.held.get(tier)
         return self._unplace(e, tier)
 
     def _unplace(self, e: Entry, tier: str) -> int:
@@ -565,11 +581,15 @@ class Manager:
                     1 for e in self.versions.values() if e.state == SEALED and name in e.where
                 )
             tiers.append(st)
+        counters = self.metrics.snapshot()
+        if "gpu" not in self.tiers:  # the GPU counters come with the GPU tier
+            for name in GPU_COUNTERS:
+                counters.pop(name, None)
         return {
             "tiers": tiers,
             "clients": len(self.clients),
             "leases": len(self.leases),
-            "counters": self.metrics.snapshot(),
+            "counters": counters,
         }
 
     def client_list(self) -> list[dict[str, Any]]:
@@ -591,17 +611,21 @@ class Manager:
         for key, e in self.entries.items():
             assert e.key == key and e.current and e.state == SEALED and self.versions[e.version] is e
         lease_count: collections.Counter[int] = collections.Counter()
+        held: collections.Counter[tuple[int, str]] = collections.Counter()
         for lid, (cid, e) in self.leases.items():
             assert e.state == SEALED, "lease on an unsealed or freed version"
             assert lid in self.clients[cid].leases
-            assert self.ram.name in e.where, "lease on a version not in the home tier"
+            tier = self.lease_tier.get(lid, self.ram.name)
+            assert tier in e.where, f"lease on a version not in {tier}"
             lease_count[e.version] += 1
+            held[e.version, tier] += 1
         for cid, c in self.clients.items():
             assert all(self.versions[v].state == WRITING and self.versions[v].owner == cid for v in c.puts)
             assert c.put_bytes == sum(self.versions[v].nbytes for v in c.puts), "open put bytes are off"
         used: collections.Counter[str] = collections.Counter()
         for v, e in self.versions.items():
             assert e.leases == lease_count[v], f"lease count of version {v} is off"
+            assert all(n == held[v, t] for t, n in e.held.items()), f"tier leases of version {v} are off"
             assert e.state in (WRITING, SEALED) or (e.state == ABORTED and e.protect > 0)
             assert e.current or e.leases > 0 or e.protect > 0 or e.state == WRITING, (
                 f"version {v} is held for nobody"

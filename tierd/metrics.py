@@ -38,6 +38,8 @@ class Metrics:
     puts: int = _counter("versions published by a put (sealed)")
     gets: int = _counter("versions leased by get requests (a get of n keys counts n)")
     hits_ram: int = _counter("versions leased that were in RAM already (no promotion waited for)")
+    hits_gpu: int = _counter("versions leased in the GPU tier that were there already (GPU tier only)")
+    gpu_promotions: int = _counter("copies made into the GPU tier (GPU tier only)")
     reads_disk: int = _counter("promotions for a get that read a chunk store")
     releases: int = _counter("leases ended by a release")
     bad_releases: int = _counter("lease ids released that were not the client's (ignored)")
@@ -74,6 +76,8 @@ class Metrics:
         return {name: getattr(self, name) for name in NAMES}
 
 
+#: counters shown only where the daemon has a GPU tier
+GPU_COUNTERS = ("hits_gpu", "gpu_promotions")
 #: every counter's name, in the order declared
 NAMES: tuple[str, ...] = tuple(f.name for f in fields(Metrics))
 #: every counter's one-line help, by name

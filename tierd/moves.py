@@ -13,6 +13,11 @@ any two tiers are the same three steps, with the version protected throughout
                    memory -> store   choose the codec, encode, checksum, write, commit (writer thread)
     3. publish   Manager.place(e, dst, location): from now on readers may find it there; unprotect
 
+A device tier (the GPU: ``host_visible`` False) is copied into and out of through its own
+``upload`` / ``download`` instead of a view. An upload is published as soon as it is queued (the
+reader waits on its event, which the lease carries); the version stays protected until the device
+reports the copy done, so the source bytes and the region stay put while the device reads them.
+
 A failure in step 2 frees what step 2 took and publishes nothing. Concurrent moves of one version
 into one tier share a single copy. Dropping the upper copy after a demotion is placement's step,
 once the move is over and nothing holds the version; the lower copy stays (inclusive caching).
@@ -22,6 +27,7 @@ All codec, copy and I/O work runs in executors: the loop only starts, awaits and
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -32,6 +38,8 @@ from tierd.entry import SEALED, Entry
 from tierd.errors import Unsupported
 from tierd.manager import Manager
 from tierd.tiers.store import CHUNK_BYTES
+
+log = logging.getLogger("tierd.moves")
 
 #: placement's room maker: (tier name, key, nbytes, for_prefetch, owner uid) -> a region there
 Room = Callable[[str, str, int, bool, int], Awaitable[int]]
@@ -51,6 +59,8 @@ class Mover:
         #: the in-flight copies made for a prediction or a hint, per destination: a demand request
         #: that finds no room may wait for them (once done they are unread prefetches it may take)
         self.speculative: dict[str, dict[int, asyncio.Future[None]]] = {n: {} for n in manager.tiers}
+        #: device copies queued and not done yet (each holds its version protected)
+        self.device_copies: set[asyncio.Task[None]] = set()
 
     def close(self) -> None:
         for ex in (self.reader, self.writer, self.io):
@@ -95,10 +105,16 @@ class Mover:
         tier = self.m.memory[dst]
         offset = await room(dst, e.key, e.nbytes, for_prefetch, e.uid)
         try:
+            if not tier.host_visible:
+                self._upload(e, src, dst, offset)
+                return offset
             view = tier.view(offset, e.nbytes)
             where = e.where[src]
-            if src in self.m.memory:
-                await loop.run_in_executor(self.io, _memcpy, view, self.m.memory[src].view(where, e.nbytes))
+            source = self.m.memory.get(src)
+            if source is not None and not source.host_visible:
+                await loop.run_in_executor(self.io, source.download, where, view)  # type: ignore[attr-defined]
+            elif source is not None:
+                await loop.run_in_executor(self.io, _memcpy, view, source.view(where, e.nbytes))
             else:
                 await loop.run_in_executor(self.reader, self.m.stores[src].read_into, where, view, self.io)
         except BaseException:
@@ -106,8 +122,36 @@ class Mover:
             raise
         return offset
 
+    def _upload(self, e: Entry, src: str, dst: str, offset: int) -> None:
+        """Queue the copy of ``e``'s host copy in ``src`` into device tier ``dst``; ``e`` stays
+        protected until the device has done it."""
+        source = self.m.memory.get(src)
+        if source is None or not source.host_visible:
+            raise Unsupported(f"a copy into {dst} comes from host memory, not from {src}")
+        copy = self.m.memory[dst].upload(offset, source.view(e.where[src], e.nbytes))  # type: ignore[attr-defined]
+        hold = self.m.protected(e)
+        hold.__enter__()  # now, before the caller's protection ends; left when the copy is done
+        task = asyncio.get_running_loop().create_task(self._held_until(e, dst, offset, copy.done, hold))
+        self.device_copies.add(task)
+        task.add_done_callback(self.device_copies.discard)
+
+    async def _held_until(self, e: Entry, dst: str, offset: int, done: Any, hold: Any) -> None:
+        try:
+            await asyncio.wrap_future(done)
+        except Exception as ex:  # noqa: BLE001  # the device failed the copy: that copy must go
+            log.error("copy of %r v%d into %s failed: %s", e.key, e.version, dst, ex)
+            if e.where.get(dst) == offset and not e.held.get(dst) and len(e.where) > 1:
+                self.m.drop(e, dst)
+        finally:
+            hold.__exit__(None, None, None)
+
+    async def drain(self) -> None:
+        """Wait for the device copies in flight (at shutdown, before the device goes)."""
+        if self.device_copies:
+            await asyncio.gather(*list(self.device_copies), return_exceptions=True)
+
     async def _into_store(self, e: Entry, src: str, dst: str) -> Any:
-        if src not in self.m.memory:
+        if src not in self.m.memory or not self.m.memory[src].host_visible:
             raise Unsupported(
                 f"moving {e.key!r} from chunk store {src} to chunk store {dst} is not supported"
             )

@@ -4,16 +4,17 @@ The tiers are one ordered list, fastest first, built from the configuration (``t
 is the home tier (RAM): puts are written there and gets are served from there. Bytes move between
 tiers only by the one two-step move of :mod:`tierd.moves` (protect, copy, publish)::
 
-    tiers:     ram  <-->  (more memory tiers)  <-->  disk (a chunk store)
+    tiers:     [gpu]  <-->  ram  <-->  (more memory tiers)  <-->  disk (a chunk store)
     promote:   a get or prefetch of a version not home copies it home from the fastest tier that
-               holds it; the lower copy stays (inclusive caching)
+               holds it; the lower copy stays (inclusive caching). A get (or pin) naming a tier
+               above home (the GPU) brings it home first, then copies it up from there
     demote:    room needed in a memory tier (a put, a promotion, the watermark, memory pressure,
                tierctl evict): its coldest unheld version gets a copy in the next tier down unless
                it has a lower copy already, then its copy here is dropped
 
 Victims are taken coldest first from the tier's eviction policy (LRU); among the coldest few one
 that already has a lower copy is preferred, since dropping it costs no copy. A version is held in
-a memory tier (not a victim there) while it is leased (home only), pinned there or moving.
+a memory tier (not a victim there) while it is leased there, pinned there or moving.
 Concurrent gets of one version share one promotion; concurrent moves into a tier share one copy.
 
 Every allocation in a memory tier goes through :meth:`Placement.alloc` or straight to the tier's
@@ -126,6 +127,7 @@ class Placement:
                 log.warning("%d store operations did not finish at shutdown", len(pending))
         for t in list(self._tasks):
             t.cancel()
+        await self.moves.drain()
         self.moves.close()
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -141,17 +143,34 @@ class Placement:
         return t
 
     # ---- get -----------------------------------------------------------------------------------
-    def resident(self, entries: list[Entry]) -> bool:
-        home, loads = self.home, self._loads
-        return all(home in e.where and e.version not in loads for e in entries)
+    def resident(self, entries: list[Entry], tier: str = "") -> bool:
+        tier = tier or self.home
+        loads = self.moves.inflight[tier]
+        return all(tier in e.where and e.version not in loads for e in entries)
 
-    async def get(self, cid: int, found: list[Entry]) -> list[Located]:
-        """Promote what is not home (each version once), then lease all of ``found``."""
-        missing = list({e.version: e for e in found if self.home not in e.where}.values())
+    async def get(self, cid: int, found: list[Entry], tier: str = "") -> list[Located]:
+        """Promote what is not in ``tier`` (home by default; each version once), then lease all of
+        ``found`` there."""
+        tier = tier or self.home
+        missing = list({e.version: e for e in found if tier not in e.where}.values())
         with self.m.protected(*found):
             for e in missing:
-                await self.load(e)
-            return self.m.lease(cid, found, loaded=len(missing))
+                await self.raise_to(e, tier)
+            return self.m.lease(cid, found, loaded=len(missing), tier=tier)
+
+    async def raise_to(self, e: Entry, tier: str) -> None:
+        """Give ``e`` a copy in memory tier ``tier``: home (:meth:`load`), or a tier above home
+        (the GPU), copied up from home after bringing it home."""
+        if tier == self.home or tier in e.where:
+            await self.load(e)
+            return
+        if self.m.rank[tier] > self.m.rank[self.home]:
+            raise Unsupported(f"reads are served from {self.home} or a tier above it, not from {tier}")
+        with self.m.protected(e):
+            await self.load(e)
+            if await self.moves.copy(e, self.home, tier, self._room):
+                self.m.metrics.gpu_promotions += 1
+                self._wake.set()
 
     async def load(self, e: Entry, for_prefetch: bool = False) -> None:
         """Promote one version home from the fastest tier holding it (``for_prefetch``: predicted)."""
@@ -179,7 +198,7 @@ class Placement:
         """Whether ``e``'s copy in memory tier ``tier`` may go now (a tier below can take it)."""
         return (
             tier in e.where and e.state == SEALED and e.protect == 0 and tier not in e.pins
-            and (e.leases == 0 or tier != self.home) and self.below[tier] is not None
+            and not e.held.get(tier) and self.below[tier] is not None
         )  # fmt: skip
 
     def kept_because(self, e: Entry, tier: str) -> str | None:
@@ -193,8 +212,8 @@ class Placement:
             return "a move of it is in flight"
         if tier in e.pins:
             return f"pinned in {tier}"
-        if e.leases and tier == self.home:
-            return f"leased ({e.leases})"
+        if e.held.get(tier):
+            return f"leased ({e.held[tier]})"
         if self.below[tier] is None:
             return f"no tier below {tier}"
         if tier == self.home and e.prefetched:
@@ -280,6 +299,12 @@ class Placement:
                 if not over_ceiling and not for_prefetch and t.used_bytes + size > t.ceiling:
                     over_ceiling = True
                     continue
+                copies = self.moves.device_copies
+                if copies and not t.host_visible:
+                    # entries whose device copy is still landing are protected until it has: once
+                    # one has, it may be the victim
+                    await asyncio.wait(list(copies), return_when=asyncio.FIRST_COMPLETED)
+                    continue
                 speculative = self.moves.speculative[name]
                 if speculative and not for_prefetch:
                     # the room is held by prefetches still being read: once one lands it is an
@@ -311,7 +336,7 @@ class Placement:
         held = sum(
             self.ram.region_bytes(e.nbytes)
             for e in self.m.versions.values()
-            if home in e.where and not (e.state == SEALED and e.leases == 0 and not e.pins)
+            if home in e.where and not (e.state == SEALED and not e.held.get(home) and not e.pins)
         )  # leased, pinned, or being written: these cannot leave RAM now
         self.ram.ceiling = max(min(self.ram.ceiling, int(target)), held, 0)
         return self.ram.ceiling
@@ -375,8 +400,9 @@ class Placement:
             raise Unsupported("this tierd has no disk tier (disk_bytes=0): nowhere to evict to")
         if e.leases:
             raise InvalidRequest(
-                f"{key!r} is leased by {e.leases} reader(s): it stays in RAM until released", leases=e.leases
-            )
+                f"{key!r} is leased by {e.leases} reader(s): it stays in "
+                f"{', '.join(t for t in e.held if e.held[t])} until released", leases=e.leases,
+            )  # fmt: skip
         if e.pins:
             raise InvalidRequest(f"{key!r} is pinned in {sorted(e.pins)}: unpin it first")
         moved = False

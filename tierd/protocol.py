@@ -55,6 +55,9 @@ MAX_REPLY_BYTES = 512 << 20
 MAX_KEY_BYTES = 1024
 #: Most RAM arenas (uids) a daemon serves: a WELCOME carries at most this many fds.
 MAX_ARENAS = 64
+#: Most GPU slabs a daemon holds: a WELCOME's fds (arenas, slabs, an event table) stay under the
+#: kernel's 253 per message.
+MAX_SLABS = 128
 
 #: Every dtype an entry can have, with its item size in bytes. Names are torch's, without "torch.".
 DTYPE_SIZES: dict[str, int] = {
@@ -122,6 +125,9 @@ class Put(Msg):
 class Seal(Msg):
     rid: int
     put_id: int
+    #: also give the new version a copy in this tier above RAM ("gpu": a put of a CUDA tensor),
+    #: when it has room; "" = none
+    tier: str = ""
 
 
 class Abort(Msg):
@@ -133,6 +139,8 @@ class Get(Msg):
     rid: int
     #: (key, version) pairs; version 0 means "the newest sealed version".
     refs: list[tuple[str, int]]
+    #: the memory tier to lease in: "" = the home tier (RAM); "gpu" promotes there first
+    tier: str = ""
 
 
 class Release(Msg):
@@ -233,12 +241,24 @@ class ArenaInfo(Msg):
     backed: bool
 
 
+class GpuInfo(Msg):
+    """The GPU tier as a client gets it: its backend ("cuda", "simulated"), device index, every
+    slab (read-only; ``space`` = the slab's generation) and whether one more fd follows the slabs'
+    (the simulated device's event table). The fds come after the arenas', in this order."""
+
+    backend: str
+    device: int
+    slabs: list[ArenaInfo]
+    events: bool
+
+
 class Welcome(Msg):
     version: int
     daemon_pid: int
     client_id: int
     daemon_version: str
     arenas: list[ArenaInfo]
+    gpu: GpuInfo | None = None
 
 
 class PutReady(Msg):
@@ -261,6 +281,9 @@ class Located(Msg):
     nbytes: int
     lease: int
     space: int
+    #: what to wait on before reading (a GPU copy in flight; opaque to all but the device's
+    #: client half, tierd_client.gpu); empty when the bytes are there
+    event: bytes = b""
 
 
 class Got(Msg):

@@ -53,6 +53,8 @@ from tierd.reload import Reloader
 from tierd.service import Service
 from tierd.share import Sharing, open_store
 from tierd.tiers import registry
+from tierd.tiers.gpu import GpuTier
+from tierd.tiers.memory import MemoryTier
 from tierd.tiers.ram import ArenaError, RamTier
 
 log = logging.getLogger("tierd")
@@ -112,10 +114,16 @@ class Server:
         _raise_fd_limit(cfg.max_connections)
         limit_heap_retention()  # codec and protocol buffers go back to the kernel when freed
         t0 = time.perf_counter()
-        log.info("building the tiers (%s): %.2f GiB RAM memfd arena, pre-faulting...", cfg.tiers,
+        try:  # the device first: a GPU that cannot be had is refused before the arena is pre-faulted
+            gpu = registry.gpu_tier(cfg) if "gpu" in cfg.tier_list().split(",") else None
+        except BaseException:
+            sock.close()
+            self.socket_path.unlink(missing_ok=True)
+            raise
+        log.info("building the tiers (%s): %.2f GiB RAM memfd arena, pre-faulting...", cfg.tier_list(),
                  ram_bytes / _GIB)  # fmt: skip
         try:
-            tiers = registry.build(cfg)
+            tiers = registry.build(cfg, gpu)
         except BaseException:
             sock.close()
             self.socket_path.unlink(missing_ok=True)
@@ -125,10 +133,17 @@ class Server:
                 remote.close()
             raise
         log.info("tiers ready in %.2fs: %s", time.perf_counter() - t0, ", ".join(t.name for t in tiers))
-        ram = tiers[0]
-        assert isinstance(ram, RamTier)  # registry.build: ram is first
+        at = next(i for i, t in enumerate(tiers) if t.name == "ram")
+        ram = tiers[at]
+        assert isinstance(ram, RamTier)  # registry.build: ram is first, or second after gpu
         self.ram = ram
-        self.manager = Manager(ram, *tiers[1:], metrics=self.metrics)
+        upper = tuple(t for t in tiers[:at] if isinstance(t, MemoryTier))
+        self.manager = Manager(ram, *tiers[at + 1 :], upper=upper, metrics=self.metrics)
+        gpu_tier = self.manager.memory.get("gpu")
+        if isinstance(gpu_tier, GpuTier):  # CUDA: the daemon uid's arena is pinned for fast copies
+            took = gpu_tier.register_host(ram.mmap)
+            name = gpu_tier.device.describe()["name"]
+            log.info("GPU tier on %s: host memory registered in %.2fs", name, took)
         self.manager.max_open_puts = cfg.max_open_puts
         self.manager.max_open_put_bytes = cfg.max_open_put_bytes_value()
         self.placement = Placement(self.manager, high=cfg.ram_high_watermark, low=cfg.ram_low_watermark,
@@ -157,6 +172,8 @@ class Server:
         self._background(self._calibrate())
         self._background(self._read_hardware())
         await self._start_metrics(metrics_sock)
+        if isinstance(gpu_tier, GpuTier):
+            self._background(self._measure_gpu(gpu_tier))
         status = f"serving {ram.capacity_bytes / _GIB:.2f} GiB RAM tier on {self.socket_path}"
         self.notifier.ready(status)
         log.info("tierd %s ready (%s loop): %s", __version__, self.loop_name, status)
@@ -247,6 +264,11 @@ class Server:
             path = Path(self.config.metrics_textfile).expanduser()
             self._background(textfile_loop(path, render, self.config.metrics_interval))
             log.info("metrics textfile %s, rewritten every %.1f s", path, self.config.metrics_interval)
+
+    async def _measure_gpu(self, tier: GpuTier) -> None:
+        """Time the GPU tier's copy path once (a thread), for status."""
+        speeds = await asyncio.get_running_loop().run_in_executor(self.placement.io, tier.measure_copies)
+        log.info("GPU tier copies: %s GB/s", speeds)
 
     async def main_loop(self) -> None:
         tick = 1.0

@@ -28,7 +28,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from tierd.entry import ClientInfo, PutSpec
-from tierd.errors import InvalidRequest, NotFound, ProtocolError, Unsupported
+from tierd.errors import InvalidRequest, NotFound, ProtocolError, TierFull, Unsupported
 from tierd.metrics import Latency, Metrics
 from tierd.protocol import Located
 from tierd.tiers.ram import ArenaError
@@ -94,6 +94,15 @@ class Service:
         """A client is gone: its leases, unsealed puts and scope="client" entries end."""
         self.m.client_gone(cid)
 
+    def gpu(self, uid: int) -> tuple[str, int, list[MapHandle], int] | None:
+        """What a client of ``uid`` maps of the GPU tier: (backend, device index, every slab
+        read-only, the event table's fd or -1); None without a GPU tier."""
+        t = self.m.memory.get("gpu")
+        if t is None:
+            return None
+        dev = t.device  # type: ignore[attr-defined]
+        return dev.backend, dev.index, t.map_handles(uid), t.event_fd()  # type: ignore[attr-defined]
+
     def arenas(self, uid: int) -> list[MapHandle]:
         """What a client of ``uid`` maps: every space of the home tier, its own uid's writable."""
         try:
@@ -141,17 +150,45 @@ class Service:
         """(arena, offset in it) of a home-tier location: what a client is told."""
         return self.m.ram.split(location)
 
-    def seal(self, cid: int, put_id: int) -> Later[tuple[str, int]]:
+    def seal(self, cid: int, put_id: int, tier: str = "") -> Later[tuple[str, int]]:
         """Publish a written put as its key's current version; returns (key, version).
 
         Waits when the put's store codec is lossy (its home bytes become the decoded ones first),
         when it is durable (written through to the durable store first), and when it replaces a
         durable version (answered once that one's record cannot come back at a restart).
+        ``tier`` ("gpu": a put of a CUDA tensor) also gives it a copy in that tier above home,
+        when there is room there; when there is none it stays in RAM (the put does not fail).
         """
         e = self.m.writing(cid, put_id)
+        if tier:
+            self.upper_tier(tier)
+            return self._seal_then_raise(cid, put_id, e, tier)
         if self.placement.may_be_lossy(e):
             return self._seal_lossy(cid, put_id, e)
         return self._seal(cid, put_id)
+
+    async def _seal_then_raise(self, cid: int, put_id: int, e: Entry, tier: str) -> tuple[str, int]:
+        if self.placement.may_be_lossy(e):
+            sealed = await self._seal_lossy(cid, put_id, e)
+        else:
+            sealed = await settle(self._seal(cid, put_id))
+        try:
+            await self.placement.raise_to(e, tier)
+        except TierFull as ex:  # no room up there now: the entry is in RAM, as a put of a CPU tensor
+            log.debug("put %r stays in %s: %s", e.key, self.m.ram.name, ex)
+        return sealed
+
+    def upper_tier(self, tier: str) -> str:
+        """``tier`` when reads may be served from it (the home tier or one above it, the GPU);
+        Unsupported naming the tiers there are otherwise."""
+        m = self.m
+        if tier not in m.memory:
+            have = ", ".join(m.memory)
+            name = tier[:64]  # a client's string, echoed in the reply: bounded
+            raise Unsupported(f"this tierd has no {name} tier (its memory tiers: {have})", tier=name)
+        if m.rank[tier] > m.rank[m.ram.name]:
+            raise Unsupported(f"reads are served from {m.ram.name} or a tier above it, not {tier}", tier=tier)
+        return tier
 
     def _seal(self, cid: int, put_id: int) -> Later[tuple[str, int]]:
         m = self.m
@@ -203,27 +240,31 @@ class Service:
         self.m.abort(cid, put_id)
 
     # ---- get / release -------------------------------------------------------------------------
-    def get(self, cid: int, refs: list[tuple[str, int]]) -> Later[list[Located]]:
+    def get(self, cid: int, refs: list[tuple[str, int]], tier: str = "") -> Later[list[Located]]:
         """Lease every version asked for ((key, version); version 0 = the current one), or none
-        when one is missing (NotFound). At once when all are home; otherwise a coroutine that
-        promotes the others first (the wait is counted in ``stall_us``). With a remote tier, a key
-        missing here is looked for there first (:meth:`tierd.share.Sharing.fetch`)."""
+        when one is missing (NotFound). At once when all are in ``tier`` (home by default; "gpu":
+        the GPU tier, Unsupported where there is none); otherwise a coroutine that promotes the
+        others first (the wait is counted in ``stall_us``). With a remote tier, a key missing here
+        is looked for there first (:meth:`tierd.share.Sharing.fetch`)."""
         m = self.m
+        if tier:
+            self.upper_tier(tier)
         try:
             found = [m.resolve(k, v) for k, v in refs]
         except NotFound:
             if self.sharing is None:
                 raise
-            return self._get_shared(cid, refs)
-        if self.placement.resident(found):
-            got = m.lease(cid, found)
+            return self._get_shared(cid, refs, tier)
+        if self.placement.resident(found, tier):
+            got = m.lease(cid, found, tier=tier)
             record = self._record
+            served = tier or "ram"
             for e in found:
-                record(cid, e, "get", "ram")
+                record(cid, e, "get", served)
             return got
-        return self._get_slow(cid, found)
+        return self._get_slow(cid, found, tier)
 
-    async def _get_shared(self, cid: int, refs: list[tuple[str, int]]) -> list[Located]:
+    async def _get_shared(self, cid: int, refs: list[tuple[str, int]], tier: str = "") -> list[Located]:
         """A get naming a key missing here: fetch what the remote tier has, then get as usual."""
         sharing = self.sharing
         assert sharing is not None
@@ -232,12 +273,12 @@ class Service:
         # and resolve below says NotFound
         await asyncio.gather(*(sharing.fetch(k) for k in sorted(missing)))
         found = [self.m.resolve(k, v) for k, v in refs]
-        return await self._get_slow(cid, found)
+        return await self._get_slow(cid, found, tier)
 
-    async def _get_slow(self, cid: int, found: list[Entry]) -> list[Located]:
+    async def _get_slow(self, cid: int, found: list[Entry], tier: str = "") -> list[Located]:
         tiers = [e.tiers[0] for e in found]
         t0 = time.perf_counter()
-        got = await self.placement.get(cid, found)
+        got = await self.placement.get(cid, found, tier)
         self.metrics.stall_us += int((time.perf_counter() - t0) * 1e6)
         record = self._record
         for e, tier in zip(found, tiers, strict=True):
@@ -272,10 +313,21 @@ class Service:
         """Check the checksums of every stored copy of the entries under ``prefix``."""
         return await self.placement.verify(prefix)
 
-    def pin(self, cid: int, key: str, tier: str = "ram") -> None:
-        """Hold the key's current version in memory tier ``tier`` (it must be there already)."""
-        self.m.guard(cid, self.m.resolve(key), "pin")
+    def pin(self, cid: int, key: str, tier: str = "ram") -> Later[None]:
+        """Hold the key's current version in memory tier ``tier``. Home (ram) or a tier above it
+        (gpu): brought there first when it is not; a lower memory tier: it must be there already."""
+        e = self.m.resolve(key)
+        self.m.guard(cid, e, "pin")
+        m = self.m
+        if tier in m.memory and tier not in e.where and m.rank[tier] <= m.rank[m.ram.name]:
+            return self._pin_after_raise(e, key, tier)
         self.m.pin(key, tier)
+        return None
+
+    async def _pin_after_raise(self, e: Entry, key: str, tier: str) -> None:
+        with self.m.protected(e):
+            await self.placement.raise_to(e, tier)
+            self.m.pin(key, tier)
 
     def unpin(self, cid: int, key: str) -> bool:
         """Let the version go again; returns whether it was pinned."""

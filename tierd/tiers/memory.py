@@ -66,6 +66,9 @@ class Space(NamedTuple):
 
 class MemoryTier(Tier):
     kind: ClassVar[str] = "memory"
+    #: whether ``view`` works (host memory); a device tier copies through upload / download
+    #: instead (:class:`~tierd.tiers.gpu.GpuTier`)
+    host_visible: ClassVar[bool] = True
     #: the working size (see the module docstring); implementations start it at capacity_bytes
     ceiling: int
 
@@ -88,6 +91,11 @@ class MemoryTier(Tier):
     def split(self, location: int) -> tuple[int, int]:
         """(space, offset in it) of a location; a tier of one space returns (0, location)."""
         return 0, location
+
+    def event_of(self, location: int) -> bytes:
+        """What a reader of ``location`` waits on before reading (a device copy still in flight);
+        empty when the bytes are there (always, for host memory)."""
+        return b""
 
     def over_quota(self, owner: int, nbytes: int) -> bool:
         """Whether uid ``owner``'s quota, not the tier's room, refuses ``nbytes`` more (placement
