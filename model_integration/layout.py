@@ -216,10 +216,11 @@ def _layout(
     for i in range(len(order)):
         if i in keep:
             continue
-        j = after[i]
-        while j in keep and j != i:
+        j, seen = after[i], {i}
+        while j in keep and j not in seen:  # a cycle of kept layers only: nothing to hint
+            seen.add(j)
             j = after[j]
-        hint_after.append(index[id(order[j][1])])
+        hint_after.append(index[id(order[i if j in keep else j][1])])
     return StreamingLayout(
         streamed, len(kept), outside, sum(sizes[i] for i in kept), window, order[big][0],
         edges is not None, hint_after,
