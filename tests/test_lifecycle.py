@@ -296,3 +296,22 @@ def test_watchdog_pings(short_tmp: Path) -> None:
     finally:
         assert stop(proc) == 0
         listener.close()
+
+
+def test_a_listener_that_stops_reading_never_blocks_the_daemon(short_tmp: Path) -> None:
+    """The notify queue (10 datagrams by default) fills within 0.1 s of pings every 10 ms once the
+    listener stops reading; the daemon drops messages and goes on answering (sendto would block)."""
+    path = str(short_tmp / "notify")
+    listener = Listener(path)
+    proc = spawn(short_tmp, NOTIFY_SOCKET=path, WATCHDOG_USEC="20000")
+    try:
+        listener.wait("READY", proc)  # from here on nothing reads the listener's queue
+        with Client(short_tmp / "tierd.sock", timeout=5) as c:
+            t0, n = time.monotonic(), 0
+            while time.monotonic() - t0 < 1.0:  # 100 pings' worth: the queue is long full
+                c.stats()
+                n += 1
+        assert n > 10 and proc.poll() is None
+    finally:
+        assert stop(proc) == 0
+        listener.close()

@@ -2,7 +2,8 @@
 
 A notification is one datagram of ``KEY=VALUE`` lines to the AF_UNIX socket named by
 ``$NOTIFY_SOCKET``; a leading "@" means the Linux abstract namespace. With no NOTIFY_SOCKET every
-call is a no-op, so the daemon runs the same in a shell.
+call is a no-op, so the daemon runs the same in a shell. Sending never blocks: when the listener does
+not read (its queue holds 10 datagrams by default) the message is dropped and logged at debug level.
 
 The messages: READY=1 (serving), STATUS= (a line for ``systemctl status``), WATCHDOG=1, STOPPING=1,
 and around a reload RELOADING=1 with MONOTONIC_USEC= (the reload's start on CLOCK_MONOTONIC, which
@@ -25,7 +26,11 @@ class Notifier:
         self.address = "\0" + address[1:] if address.startswith("@") else address
         self._sock: socket.socket | None = None
         if self.address:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # non-blocking: a receiver that stops reading (a full queue: 10 datagrams by default) must
+            # cost a dropped message, never a blocked event loop
+            self._sock = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
         usec = os.environ.get("WATCHDOG_USEC", "")
         wd_pid = os.environ.get("WATCHDOG_PID", "")
         watched = usec.isdigit() and (not wd_pid or wd_pid == str(os.getpid()))
