@@ -34,8 +34,12 @@ Gradient checkpointing. ``torch.utils.checkpoint`` (reentrant or not) and transf
 are offloaded; what the recompute saves during backward stays in the process for the few
 microseconds until it is used.
 
+Entering also has glibc give freed buffers of 1 MiB and more back to the OS
+(``tierd.pages.limit_heap_retention``, process-wide): otherwise the activations the process no longer
+holds stay in a heap that never shrinks, and a memory cgroup still counts them.
+
 Cost per offloaded tensor: a put (two round trips and a memcpy) in forward, a get (one round trip and
-a memcpy) and a delete in backward; ``min_bytes`` (default 1 MiB) keeps that small next to the copy.
+a memcpy) and a delete in backward; ``min_bytes`` (default 256 KiB) keeps that small next to the copy.
 """
 
 from __future__ import annotations
@@ -50,11 +54,12 @@ from typing import Any
 
 import torch
 
+from tierd.pages import limit_heap_retention
 from tierd.protocol import DTYPE_SIZES
 from tierd_client import Client, NotFound, TierFull
 
 #: tensors smaller than this stay in the process (a put costs about two round trips, ~0.1-0.2 ms)
-DEFAULT_MIN_BYTES = 1 << 20
+DEFAULT_MIN_BYTES = 256 << 10
 #: live entries hinted ahead of each unpack, in backward order
 DEFAULT_PREFETCH_DEPTH = 4
 #: the codec applied in the process (float32 -> bfloat16 before the put); other names go to tierd
@@ -166,6 +171,7 @@ class ActivationOffload:
     def __enter__(self) -> ActivationOffload:
         if self._hooks is not None or self._closed:
             raise RuntimeError("an offload_activations context is entered once")
+        limit_heap_retention()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         return self
@@ -174,6 +180,10 @@ class ActivationOffload:
         assert self._hooks is not None
         self._hooks.__exit__(*exc)
         self._closed = True
+        if self.client.closed:  # its entries went with its connection (scope="client")
+            self._live.clear()
+            self._dead.clear()
+            return
         self.flush()
         for idx, key in list(self._live.items()):
             self._delete(idx, key)

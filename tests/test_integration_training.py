@@ -128,8 +128,10 @@ def test_transformers_gradient_checkpointing(daemon, reentrant: bool) -> None:
         assert c.ls("act/") == []
 
 
-def test_torch_checkpoint_inputs_are_offloaded(daemon) -> None:
-    """torch.utils.checkpoint saves its inputs through the hooks: they are the entries stored."""
+@pytest.mark.parametrize("reentrant", [False, True], ids=["nonreentrant", "reentrant"])
+def test_torch_checkpoint_inputs_are_offloaded(daemon, reentrant: bool) -> None:
+    """torch.utils.checkpoint saves its inputs through the hooks: they are the entries stored. What
+    the reentrant recompute saves during backward stays in the process (it is used at once)."""
     torch.manual_seed(1)
     lin = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.GELU(), torch.nn.Linear(256, 256))
     x = torch.randn(64, 256, requires_grad=True)
@@ -138,10 +140,10 @@ def test_torch_checkpoint_inputs_are_offloaded(daemon) -> None:
         lin.zero_grad()
         x.grad = None
         if offload is None:
-            torch.utils.checkpoint.checkpoint(lin, x, use_reentrant=False).square().sum().backward()
+            torch.utils.checkpoint.checkpoint(lin, x, use_reentrant=reentrant).square().sum().backward()
         else:
             with offload:
-                torch.utils.checkpoint.checkpoint(lin, x, use_reentrant=False).square().sum().backward()
+                torch.utils.checkpoint.checkpoint(lin, x, use_reentrant=reentrant).square().sum().backward()
         return x.grad.clone(), lin[0].weight.grad.clone()
 
     want = run()
