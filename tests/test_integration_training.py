@@ -4,6 +4,7 @@ real daemon. Gradients and updated weights are compared bit for bit with the sam
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -320,3 +321,25 @@ def test_layouts_come_back_as_saved(daemon) -> None:
     want = sorted(cases, key=lambda t: (t.shape, t.stride()))
     for a, b in zip(got, want, strict=True):
         assert a.shape == b.shape and a.stride() == b.stride() and torch.equal(a, b)
+
+
+def test_adam_state_offload_after_load_state_dict(daemon) -> None:
+    """load_state_dict replaces the state: the stored entries are dropped and the next steps use the
+    loaded moments, as the plain optimizer does."""
+    net0, opt0, _ = adam_run(None, steps=2)
+    with Client(daemon.socket) as c:
+        net1, opt1, off = adam_run(c, steps=5)
+        net1.load_state_dict(net0.state_dict())
+        opt1.load_state_dict(copy.deepcopy(opt0.state_dict()))  # a copy: torch keeps the tensors it gets
+        assert c.ls(off.prefix) == []
+        g = torch.Generator().manual_seed(9)
+        for _ in range(2):
+            x = torch.randn(32, 128, generator=g)
+            for net, opt in ((net0, opt0), (net1, opt1)):
+                opt.zero_grad()
+                net(x).square().mean().backward()
+                opt.step()
+        for a, b in zip(net0.parameters(), net1.parameters(), strict=True):
+            assert torch.equal(a, b)
+        assert len(c.ls(off.prefix)) == 9
+        off.remove()
