@@ -15,7 +15,10 @@ first (a state-dict pre hook) and offloads it again after (post hook), so checkp
 ``load_state_dict`` leaves the loaded state in the process until the next step offloads it.
 ``off.remove()`` (or leaving ``with off:``) brings the state back into the process, deletes the
 entries and restores the optimizer's own ``step``. A step with a closure calls the closure once,
-then steps the groups.
+then steps the groups. Since the optimizer's own ``step`` runs once per group, step hooks
+(``register_step_pre_hook`` and the global ones) run once per group too, and an LR scheduler that
+wrapped ``optimizer.step`` before this was installed does not see the call (it may warn that the
+scheduler stepped first; the learning rates are unaffected).
 
 Memory. The process holds at most one group's state at a time: with one group per block of
 parameters (a LoRA adapter per layer, say), Adam's 2x-parameters of moments drop to 2x the largest
