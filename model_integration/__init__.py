@@ -10,6 +10,11 @@ This package is the import name of the ``model_integration/`` folder.
 - kvcache: ``TierdKVCache``, a transformers Cache that keeps a window of K/V in the process and
   offloads older blocks to tierd (scope="client": gone when the client is); ``cache_kwargs(cache)``
   passes it to ``generate`` under the name the installed transformers takes.
+- activations: ``offload_activations(client, min_bytes=, codec=)``, a context manager that keeps what
+  autograd saves for backward in tierd (scope="client"), hinted back in backward order, deleted as
+  consumed; lossless unless ``codec="bf16"``. Works with gradient checkpointing.
+- optimizer: ``offload_optimizer_state(optimizer, client)`` keeps Adam's moments in tierd between
+  steps, fetched one parameter group at a time.
 - vision: ``enable_vision_cache`` keys the vision tower's outputs (deepstack included) by the image;
   on a hit the tower does not run. ``disable_vision_cache`` removes it.
 
@@ -26,9 +31,11 @@ except ImportError as e:  # pragma: no cover - exercised in a venv without the e
         "pip install 'tierd[model]'"
     ) from e
 
+from tierd_integration.activations import offload_activations
 from tierd_integration.checkpoint import make_random_checkpoint, sample_inputs
 from tierd_integration.kvcache import TierdKVCache, cache_kwargs
 from tierd_integration.layout import RamTierTooSmall
+from tierd_integration.optimizer import offload_optimizer_state
 from tierd_integration.vision import disable_vision_cache, enable_vision_cache
 from tierd_integration.weights import (
     detach,
@@ -48,7 +55,9 @@ __all__ = [
     "from_pretrained",
     "ingest",
     "make_random_checkpoint",
+    "offload_activations",
     "offload_model",
+    "offload_optimizer_state",
     "sample_inputs",
     "streaming_minimum",
 ]
