@@ -29,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-CG_ROOT = Path("/sys/fs/cgroup/memory")
+from memcg import CG_ROOT, Cgroup
+
 NS = "bench"
 GRID = (16, 16)  # 256 patches -> 64 image tokens
 
@@ -237,37 +238,6 @@ def worker(a: argparse.Namespace) -> None:
 
 
 # -- the parent -----------------------------------------------------------------------------------
-class Cgroup:
-    def __init__(self, name: str) -> None:
-        self.path = CG_ROOT / name
-        self.path.mkdir()
-
-    def set(self, f: str, v: int | str) -> None:
-        (self.path / f).write_text(str(v))
-
-    def get(self, f: str) -> str:
-        return (self.path / f).read_text()
-
-    def prefix(self) -> list[str]:
-        return ["sh", "-c", f'echo $$ > {self.path}/cgroup.procs && exec "$@"', "sh"]
-
-    def oom_kills(self) -> int:
-        for line in self.get("memory.oom_control").splitlines():
-            if line.startswith("oom_kill "):
-                return int(line.split()[1])
-        return 0
-
-    def remove(self) -> None:
-        for _ in range(50):
-            procs = self.get("cgroup.procs").split()
-            for p in procs:  # only our own children are ever put here
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(p), 9)
-            try:
-                self.path.rmdir()
-                return
-            except OSError:
-                time.sleep(0.1)
 
 
 def drop_caches() -> None:
