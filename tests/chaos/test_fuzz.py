@@ -113,6 +113,10 @@ def field_values(cls: type[protocol.Msg]) -> st.SearchStrategy[list[Any]]:
         "nbytes": ints,
         "tags": tag_lists,
         "durable": st.booleans(),
+        "share": st.booleans(),
+        "share_first": st.booleans(),
+        "remote": st.booleans(),
+        "arenas_only": st.booleans(),
         "codec": st.one_of(
             st.none(), st.sampled_from(["auto", "raw", "zstd", "int8", "bf16", "fp16"]), texts
         ),
