@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from tierd.entry import SEALED, Entry
-from tierd.errors import Unsupported
+from tierd.errors import InvalidRequest, Unsupported
 from tierd.manager import Manager
 from tierd.tiers.store import CHUNK_BYTES
 
@@ -211,9 +211,22 @@ class Mover:
         from tierd.codecs.policy import choose
 
         calib = self.calibration or Calibration.assumed()
-        choice = choose(calib, e.dtype, list(e.shape), _sample(view), requested=e.codec,
+        sample, shape = _sample(view), list(e.shape)
+        choice = choose(calib, e.dtype, shape, sample, requested=e.codec,
                         tag_codecs=self.tag_codecs, tags=list(e.tags), cores=self.cores)  # fmt: skip
-        return get_codec(choice.codec).prepare(view, e.dtype, list(e.shape), CHUNK_BYTES), choice.reason
+        codec = get_codec(choice.codec)
+        try:
+            return codec.prepare(view, e.dtype, shape, CHUNK_BYTES), choice.reason
+        except ValueError as ex:  # the data, not the dtype: fp16 overflow, int8 of inf or NaN
+            if codec.lossless:
+                raise
+            if e.codec not in (None, "auto"):  # the put asked for it: refused, nothing stored
+                raise InvalidRequest(f"{e.key!r}: {ex}") from None
+            # a tag rule's lossy codec cannot hold this tensor: stored losslessly instead, as a
+            # rule that does not apply to the dtype is skipped
+            auto = choose(calib, e.dtype, shape, sample, cores=self.cores)
+            why = f"{choice.reason} skipped: {ex}; {auto.reason}"
+            return get_codec(auto.codec).prepare(view, e.dtype, shape, CHUNK_BYTES), why
 
 
 def _memcpy(dst: memoryview, src: memoryview) -> None:
