@@ -310,11 +310,18 @@ def run_worker(tmp: Path, role: str, a: argparse.Namespace, *, tokens: int, sock
     p = subprocess.Popen(cmd)
     res: dict = {}
     try:
+        polls = 0
         while p.poll() is None and time.perf_counter() - t0 < timeout:
             if cg is not None and ready.exists():
                 cg.set("memory.max_usage_in_bytes", 0)  # peak from here on (decode)
                 res["cg_usage_at_start"] = int(cg.get("memory.usage_in_bytes"))
                 ready.unlink()
+            polls += 1
+            if cg is not None and "cg_usage_at_start" in res and polls % 20 == 0:
+                # the page cache charged to the group while it decodes (what the disk's reads leave)
+                st = dict(ln.split() for ln in cg.get("memory.stat").splitlines() if ln.count(" ") == 1)
+                file_pages = int(st.get("cache", 0)) - int(st.get("shmem", 0))  # shmem: the RAM tier
+                res["cg_cache_max"] = max(res.get("cg_cache_max", 0), file_pages)
             time.sleep(0.01)
         if p.poll() is None:
             p.kill()
@@ -692,6 +699,9 @@ def report(R: dict) -> None:
             ratios["budgeted_time"] = {"wall_s": wall, "compute_s": pace["compute_s"],
                                        "stall_s": pace["stall_s"], "disk_busy_s": busy,
                                        "depths": pace["depths"]}  # fmt: skip
+            if "cg_cache_max" in b:
+                print(f"budgeted: page cache charged to the cgroup while decoding, at most "
+                      f"{b['cg_cache_max'] / M:.0f} MiB")  # fmt: skip
             print(f"budgeted generate of {b['n']} tokens: {wall:.2f}s wall; model compute "
                   f"{pace['compute_s']:.2f}s (streamed blocks), waits for weights {pace['stall_s']:.2f}s, "
                   f"disk busy {busy:.2f}s "
