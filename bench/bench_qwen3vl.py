@@ -545,8 +545,15 @@ def main() -> int:
             log(f"disk again: cold read {R['disk_read_gbps_2']:.2f} GB/s")
             drop_caches()
             # the daemon's own memory beside its pre-faulted RAM tier (interpreter, libraries, LMDB),
-            # measured after it has ingested the checkpoint and calibrated
-            daemon_overhead = max(psutil.Process(dB.pid).memory_info().rss - ramB, 64 << 20)
+            # measured after it has ingested the checkpoint and calibrated: its anonymous and file
+            # pages (RssShmem is the tier itself, which RSS counts only as far as it was touched)
+            fields = {
+                ln.split(":")[0]: ln.split()[1:]
+                for ln in Path(f"/proc/{dB.pid}/status").read_text().splitlines()
+            }
+            own = (int(fields["RssAnon"][0]) + int(fields["RssFile"][0])) * 1024
+            R["daemon_rss_anon_file"] = own
+            daemon_overhead = max(own, psutil.Process(dB.pid).memory_info().rss - ramB, 64 << 20)
             R["daemon_overhead_bytes"] = daemon_overhead
             limit = ramB + nonweight + daemon_overhead + (a.margin_mb << 20)
             R["budget"].update(cg_limit_bytes=limit, cgroup=use_cg)
