@@ -160,10 +160,10 @@ def main() -> int:
     ap.add_argument(
         "--kv-mb",
         type=int,
-        default=160,
-        help="case 1's limit: the model's own memory + this [160: a DynamicCache of ~10k tokens]",
+        default=320,
+        help="case 1's limit: the model's own memory + this [320: a DynamicCache of ~20k tokens]",
     )
-    ap.add_argument("--ram-tier-mb", type=int, default=96, help="case 1: the daemon's RAM tier [96]")
+    ap.add_argument("--ram-tier-mb", type=int, default=64, help="case 1: the daemon's RAM tier [64]")
     ap.add_argument("--limit-tokens", type=int, default=8, help="case 1: tokens decoded [8]")
     ap.add_argument("--decode-context", type=int, default=4096, help="case 2's prompt [4096]")
     ap.add_argument("--windows", default="1024,2048", help="case 2's TierdKVCache windows [1024,2048]")
