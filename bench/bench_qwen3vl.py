@@ -300,6 +300,7 @@ def drop_caches() -> None:
 def run_worker(tmp: Path, role: str, a: argparse.Namespace, *, tokens: int, socket: str = "",
                offload_dir: str = "", cg: Cgroup | None = None, timeout: float = 300) -> dict:  # fmt: skip
     out = tmp / f"{role}.json"
+    out.unlink(missing_ok=True)  # a run that dies must not report the previous run's numbers
     ready = tmp / f"{role}.ready"
     cmd = [sys.executable, __file__, "--role", role, "--ckpt", str(a.ckpt_dir), "--out", str(out),
            "--tokens", str(tokens), "--socket", socket, "--offload-dir", offload_dir,
