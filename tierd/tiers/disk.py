@@ -15,18 +15,18 @@ either the whole entry or nothing readable; chunks without a meta record are swe
 start. Commits fsync (LMDB sync=True), so a committed durable entry also survives a reboot.
 
 A raw entry (no codec) is read with ``pread`` straight into its destination (the RAM tier), its
-chunks one after another on a file descriptor of its own, so the kernel sees one sequential read
-and reads ahead in large pieces: 1.33-1.94 GB/s cold here against 0.59-0.92 GB/s for the same
-bytes faulted in through the mapping in 16 MiB pieces by 1-4 threads (``bench/bench_disk.py
---read-paths``: 1 GiB, page cache dropped before each, 3 rounds), and one copy less. LMDB still says where each value lies (its address in the
-mapping, never touched, minus the mapping's start) inside a read transaction held for that chunk,
-so a writer cannot reuse its pages meanwhile; each chunk's xxh3 is then checked in place. Other
-codecs hand their decoder each chunk straight from LMDB's read-only mapping (``buffers=True``,
-readahead on) inside such a transaction; the decoder copies out before it ends. Pages read or
-written are then dropped from the mapping and the page cache (madvise + fadvise DONTNEED): the
-bytes now live in a memory tier (or were just demoted out of one), and must not be held a second
-time. All of this runs in the daemon's executors, never on
-its event loop. Writes are serialised by one lock (LMDB has a single writer anyway).
+chunks one after another on a file descriptor of its own, so the kernel sees one sequential read and
+reads ahead in large pieces: 1.33-1.94 GB/s cold here against 0.59-0.92 GB/s for the same bytes
+faulted in through the mapping in 16 MiB pieces by 1-4 threads (``bench/bench_disk.py
+--read-paths``: 1 GiB, page cache dropped before each, 3 rounds), and one copy less. LMDB still says
+where each value lies (its address in the mapping, never touched, minus the mapping's start) inside
+a read transaction held for that chunk, so a writer cannot reuse its pages meanwhile; each chunk's
+xxh3 is then checked in place. Other codecs hand their decoder each chunk straight from LMDB's
+read-only mapping (``buffers=True``, readahead on) inside such a transaction; the decoder copies out
+before it ends. Pages read or written are then dropped from the mapping and the page cache (madvise
++ fadvise DONTNEED): the bytes now live in a memory tier (or were just demoted out of one), and must
+not be held a second time. All of this runs in the daemon's executors, never on its event loop.
+Writes are serialised by one lock (LMDB has a single writer anyway).
 """
 
 from __future__ import annotations
