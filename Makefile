@@ -48,6 +48,7 @@ bench: setup
 	$(PY) bench/record_qwen3vl_trace.py --out bench/results/qwen3vl.trace.jsonl
 	$(PY) bench/bench_predict.py --trace bench/results/qwen3vl.trace.jsonl
 	$(PY) bench/bench_qwen3vl.py --json bench/results/qwen3vl.json
+	$(PY) bench/bench_kvcache.py --json bench/results/kvcache.json
 
 # the model integration's tests against the newest transformers 5.x (not the locked one), in a venv
 # of its own: run it before `make lock` to see whether a new release breaks us

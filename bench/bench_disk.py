@@ -11,6 +11,11 @@
    copy into the RAM tier, timed by the client; the bytes are compared with the source.
 5. The same for a bfloat16 entry and for an explicit zstd entry, for the codec's cost.
 
+``--read-paths``: only the read path's choice, on a 1 GiB file of random bytes read in 16 MiB
+pieces after dropping the page cache each time: pread in order into the destination (what the disk
+tier does for raw entries), the file's mapping faulted in by 1, 2 and 4 threads (what it did), and
+O_DIRECT reads into a bounce buffer; ``--reps`` rounds, GB/s each.
+
 Ratios are dd time / tierd time (1.0 = as fast as dd). Dropping the page cache needs root; without it
 the reads are warm and the output says so. Each measurement runs ``--reps`` times; medians are shown.
 """
@@ -69,6 +74,75 @@ def lmdb_ceiling(path: Path, size: int) -> float:
     return elapsed
 
 
+def read_paths(base: Path, size: int, reps: int) -> dict[str, list[float]]:
+    """GB/s of each way to read ``size`` bytes of a cold file into memory (see the docstring)."""
+    import mmap
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    piece = 16 << 20
+    size -= size % piece
+    f = base / "paths.bin"
+    with open(f, "wb") as out:
+        for _ in range(size // piece):
+            out.write(os.urandom(piece))
+        os.fsync(out.fileno())
+    dst = np.ones(size, np.uint8)  # faulted in once: the destination is warm, like the RAM tier
+
+    def by_pread(_threads: int) -> None:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            for off in range(0, size, piece):
+                os.preadv(fd, [memoryview(dst)[off : off + piece]], off)
+                os.posix_fadvise(fd, off, piece, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    def by_mapping(threads: int) -> None:
+        fd = os.open(f, os.O_RDONLY)
+        m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        src = [np.frombuffer(m, np.uint8)]
+
+        def one(off: int) -> None:
+            np.copyto(dst[off : off + piece], src[0][off : off + piece])
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(one, range(0, size, piece)))
+        src.clear()  # the array goes, so the mapping can close
+        m.close()
+        os.close(fd)
+
+    def by_direct(threads: int) -> None:
+        fd = os.open(f, os.O_RDONLY | os.O_DIRECT)
+
+        def one(off: int) -> None:
+            bounce = mmap.mmap(-1, piece)  # page-aligned, as O_DIRECT needs
+            os.preadv(fd, [bounce], off)
+            np.copyto(dst[off : off + piece], np.frombuffer(bounce, np.uint8))
+            bounce.close()
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(one, range(0, size, piece)))
+        os.close(fd)
+
+    ways = [("pread in order", by_pread, 1)] + [
+        (f"mapping, {n} threads", by_mapping, n) for n in (1, 2, 4)
+    ] + [(f"O_DIRECT, {n} threads", by_direct, n) for n in (1, 2)]  # fmt: skip
+    out: dict[str, list[float]] = {name: [] for name, _, _ in ways}
+    for _ in range(reps):
+        for name, fn, n in ways:
+            drop_caches()
+            t0 = time.perf_counter()
+            fn(n)
+            out[name].append(size / (time.perf_counter() - t0) / 1e9)
+    f.unlink()
+    for name, v in out.items():
+        print(f"{name:20s} " + " ".join(f"{x:.2f}" for x in v) + " GB/s", flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=1024, help="bytes per measurement [1024]")
@@ -77,9 +151,18 @@ def main() -> int:
         "--dir", default=None, help="where the state dir goes (default: a temp dir under /var/tmp)"
     )
     ap.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    ap.add_argument("--read-paths", action="store_true", help="only compare the read paths (see above)")
     args = ap.parse_args()
     size = args.size_mib << 20
     base = Path(tempfile.mkdtemp(prefix="tierd-bench-disk-", dir=args.dir or "/var/tmp"))
+    if args.read_paths:
+        try:
+            res = read_paths(base, size, args.reps)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2))
+        return 0
     sock = Path(tempfile.mkdtemp(prefix="tb-", dir="/tmp")) / "s.sock"
     results: dict[str, object] = {"size_bytes": size, "cpus": os.cpu_count()}
     print(f"disk tier bench: {args.size_mib} MiB per measurement, state in {base}", flush=True)

@@ -1,6 +1,8 @@
 """A Qwen3-VL-shaped random bf16 model (~0.5B params) decoded four ways, on one machine, in one run.
 
-    python bench/bench_qwen3vl.py [--size-mb 1000 | --shape 2b] [--tokens 24] [--json OUT]
+    python bench/bench_qwen3vl.py [--size-mb 1000 | --shape 2b] [--tokens 24] [--cases ...] [--json OUT]
+
+The checkpoint is built once and kept in --cache (4.26 GB for --shape 2b, ~1 min to build).
 
 Runs (each model in its own process; greedy, the same inputs for all):
  1. plain: transformers from_pretrained, weights in process memory (no tierd);
@@ -10,9 +12,12 @@ Runs (each model in its own process; greedy, the same inputs for all):
     cgroup-v1 memory group limited to 40% of the weights + the plain process's non-weight memory + the
     daemon's own overhead + a margin;
  4. accelerate disk_offload (offload_state_dict once, init_empty_weights, disk_offload) in a cgroup with
-    the same limit (an OOM kill is reported as the result).
+    the same limit (an OOM kill is reported as the result; then, with --accel-find-limit, larger limits
+    are tried until it runs, and it is compared there).
 Also: three processes sharing one model through tierd vs three plain ones (USS), and time to first token
-with a vision-cache hit vs a miss. Needs root for the cgroups and drop_caches (skipped otherwise).
+with a vision-cache hit vs a miss (one image of --image-px square). The budgeted case also reports where
+its time goes: the model's compute, its waits for weights (stalls), and the disk's busy time
+(/proc/diskstats). Needs root for the cgroups and drop_caches (skipped otherwise).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from pathlib import Path
 from memcg import CG_ROOT, Cgroup
 
 NS = "bench"
-GRID = (16, 16)  # 256 patches -> 64 image tokens
+PATCH = 16  # pixels per patch side: an image of P x P pixels is a grid of P/16 x P/16 patches
 
 
 # -- model ------------------------------------------------------------------------------------------
@@ -112,10 +117,45 @@ def make_checkpoint(out: Path, size_mb: int, shape: str = "small") -> tuple[int,
     return nbytes, nparams
 
 
-def inputs_for(config, seed: int = 0):
+def inputs_for(config, seed: int = 0, image_px: int = 256):
     import tierd_integration as ti
 
-    return ti.sample_inputs(config, seed=seed, grid=GRID)
+    side = image_px // PATCH
+    return ti.sample_inputs(config, seed=seed, grid=(side, side))
+
+
+def cached_checkpoint(cache: Path, size_mb: int, shape: str, log) -> tuple[Path, int, int]:
+    """The random checkpoint for this shape, built into ``cache`` the first time (then reused)."""
+    name = "qwen3vl-2b" if shape == "2b" else f"qwen3vl-{size_mb}mb"
+    ckpt = cache / name
+    done = ckpt / "bench-built.json"
+    if done.exists():
+        d = json.loads(done.read_text())
+        log(f"checkpoint from the cache: {ckpt}")
+        return ckpt, d["weight_bytes"], d["params"]
+    shutil.rmtree(ckpt, ignore_errors=True)
+    log(f"building the random checkpoint into {ckpt} (once)")
+    W, n = make_checkpoint(ckpt, size_mb, shape)
+    done.write_text(json.dumps({"weight_bytes": W, "params": n}))
+    return ckpt, W, n
+
+
+def disk_of(path: Path) -> str:
+    """The block device (as /proc/diskstats names it) holding ``path``'s filesystem; "" if unknown."""
+    st = os.stat(path)
+    link = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+    with contextlib.suppress(OSError):
+        return link.resolve().name
+    return ""
+
+
+def disk_busy_ms(dev: str) -> int:
+    """Milliseconds the device has spent with I/O in flight (field 10 of /proc/diskstats)."""
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        f = line.split()
+        if len(f) > 12 and f[2] == dev:
+            return int(f[12])
+    return 0
 
 
 # -- measuring inside a worker --------------------------------------------------------------------
@@ -176,7 +216,7 @@ def worker(a: argparse.Namespace) -> None:
     import tierd_integration as ti
 
     cfg = AutoConfig.from_pretrained(ckpt)
-    inputs = inputs_for(cfg)
+    inputs = inputs_for(cfg, image_px=a.image_px)
     client = None
     if a.role == "plain":
         from transformers import Qwen3VLForConditionalGeneration
@@ -216,13 +256,24 @@ def worker(a: argparse.Namespace) -> None:
         while Path(a.ready_file).exists():
             time.sleep(0.01)
     reset_hwm()
+    dev = disk_of(Path(a.out).parent)
+    busy0, pace0 = disk_busy_ms(dev), None
+    binding = getattr(model, "_tierd_binding", None)
+    if binding is not None and binding.pacer is not None:
+        pace0 = binding.pacer.stats()
     res.update(timed_generate(model, inputs, a.tokens))
+    res["disk_busy_s"] = (disk_busy_ms(dev) - busy0) / 1e3
+    if pace0 is not None:  # where a streaming model's time went, over the timed generate
+        pace1 = binding.pacer.stats()
+        res["pacing"] = {"stall_s": pace1["stall_s"] - pace0["stall_s"],
+                         "compute_s": pace1["compute_s"] - pace0["compute_s"],
+                         "depths": pace1["depths"]}  # fmt: skip
     res["vm_hwm_gen"] = status_kb("VmHWM")
     res["ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     res["uss"] = uss()
     if a.role == "resident":  # vision cache: warm with another image, then a miss, then a hit
         cache = ti.enable_vision_cache(model, client)
-        timed_generate(model, inputs_for(cfg, seed=1), 1)
+        timed_generate(model, inputs_for(cfg, seed=1, image_px=a.image_px), 1)
         miss = timed_generate(model, inputs, 1)
         hit = timed_generate(model, inputs, 1)
         res["vision"] = {"miss_ttft_s": miss["ttft_s"], "hit_ttft_s": hit["ttft_s"], "hits": cache.hits,
@@ -249,21 +300,29 @@ def drop_caches() -> None:
 def run_worker(tmp: Path, role: str, a: argparse.Namespace, *, tokens: int, socket: str = "",
                offload_dir: str = "", cg: Cgroup | None = None, timeout: float = 300) -> dict:  # fmt: skip
     out = tmp / f"{role}.json"
+    out.unlink(missing_ok=True)  # a run that dies must not report the previous run's numbers
     ready = tmp / f"{role}.ready"
-    cmd = [sys.executable, __file__, "--role", role, "--ckpt", str(tmp / "ckpt"), "--out", str(out),
+    cmd = [sys.executable, __file__, "--role", role, "--ckpt", str(a.ckpt_dir), "--out", str(out),
            "--tokens", str(tokens), "--socket", socket, "--offload-dir", offload_dir,
-           "--prefetch-depth", str(a.prefetch_depth)]  # fmt: skip
+           "--prefetch-depth", str(a.prefetch_depth), "--image-px", str(a.image_px)]  # fmt: skip
     if cg is not None:
         cmd = [*cg.prefix(), *cmd, "--ready-file", str(ready)]
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd)
     res: dict = {}
     try:
+        polls = 0
         while p.poll() is None and time.perf_counter() - t0 < timeout:
             if cg is not None and ready.exists():
                 cg.set("memory.max_usage_in_bytes", 0)  # peak from here on (decode)
                 res["cg_usage_at_start"] = int(cg.get("memory.usage_in_bytes"))
                 ready.unlink()
+            polls += 1
+            if cg is not None and "cg_usage_at_start" in res and polls % 20 == 0:
+                # the page cache charged to the group while it decodes (what the disk's reads leave)
+                st = dict(ln.split() for ln in cg.get("memory.stat").splitlines() if ln.count(" ") == 1)
+                file_pages = int(st.get("cache", 0)) - int(st.get("shmem", 0))  # shmem: the RAM tier
+                res["cg_cache_max"] = max(res.get("cg_cache_max", 0), file_pages)
             time.sleep(0.01)
         if p.poll() is None:
             p.kill()
@@ -305,6 +364,22 @@ def disk_read_gbps(tmp: Path) -> float:
     return best
 
 
+def accel_at(tmp: Path, a: argparse.Namespace, limit: int, off: Path, cgroups: list, log) -> dict:
+    """accelerate's disk_offload in a fresh memory cgroup of ``limit`` bytes."""
+    drop_caches()
+    cg = Cgroup(f"bench-qwen3vl-{os.getpid()}-c{limit}")
+    cgroups.append(cg)
+    try:
+        cg.set("memory.limit_in_bytes", limit)
+        r = run_worker(tmp, "accel", a, tokens=a.accel_tokens, offload_dir=str(off), cg=cg, timeout=300)
+    finally:
+        cg.remove()
+        cgroups.remove(cg)
+    how = r.get("error") or f"{r['decode_tok_s']:.3f} tok/s"
+    log(f"accelerate at {limit / 2**20:.0f} MiB: {how}")
+    return r
+
+
 def io_read_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/io").read_text().splitlines():
         if line.startswith("read_bytes:"):
@@ -333,6 +408,13 @@ def main() -> int:
         help="disk codec for the budgeted case's weights (raw, zstd, int8, ...) [the policy's]",
     )
     ap.add_argument("--keep", action="store_true", help="keep the work folder (daemon logs) for a look")
+    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "tierd" / "bench"),
+                    help="where built checkpoints are kept between runs [~/.cache/tierd/bench]")  # fmt: skip
+    ap.add_argument("--image-px", type=int, default=None,
+                    help="the image's side in pixels [256; 448 for --shape 2b]")  # fmt: skip
+    ap.add_argument("--accel-find-limit", action="store_true",
+                    help="when accelerate is OOM-killed at the budgeted limit, try larger limits (+15%% of "
+                         "the weights each, at most 4) until it runs, then once halfway back")  # fmt: skip
     ap.add_argument("--margin-mb", type=int, default=160, help="cgroup limit margin [160]")
     ap.add_argument("--cases", default="resident,share,budgeted,accelerate",
                     help="which cases to run besides plain (always run: the others are measured against it) "
@@ -345,6 +427,8 @@ def main() -> int:
     ap.add_argument("--offload-dir", default="", help=argparse.SUPPRESS)
     ap.add_argument("--ready-file", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.image_px is None:
+        a.image_px = 448 if a.shape == "2b" else 256
     if a.role:
         worker(a)
         return 0
@@ -374,14 +458,16 @@ def main() -> int:
 
     try:
         what = "of Qwen3-VL-2B's dimensions" if a.shape == "2b" else f"(~{a.size_mb} MB bf16)"
-        log(f"building a random Qwen3-VL checkpoint {what} in {tmp}")
-        W, nparams = make_checkpoint(tmp / "ckpt", a.size_mb, a.shape)
+        log(f"a random Qwen3-VL checkpoint {what}")
+        a.ckpt_dir, W, nparams = cached_checkpoint(Path(a.cache), a.size_mb, a.shape, log)
         from transformers import AutoConfig
 
-        cfg = AutoConfig.from_pretrained(tmp / "ckpt")
-        R["model"] = {"params": nparams, "weight_bytes": W, "text_layers": cfg.text_config.num_hidden_layers,
-                      "vision_blocks": cfg.vision_config.depth,
-                      "prompt_tokens": int(inputs_for(cfg)["input_ids"].shape[1])}  # fmt: skip
+        cfg = AutoConfig.from_pretrained(a.ckpt_dir)
+        prompt = int(inputs_for(cfg, image_px=a.image_px)["input_ids"].shape[1])
+        R["model"] = {"shape": a.shape, "params": nparams, "weight_bytes": W,
+                      "text_layers": cfg.text_config.num_hidden_layers,
+                      "vision_blocks": cfg.vision_config.depth, "image_px": a.image_px,
+                      "prompt_tokens": prompt}  # fmt: skip
         log(f"model: {nparams / 1e9:.3f}B params, {W / 2**20:.0f} MiB, {R['model']}")
         R["disk_read_gbps"] = disk_read_gbps(tmp)
         log(f"disk: cold read {R['disk_read_gbps']:.2f} GB/s (dd 1 GiB, best of buffered and direct)")
@@ -400,14 +486,14 @@ def main() -> int:
                               ram_bytes=str(int(W * 1.5) + (256 << 20)), log_path=tmp / "a.log")  # fmt: skip
             daemons.append(dA)
             with Client(sockA) as c:
-                ti.ingest(c, tmp / "ckpt", NS, progress=False)
+                ti.ingest(c, a.ckpt_dir, NS, progress=False)
             log("(2) tierd resident")
             R["resident"] = run_worker(tmp, "resident", a, tokens=a.tokens, socket=sockA)
 
             # three processes sharing the model through daemon A vs three plain ones
             log("three processes sharing one model")
-            share_cmd = [sys.executable, __file__, "--role", "share", "--ckpt", str(tmp / "ckpt"),
-                         "--out", "-", "--socket", sockA]  # fmt: skip
+            share_cmd = [sys.executable, __file__, "--role", "share", "--ckpt", str(a.ckpt_dir),
+                         "--out", "-", "--socket", sockA, "--image-px", str(a.image_px)]  # fmt: skip
             procs = [
                 subprocess.Popen(share_cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                 for _ in range(3)
@@ -449,7 +535,7 @@ def main() -> int:
             daemons.append(dB)
             with Client(sockB) as c:
                 t = time.perf_counter()
-                ing = ti.ingest(c, tmp / "ckpt", NS, progress=False, durable=True, codec=a.codec)
+                ing = ti.ingest(c, a.ckpt_dir, NS, progress=False, durable=True, codec=a.codec)
                 R["budget"]["ingest_s"] = time.perf_counter() - t
                 R["budget"]["ingest"] = ing
                 st = c.stats()
@@ -460,8 +546,15 @@ def main() -> int:
             log(f"disk again: cold read {R['disk_read_gbps_2']:.2f} GB/s")
             drop_caches()
             # the daemon's own memory beside its pre-faulted RAM tier (interpreter, libraries, LMDB),
-            # measured after it has ingested the checkpoint and calibrated
-            daemon_overhead = max(psutil.Process(dB.pid).memory_info().rss - ramB, 64 << 20)
+            # measured after it has ingested the checkpoint and calibrated: its anonymous and file
+            # pages (RssShmem is the tier itself, which RSS counts only as far as it was touched)
+            fields = {
+                ln.split(":")[0]: ln.split()[1:]
+                for ln in Path(f"/proc/{dB.pid}/status").read_text().splitlines()
+            }
+            own = (int(fields["RssAnon"][0]) + int(fields["RssFile"][0])) * 1024
+            R["daemon_rss_anon_file"] = own
+            daemon_overhead = max(own, psutil.Process(dB.pid).memory_info().rss - ramB, 64 << 20)
             R["daemon_overhead_bytes"] = daemon_overhead
             limit = ramB + nonweight + daemon_overhead + (a.margin_mb << 20)
             R["budget"].update(cg_limit_bytes=limit, cgroup=use_cg)
@@ -496,7 +589,7 @@ def main() -> int:
             from safetensors.torch import load_file
 
             sd = {}
-            for f in sorted((tmp / "ckpt").glob("*.safetensors")):
+            for f in sorted(Path(a.ckpt_dir).glob("*.safetensors")):
                 sd.update(load_file(f))
             if "lm_head.weight" not in sd:  # tied: accelerate's hook looks it up under its own name
                 sd["lm_head.weight"] = sd["model.language_model.embed_tokens.weight"]
@@ -509,9 +602,25 @@ def main() -> int:
                 cgC.set("memory.limit_in_bytes", limit)
             R["accelerate"] = run_worker(tmp, "accel", a, tokens=a.accel_tokens, offload_dir=str(off), cg=cgC,
                                          timeout=240)  # fmt: skip
+            log(f"accelerate at {limit / 2**20:.0f} MiB: {R['accelerate'].get('error') or 'ran'}")
             if cgC:
                 cgC.remove()
                 cgroups.remove(cgC)
+            if use_cg and a.accel_find_limit and "decode_tok_s" not in R["accelerate"]:
+                # the smallest limit it runs in: +15% of the weights per try, then once halfway back
+                tries: list[dict] = []
+                lo, hi, step = limit, None, int(0.15 * W)
+                for k in range(1, 5):
+                    tries.append(accel_at(tmp, a, limit + k * step, off, cgroups, log))
+                    if "decode_tok_s" in tries[-1]:
+                        hi = limit + k * step
+                        lo = hi - step
+                        break
+                if hi is not None:
+                    mid = (lo + hi) // 2
+                    t = accel_at(tmp, a, mid, off, cgroups, log)
+                    tries.append(t)
+                R["accelerate_limits"] = tries
     finally:
         for d in daemons:
             d.stop()
@@ -591,6 +700,26 @@ def report(R: dict) -> None:
             f"budgeted is {ratios['budgeted_vs_io_bound'] or float('nan'):.2f} of it"
         )
         print(f"budgeted counters delta: {ratios['budgeted_counters']}")
+        pace = b.get("pacing")
+        if pace:
+            wall = b["total_s"]
+            busy = b.get("disk_busy_s", 0.0)
+            ratios["budgeted_time"] = {"wall_s": wall, "compute_s": pace["compute_s"],
+                                       "stall_s": pace["stall_s"], "disk_busy_s": busy,
+                                       "depths": pace["depths"]}  # fmt: skip
+            if "cg_cache_max" in b:
+                print(f"budgeted: page cache charged to the cgroup while decoding, at most "
+                      f"{b['cg_cache_max'] / M:.0f} MiB")  # fmt: skip
+            print(f"budgeted generate of {b['n']} tokens: {wall:.2f}s wall; model compute "
+                  f"{pace['compute_s']:.2f}s (streamed blocks), waits for weights {pace['stall_s']:.2f}s, "
+                  f"disk busy {busy:.2f}s "
+                  f"({busy / wall:.0%} of the wall time); prefetch depths {pace['depths']}")  # fmt: skip
+    for t in R.get("accelerate_limits", []):
+        how = t.get("error") or f"{t['decode_tok_s']:.3f} tok/s"
+        print(f"accelerate at a {t['cg_limit'] / M:.0f} MiB limit: {how}")
+        if "decode_tok_s" in t and "decode_tok_s" in b:
+            print(f"  budgeted (at its own, smaller limit) / accelerate there: "
+                  f"{b['decode_tok_s'] / t['decode_tok_s']:.2f}x")  # fmt: skip
     print(f"tokens of (1) and the tierd runs identical: {ratios['tokens_identical_1_2_3']}")
     s = R.get("share")
     if s:

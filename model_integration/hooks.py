@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,6 +170,7 @@ class Binding:
     kept_blocks: int = 0  # streaming: decoder layers kept resident (leased) instead of streamed
     edges: bool = False  # streaming: the embedding and the output head stream too (small RAM)
     tier: str | None = None  # the tier the views come from: None (RAM) or "gpu"
+    pacer: Any = None  # streaming: the prefetch depths and their measurements (pacing.Pacer)
 
     def key(self, name: str) -> str:
         return f"{self.namespace}/{name}"
@@ -178,19 +180,40 @@ class StreamBlockHook(ModelHook):
     """One block's weights come from tierd for its forward only.
 
     pre_forward: one get_many for the block's tensors, bound as views, and a prefetch hint for the
-    next ``depth`` blocks; post_forward: parameters back to meta and the leases released (one frame).
+    blocks after it (``ahead[k]``: the keys of the block ``k + 1`` hops ahead; as many as ``pacer``
+    says, else all); post_forward: parameters back to meta and the leases released (one frame). The
+    wait in get_many and the forward's own time are reported to ``pacer`` (see pacing.py).
     """
 
     def __init__(
-        self, client: Any, names: list[str], keys: list[str], next_keys: list[str], tier: str | None = None
+        self,
+        client: Any,
+        names: list[str],
+        keys: list[str],
+        ahead: list[list[str]],
+        tier: str | None = None,
+        pacer: Any = None,
+        index: int = 0,
     ) -> None:
         self.client = client
         self.names = names  # relative to the block
         self.keys = keys
-        self.next_keys = next_keys
+        self.ahead = ahead
         self.tier = tier  # "gpu": each forward's views come from the GPU tier (promoted from RAM)
+        self.pacer = pacer
+        self.index = index
         self.views: list[torch.Tensor] = []
         self.calls = 0
+        self._bound_at = 0.0
+
+    @property
+    def next_keys(self) -> list[str]:
+        """The keys hinted after this block's get, in order, each once."""
+        depth = self.pacer.depth(self.index) if self.pacer is not None else len(self.ahead)
+        out: list[str] = []
+        for keys in self.ahead[:depth]:
+            out += [k for k in keys if k not in out]
+        return out
 
     def init(self, module: nn.Module) -> nn.Module:
         for name in self.names:  # the block holds no memory until its forward
@@ -201,13 +224,18 @@ class StreamBlockHook(ModelHook):
         if self.views:  # re-entered without post_forward (should not happen): drop the old leases
             self._unbind(module)
         get = self.client.get_many
+        t0 = time.perf_counter()
         views = get(self.keys, tier=self.tier) if self.tier else get(self.keys)
         for name, view in zip(self.names, views, strict=True):
             set_tensor(module, name, view)
         self.views = views
-        if self.next_keys:
-            self.client.prefetch(self.next_keys)
+        nxt = self.next_keys
+        if nxt:
+            self.client.prefetch(nxt)
         self.calls += 1
+        self._bound_at = time.perf_counter()
+        if self.pacer is not None:
+            self.pacer.stalled(self.index, self._bound_at - t0)
         return args, kwargs
 
     def _unbind(self, module: nn.Module) -> None:
@@ -218,6 +246,8 @@ class StreamBlockHook(ModelHook):
             self.client.release(views)
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
+        if self.pacer is not None and self.views:
+            self.pacer.computed(self.index, time.perf_counter() - self._bound_at)
         self._unbind(module)
         return output
 

@@ -9,11 +9,14 @@ client disconnects, crash included), not durable. Blocks are offloaded oldest fi
 is always a prefix of the sequence. When a put raises ``TierFull`` the block stays resident (the window
 grows past its bound until a later put succeeds) and ``put_failures`` counts it.
 
-Attention. Each ``update`` (one per layer per forward step) fetches that layer's offloaded blocks in one
-``get_many`` round trip, concatenates them with the resident tokens and the new ones, releases the views
-and returns the full K/V, as ``DynamicCache`` does.
+Attention. Each ``update`` (one per layer per forward step) copies the new tokens into the layer's resident
+buffer (room for ``window + block`` tokens, re-made only when a block leaves for tierd, so a decoding step
+copies one token there), fetches that layer's offloaded blocks in one ``get_many`` round trip, concatenates
+them with the resident tokens, releases the views and returns the full K/V, as ``DynamicCache`` does: one
+concatenation per step, as ``DynamicCache``'s own.
 
-Trade-off. Memory: the process holds ``window`` tokens per layer plus, transiently, one layer's full K/V
+Trade-off. Memory: the process holds ``window`` tokens per layer (in a buffer of ``window + block``) plus,
+transiently, one layer's full K/V
 (the concatenation handed to attention, freed after that layer's attention); a ``DynamicCache`` holds every
 layer's full K/V all the time. So resident KV drops from ``layers * seq`` to about ``layers * window +
 seq`` tokens; the rest lives in the daemon's RAM tier (shared memory, under its budget and eviction
@@ -54,6 +57,9 @@ class TierdKVLayer(DynamicLayer):
         self.cache = cache
         self.layer_idx = layer_idx
         self.block_keys: list[str] = []
+        #: the resident tokens' K and V buffers (room for window + block tokens); keys / values view them
+        self._buf: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._views: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
 
     def _resident_len(self) -> int:
         if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
@@ -72,17 +78,42 @@ class TierdKVLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self._resident_len() == 0:
-            self.keys, self.values = key_states, value_states
-        else:
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
+        self._append(key_states, value_states)
         if self.block_keys:
             full_k, full_v = self._with_offloaded(self.keys, self.values)
         else:
             full_k, full_v = self.keys, self.values
         self._offload()
         return full_k, full_v
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """The new tokens go into a buffer with room for ``window + block`` tokens, copied in place
+        (a decoding step copies one token, not the window); ``keys`` / ``values`` are views of its
+        filled part. A buffer replaced from outside (crop, beam reordering) is taken over again."""
+        n, have = int(key_states.shape[-2]), self._resident_len()
+        if self._buf is None or self.keys is not self._views[0] or have + n > self._buf[0].shape[-2]:
+            self._rebuffer(key_states, value_states, n)
+        assert self._buf is not None
+        bk, bv = self._buf
+        bk[..., have : have + n, :].copy_(key_states)
+        bv[..., have : have + n, :].copy_(value_states)
+        self.keys, self.values = bk[..., : have + n, :], bv[..., : have + n, :]
+        self._views = (self.keys, self.values)
+
+    def _rebuffer(self, like_k: torch.Tensor, like_v: torch.Tensor, extra: int) -> None:
+        """A new buffer holding the resident tokens, with room for ``extra`` more (and at least
+        ``window + block`` in all)."""
+        have = self._resident_len()
+        cap = max(self.cache.window + self.cache.block, have + extra)
+        new = []
+        for like, old in ((like_k, self.keys), (like_v, self.values)):
+            t = torch.empty((*like.shape[:-2], cap, like.shape[-1]), dtype=like.dtype, device=like.device)
+            if have:
+                t[..., :have, :].copy_(old)
+            new.append(t)
+        self._buf = (new[0], new[1])
+        self.keys, self.values = new[0][..., :have, :], new[1][..., :have, :]
+        self._views = (self.keys, self.values)
 
     def _with_offloaded(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cache
@@ -101,8 +132,9 @@ class TierdKVLayer(DynamicLayer):
         before = len(self.block_keys)
         self._offload_blocks()
         if len(self.block_keys) != before:
-            # the remaining slices keep their base alive: copy the window out so the offloaded bytes go
-            self.keys, self.values = self.keys.clone(), self.values.clone()
+            # a new buffer for what stays, so the offloaded bytes go with the old one (the K/V this
+            # step returns may be a view of it: it is not shifted in place)
+            self._rebuffer(self.keys, self.values, 0)
 
     def _offload_blocks(self) -> None:
         c = self.cache
@@ -129,6 +161,7 @@ class TierdKVLayer(DynamicLayer):
 
     def reset(self) -> None:
         self.drop_offloaded()
+        self._buf, self._views = None, (None, None)
         super().reset()
 
     # -- editing the cache (assisted decoding, beam search): offloaded blocks are edited too -------

@@ -227,6 +227,11 @@ def _layout(
     )  # fmt: skip
 
 
+def layout_sizes(layout: StreamingLayout, size_of: dict[str, int]) -> list[int]:
+    """Bytes each streamed block takes of the RAM tier (its tensors as the allocator rounds them)."""
+    return [sum(-(-size_of[s] // ALIGN) * ALIGN for s in b[3]) for b in layout.blocks]
+
+
 def check_room(layout: StreamingLayout, room: int, prefetch_depth: int, what: str) -> None:
     need = layout.minimum_bytes
     if room >= need:

@@ -36,7 +36,8 @@ from tierd_integration.hooks import (
     remove_hook,
     set_tensor,
 )
-from tierd_integration.layout import check_room, streaming_layout
+from tierd_integration.layout import check_room, layout_sizes, streaming_layout
+from tierd_integration.pacing import MAX_DEPTH, Pacer, chain
 from tierd_integration.shards import TensorInfo, shards
 
 CHECKSUM_TAG = "xxh3:"
@@ -342,15 +343,17 @@ def bind(
         order = layout.blocks
         for _, _, _, src in order:
             block_names.update(src)
+        taken = layout_sizes(layout, size_of)
+        # the room the layout left after the resident tensors, the kept layers and the window
+        spare = 0 if room is None else max(room - layout.minimum_bytes - layout.kept_bytes, 0)
+        pacer = Pacer(taken, list(layout.after), prefetch_depth, layout.window_bytes + spare, client=client)
+        binding.pacer = pacer
         for i, (_, module, rel, src) in enumerate(order):
-            nxt: list[str] = []
-            j = i
-            for _ in range(prefetch_depth):
-                j = layout.after[j]  # decoding loops over the text layers
-                if j == i:
-                    break
-                nxt += [f"{ns}/{s}" for s in order[j][3] if f"{ns}/{s}" not in nxt]
-            hook = StreamBlockHook(client, rel, [f"{ns}/{s}" for s in src], nxt, tier)
+            ahead: list[list[str]] = []
+            # the blocks after it, in the order decoding reads them (it loops over the text layers)
+            for j in chain(layout.after, i, MAX_DEPTH)[1:]:
+                ahead.append([f"{ns}/{s}" for s in order[j][3]])
+            hook = StreamBlockHook(client, rel, [f"{ns}/{s}" for s in src], ahead, tier, pacer, i)
             add_hook(module, hook)
             binding.blocks.append((module, list(src)))
 

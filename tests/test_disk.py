@@ -332,3 +332,41 @@ def test_disk_tier_leaves_no_value_in_the_page_cache(tmp_path: Path) -> None:
         assert _resident_bytes(disk.path) < (2 << 20)  # read, then dropped
     finally:
         disk.close()
+
+
+def test_raw_read_checks_every_chunk_read_into_place(tmp_path: Path) -> None:
+    # A raw entry is read with pread straight into the destination, chunk by chunk: a flipped byte
+    # in its second chunk is CorruptEntry (the caller then does not publish the destination).
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from tierd.codecs import get_codec
+    from tierd.tiers.disk import DiskTier
+
+    raw = np.random.default_rng(1).integers(0, 255, (20 << 20) + 5, dtype=np.uint8)
+    plan = get_codec("raw").prepare(memoryview(raw), "uint8", [raw.size], 16 << 20)
+    assert plan.n_chunks == 2
+    meta = {"key": "pr/x", "version": 1, "dtype": "uint8", "shape": [raw.size], "nbytes": raw.size,
+            "tags": [], "durable": True, "ttl": None, "scope": "shared", "created": 0.0}  # fmt: skip
+    disk = DiskTier(tmp_path / "state", 256 << 20)
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            rec = disk.write(meta, plan, memoryview(raw), pool)
+        finally:
+            disk.close()
+        path = tmp_path / "state" / "tierd.lmdb"
+        data = bytearray(path.read_bytes())
+        at = data.find(raw[(17 << 20) : (17 << 20) + 64].tobytes())
+        assert at > 0
+        data[at] ^= 0xFF
+        path.write_bytes(bytes(data))
+        disk = DiskTier(tmp_path / "state", 256 << 20)
+        try:
+            out = bytearray(raw.size)
+            with pytest.raises(CorruptEntry, match="chunk 1 of 2: checksum"):
+                disk.read_into(rec, memoryview(out), pool)
+            assert bytes(out[: 16 << 20]) == raw[: 16 << 20].tobytes()
+            assert disk.stats()["corrupt"] == 1
+        finally:
+            disk.close()

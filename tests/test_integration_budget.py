@@ -94,5 +94,9 @@ def test_every_budget_from_the_minimum_up_generates_the_plain_tokens(
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
         assert torch.equal(out, reference), f"RAM tier {ram} bytes ({ram / weights_bytes:.0%} of the weights)"
+        if binding.mode == "streaming":  # every pass measured; the window never below the one sized for
+            pace = binding.pacer.stats()
+            assert pace["passes"] >= NEW_TOKENS and pace["forwards"] > pace["passes"]
+            assert min(pace["depths"]) >= 2 and pace["compute_s"] > 0
         detach(model)
         assert c.stats()["leases"] == 0

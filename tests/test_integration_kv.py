@@ -170,3 +170,24 @@ def test_crop_into_offloaded_blocks_matches_a_dynamic_cache(daemon) -> None:
         with pytest.raises(ValueError, match="negative"):
             kv.crop(3)
         kv.close()
+
+
+@torch.no_grad()
+def test_long_context_with_a_small_window_equals_dynamic_cache(daemon, model) -> None:
+    # 1,500 prompt tokens against a window of 128: 43 blocks of 32 per layer live in tierd, each
+    # step reads them all back; the resident part is a buffer of window + block tokens appended in
+    # place, re-made only when a block leaves
+    inputs = _text(1500, seed=5)
+    gen = dict(max_new_tokens=16, do_sample=False)
+    ref = model.generate(**inputs, **cache_kwargs(DynamicCache()), **gen)
+    with Client(daemon.socket) as c:
+        with TierdKVCache(c, window=128, block=32) as kv:
+            out = model.generate(**inputs, **cache_kwargs(kv), **gen)
+            total = 1500 + 16 - 1
+            for layer in kv.layers:
+                assert layer._resident_len() <= 128
+                assert layer.offloaded_len == (total - 128 + 31) // 32 * 32
+                assert layer._buf is not None and layer._buf[0].shape[-2] == 128 + 32
+            assert kv.put_failures == 0 and kv.round_trips >= N_LAYERS * 15
+        assert c.ls("kv/") == []
+    assert torch.equal(out, ref)

@@ -269,10 +269,13 @@ class ChunkStore(Tier):
 
         for f in [pool.submit(one, i) for i in range(plan.n_chunks)]:
             f.result()
+        self._count_read(rec, time.perf_counter() - t0)
+
+    def _count_read(self, rec: RecordMeta, seconds: float) -> None:
         with self._lock:
             self.counts.reads += 1
             self.counts.read_bytes += sum(size for size, _ in rec.chunks)
-            self.counts.read_seconds += time.perf_counter() - t0
+            self.counts.read_seconds += seconds
 
     def verify(self, rec: RecordMeta) -> str | None:
         """None when every chunk is present with its checksum; else what is wrong."""
