@@ -311,14 +311,14 @@ def test_learned_install_refuses_other_models() -> None:
 
 def test_auto_picks_the_better_candidate() -> None:
     s = cyclic(2, layers=8, steps=12)
-    a = AutoPredictor(candidates=("none", "sequence"), min_gets=50)
+    a = AutoPredictor(candidates=("none", "sequence"), min_gets=50, cost_budget_us=None)
     replay(s.trace, a, ram_bytes=s.ram_bytes, prefetch_budget_bytes=s.prefetch_budget_bytes)
     st = a.stats()
     assert st["using"] == "sequence" and st["switches"] == 1
     assert st["scores"]["sequence"]["hit_rate"] > 0.8 > st["scores"]["none"]["hit_rate"]
 
     s = _interleaved_small()
-    a = AutoPredictor(options={"learned": {"first_train_after": 300}})
+    a = AutoPredictor(options={"learned": {"first_train_after": 300}}, cost_budget_us=None)
     r = replay(
         s.trace, a, ram_bytes=s.ram_bytes, prefetch_budget_bytes=s.prefetch_budget_bytes, train_every=500
     )

@@ -66,8 +66,13 @@ def test_cyclic_reads_are_served_from_ram_once_learned(start_daemon, predictor: 
         rates = lap_hit_rates(c, 5)
         st = c.stats()
         assert rates[0] < 0.5, f"lap 1 cannot be served from RAM (nothing learned yet): {rates}"
-        assert min(rates[2:]) >= 0.75, f"after learning, reads should hit RAM: {rates}"
+        # sequence learns the cycle in one lap; auto starts on none (hints only) and follows a
+        # predictor once it has 32 reads of evidence that it saves more than it costs: one lap more
+        learned_from = 2 if predictor == "sequence" else 3
+        assert min(rates[learned_from:]) >= 0.75, f"after learning, reads should hit RAM: {rates}"
         assert st["counters"]["prefetch_used"] > 0 and st["prefetch"]["predictor"] == predictor
+        if predictor == "auto":
+            assert st["prefetch"]["predictor_stats"]["using"] != "none", st["prefetch"]["predictor_stats"]
         assert st["prefetch"]["recent_hit_rate"] is not None
         # the daemon acts on the threshold that offline replay measures with
         replay_default = inspect.signature(replay).parameters["min_confidence"].default
