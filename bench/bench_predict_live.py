@@ -20,8 +20,9 @@ pair: two models of different sizes (different token rates) in two processes on 
 The daemon runs in a cgroup-v1 memory group limited to its RAM tier + its own overhead + a margin,
 so the page cache cannot hold the weights and a disk read is a disk read (root only; otherwise it
 runs without, and says so). The page cache is dropped before each run. Rounds interleave the
-predictors (none, auto, sequence, learned, none, auto, ...); ratios are taken within a round, and
-the spread over rounds is printed.
+predictors; ratios are taken within a round, and
+the spread over rounds is printed. The order rotates from round to round (none first, then auto
+first, ...), so that no predictor always runs first or after the same one.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def worker(a: argparse.Namespace) -> None:
     cfg = AutoConfig.from_pretrained(a.ckpt)
     inputs = inputs_for(cfg)
     client = Client(a.socket)
-    model = ti.from_pretrained(a.ckpt, client, namespace=a.ns, mode="streaming", prefetch_depth=1)
+    budget = a.ram_budget or None  # two models on one tier: each streams within its share
+    model = ti.from_pretrained(a.ckpt, client, namespace=a.ns, mode="streaming", prefetch_depth=1,
+                               ram_budget=budget)  # fmt: skip
     timed_generate(model, inputs, 1)  # warm-up, not timed
     Path(a.out + ".ready").write_text("1")
     while not Path(a.go).exists():
@@ -71,7 +74,7 @@ def worker(a: argparse.Namespace) -> None:
 
 
 def run_once(tmp: Path, models: list[tuple[str, Path]], predictor: str, a: argparse.Namespace,
-             ram: int, limit: int | None) -> dict:  # fmt: skip
+             ram: int, limit: int | None, budgets: dict[str, int]) -> dict:  # fmt: skip
     from tierd import launch
     from tierd_client import Client
 
@@ -94,7 +97,7 @@ def run_once(tmp: Path, models: list[tuple[str, Path]], predictor: str, a: argpa
                 outs.append(out)
                 cmd = [sys.executable, __file__, "--role", "worker", "--ckpt", str(ckpt), "--ns", ns,
                        "--socket", sock, "--out", str(out), "--go", str(go),
-                       "--tokens", str(a.tokens)]  # fmt: skip
+                       "--tokens", str(a.tokens), "--ram-budget", str(budgets.get(ns, 0))]  # fmt: skip
                 procs.append(subprocess.Popen(cmd))
             t_wait = time.time()
             while not all(Path(str(o) + ".ready").exists() for o in outs):
@@ -112,6 +115,7 @@ def run_once(tmp: Path, models: list[tuple[str, Path]], predictor: str, a: argpa
                 st = c.stats()
             c1 = st["counters"]
             ps = st["prefetch"]["predictor_stats"]
+            pf = {k: st["prefetch"].get(k) for k in ("trainings", "train_cpu_s", "work_us_mean")}
         finally:
             d.stop()
         rs = [json.loads(o.read_text()) for o in outs]
@@ -131,6 +135,7 @@ def run_once(tmp: Path, models: list[tuple[str, Path]], predictor: str, a: argpa
             "auto_using": ps.get("using"),
             "auto_scores": ps.get("scores"),
             "oom_kills": cg.oom_kills() if cg else 0,
+            "prefetcher": pf,
         }
     finally:
         if cg:
@@ -153,6 +158,7 @@ def main() -> int:
     ap.add_argument("--socket", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--go", help=argparse.SUPPRESS)
+    ap.add_argument("--ram-budget", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.role == "worker":
         worker(a)
@@ -175,13 +181,18 @@ def main() -> int:
     R: dict = {"case": a.case, "load_start": os.getloadavg(), "runs": []}
     models: list[tuple[str, Path]] = []
     W = 0
+    own: dict[str, int] = {}
     for i, mb in enumerate(sizes):
         ckpt = tmp / f"ckpt{i}"
         w, _ = make_checkpoint(ckpt, mb)
         models.append((f"m{i}", ckpt))
+        own[f"m{i}"] = w
         W += w
         log(f"model m{i}: {w / 2**20:.0f} MiB of bf16 weights")
     ram = int(a.ram_share * W)
+    # with two models each streams within its share of the tier (less a little for the other's
+    # window rounding); one model has the tier to itself
+    budgets = {ns: int(0.95 * a.ram_share * w) for ns, w in own.items()} if len(own) > 1 else {}
     a.disk_bytes = 3 * W + (512 << 20)
     sock = str(tmp / "d.sock")
     d = launch.start(sock, "--state-dir", str(tmp / "state"), "--disk-bytes", str(a.disk_bytes),
@@ -202,8 +213,8 @@ def main() -> int:
         + (f"{limit / 2**20:.0f} MiB" if limit else "none (not root)"))  # fmt: skip
     try:
         for rnd in range(a.rounds):
-            for p in preds:
-                r = run_once(tmp, models, p, a, ram, limit)
+            for p in preds[rnd % len(preds) :] + preds[: rnd % len(preds)]:  # each goes first once
+                r = run_once(tmp, models, p, a, ram, limit, budgets)
                 r["round"] = rnd
                 R["runs"].append(r)
                 c = r["counters"]
@@ -212,6 +223,8 @@ def main() -> int:
                     f"issued {c['prefetch_issued']} covered {c['prefetch_covered']} "
                     f"dropped {c['prefetch_dropped']} "
                     f"used {c['prefetch_used']}  stall {c['stall_us'] / 1e6:.2f}s"
+                    + f"  trainings {r['prefetcher']['trainings']} ({r['prefetcher']['train_cpu_s']} s CPU), "
+                    f"predictor thread {r['prefetcher']['work_us_mean']} us/access"
                     + (f"  auto follows {r['auto_using']}" if r["auto_using"] else ""))  # fmt: skip
     finally:
         import shutil

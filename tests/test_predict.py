@@ -29,6 +29,7 @@ from tierd.predict.traces import (
     recorded,
     uniform_random,
     vision,
+    with_hints,
 )
 
 MIB = 1 << 20
@@ -327,6 +328,35 @@ def test_auto_picks_the_better_candidate() -> None:
     assert st["scores"]["learned"]["hit_rate"] > st["scores"]["sequence"]["hit_rate"] + 0.1
     assert st["candidates"]["learned"]["trained"]
     assert r.trained >= 1 and "auto is using learned" in format_result(r)
+
+
+def test_auto_follows_none_when_the_hints_cover_the_stream() -> None:
+    # a streaming model hints its next reads: the predictors would only repeat the hints, which
+    # counts neither as a win nor as a cost, so nothing beats none
+    s = with_hints(cyclic(2, layers=8, steps=12))
+    a = AutoPredictor(min_gets=50, cost_budget_us=None)
+    r = replay(s.trace, a, ram_bytes=s.ram_bytes, prefetch_budget_bytes=s.prefetch_budget_bytes)
+    st = a.stats()
+    assert st["using"] == "none" and st["switches"] == 0, st["scores"]
+    assert st["scores"]["sequence"]["score"] <= 0 and st["scores"]["sequence"]["hit_rate"] == 0
+    none = replay(s.trace, "none", ram_bytes=s.ram_bytes, prefetch_budget_bytes=s.prefetch_budget_bytes)
+    assert r.hit_rate == none.hit_rate and r.prefetch_issued == none.prefetch_issued
+
+    # the same reads without the hints: sequence saves reads, and auto moves to a predictor
+    s = cyclic(2, layers=8, steps=12)
+    a = AutoPredictor(min_gets=50, cost_budget_us=None)
+    replay(s.trace, a, ram_bytes=s.ram_bytes, prefetch_budget_bytes=s.prefetch_budget_bytes)
+    assert a.stats()["using"] != "none" and a.stats()["scores"]["sequence"]["score"] > 0.5
+
+
+def test_auto_scores_in_bursts_to_keep_its_work_bounded() -> None:
+    # a budget of 0 leaves the least duty: one burst of 64 accesses in every 32 * 64
+    s = cyclic(2, layers=8, steps=100)
+    a = AutoPredictor(cost_budget_us=0.0, burst=64, min_gets=32)
+    replay(s.trace, a, ram_bytes=s.ram_bytes, prefetch_budget_bytes=s.prefetch_budget_bytes)
+    st = a.stats()
+    assert 1 / 32 <= st["shadowed_share"] < 1 / 16, st["shadowed_share"]
+    assert st["using"] != "none", st["scores"]  # the bursts are evidence enough to move
 
 
 # -- replay -----------------------------------------------------------------------------------------

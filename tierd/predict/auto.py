@@ -29,7 +29,9 @@ Measured (``bench/bench_predict.py --per-access``): see docs/benchmarks.md.
 ``cost_budget_us=None`` scores every access (offline replay and unit tests, where time is free).
 
 Training is passed through to the ``learned`` candidate (``wants_training`` / ``train`` /
-``install``); its model is used as soon as installed, and scored like the others.
+``install``), but only while it is followed or its score (untrained, its candidate tables alone)
+beats ``none``: a training costs seconds of CPU that a model on a small machine needs more. Its
+model is used as soon as installed, and scored like the others.
 """
 
 from __future__ import annotations
@@ -301,7 +303,13 @@ class AutoPredictor(Predictor):
         }
 
     def wants_training(self) -> bool:
-        return any(p.wants_training() for p in self._children.values())
+        """A training is worth its CPU only for a candidate that could be followed: the one followed
+        now, or one whose untrained score already beats ``none`` (a streaming model's hints leave
+        every candidate at or below 0, and then nothing is trained)."""
+        return any(
+            p.wants_training() and (name == self._using or self.score(name) > 0)
+            for name, p in self._children.items()
+        )
 
     def train(self, history: list[Access]) -> object:
         return {name: p.train(history) for name, p in self._children.items()}
