@@ -15,9 +15,14 @@ Rows per trace: none (LRU only), sequence, learned, auto, and an ablation "learn
 learned predictor's candidate tables with its fixed fallback ranking, never trained), which shows
 how much of learned's result is the fitted model and how much its candidate features.
 
-Everything but the timing columns is deterministic for a seed (the replay is a simulation: stall
-is simulated seconds, not measured). "us/get" is the measured wall time of observe() + predict()
-per get on this machine, and "train s" the time spent in train() (in the daemon, a worker thread).
+Everything but the timing columns and the auto row is deterministic for a seed (the replay is a
+simulation: stall is simulated seconds, not measured). auto scores its candidates in bursts sized
+from their measured CPU cost, as in the daemon, so which one it follows when can vary a little from
+run to run. "us/get" is the measured wall time of observe() + predict() per get on this machine,
+and "train s" the time spent in train() (in the daemon, a niced child process).
+
+--per-access times each predictor's observe + predict per access on its own (mean, p99, the spread
+of the rounds' means), the figure behind the daemon's bound of 5 us per access for auto.
 
 The goal stated in issue 4: learned at least matches sequence on every trace and beats it on
 "interleaved" and "vision"; auto uses the best. The verdict lines say, per trace, whether it did.
