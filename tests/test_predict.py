@@ -334,10 +334,13 @@ def test_auto_follows_none_when_the_hints_cover_the_stream() -> None:
     # a streaming model hints its next reads: the predictors would only repeat the hints, which
     # counts neither as a win nor as a cost, so nothing beats none
     s = with_hints(cyclic(2, layers=8, steps=12))
-    a = AutoPredictor(min_gets=50, cost_budget_us=None)
-    r = replay(s.trace, a, ram_bytes=s.ram_bytes, prefetch_budget_bytes=s.prefetch_budget_bytes)
+    a = AutoPredictor(min_gets=50, cost_budget_us=None, options={"learned": {"first_train_after": 100}})
+    r = replay(s.trace, a, ram_bytes=s.ram_bytes, prefetch_budget_bytes=s.prefetch_budget_bytes,
+               train_every=100)  # fmt: skip
     st = a.stats()
     assert st["using"] == "none" and st["switches"] == 0, st["scores"]
+    # learned would train, but it is not followed and does not beat none: no CPU spent on it
+    assert a._children["learned"].wants_training() and not a.wants_training() and r.trained == 0
     assert st["scores"]["sequence"]["score"] <= 0 and st["scores"]["sequence"]["hit_rate"] == 0
     none = replay(s.trace, "none", ram_bytes=s.ram_bytes, prefetch_budget_bytes=s.prefetch_budget_bytes)
     assert r.hit_rate == none.hit_rate and r.prefetch_issued == none.prefetch_issued
