@@ -85,6 +85,7 @@ def print_status(s: dict[str, Any]) -> None:
         if pf["predictor_errors"]:
             parts.append(f"predictor errors {pf['predictor_errors']} (last: {pf['last_error']})")
         print("prefetch: " + ", ".join(parts))
+        _print_auto(pf)
     pl = s.get("placement")
     if pl:
         print(
@@ -106,6 +107,29 @@ def print_status(s: dict[str, Any]) -> None:
         elif any(t["name"] == "disk" for t in s["tiers"]):
             print("calibration: running")
     print_hardware(s.get("hardware") or {})
+
+
+def _print_auto(pf: dict[str, Any]) -> None:
+    """The predictor block: which candidate ``auto`` follows and why (each one's recent score:
+    read bytes saved net of waste and CPU, the share saved, precision, wasted bytes, CPU per access),
+    and the predictor thread's cost."""
+    ps = pf["predictor_stats"]
+    work = pf.get("work_us_mean")
+    cost = ""
+    if work is not None:
+        cost = f"; predictor thread {work} us/access (max of last 1000: {pf['work_us_max_recent']})"
+    if "scores" not in ps or "using" not in ps:
+        if cost:
+            print("predictor:" + cost[1:])
+        return
+    print(f"predictor: auto follows {ps['using']} ({ps['switches']} switches, {ps['gets']} gets scored, "
+          f"{ps['shadowed_share']:.0%} of accesses shadowed){cost}")  # fmt: skip
+    for name, sc in ps["scores"].items():
+        prec = "-" if sc["precision"] is None else f"{sc['precision']:.0%}"
+        mark = "*" if name == ps["using"] else " "
+        print(f"  {mark} {name:<10} score {sc['score']:+.3f}  saved {sc['hit_rate']:.1%} of read bytes  "
+              f"precision {prec}  wasted {human_bytes(sc['wasted_bytes'])}  "
+              f"{sc['us_per_access']} us/access")  # fmt: skip
 
 
 def print_hardware(hw: dict[str, Any]) -> None:

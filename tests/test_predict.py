@@ -29,6 +29,7 @@ from tierd.predict.traces import (
     recorded,
     uniform_random,
     vision,
+    with_hints,
 )
 
 MIB = 1 << 20
@@ -311,14 +312,14 @@ def test_learned_install_refuses_other_models() -> None:
 
 def test_auto_picks_the_better_candidate() -> None:
     s = cyclic(2, layers=8, steps=12)
-    a = AutoPredictor(candidates=("none", "sequence"), min_gets=50)
+    a = AutoPredictor(candidates=("none", "sequence"), min_gets=50, cost_budget_us=None)
     replay(s.trace, a, ram_bytes=s.ram_bytes, prefetch_budget_bytes=s.prefetch_budget_bytes)
     st = a.stats()
     assert st["using"] == "sequence" and st["switches"] == 1
     assert st["scores"]["sequence"]["hit_rate"] > 0.8 > st["scores"]["none"]["hit_rate"]
 
     s = _interleaved_small()
-    a = AutoPredictor(options={"learned": {"first_train_after": 300}})
+    a = AutoPredictor(options={"learned": {"first_train_after": 300}}, cost_budget_us=None)
     r = replay(
         s.trace, a, ram_bytes=s.ram_bytes, prefetch_budget_bytes=s.prefetch_budget_bytes, train_every=500
     )
@@ -327,6 +328,38 @@ def test_auto_picks_the_better_candidate() -> None:
     assert st["scores"]["learned"]["hit_rate"] > st["scores"]["sequence"]["hit_rate"] + 0.1
     assert st["candidates"]["learned"]["trained"]
     assert r.trained >= 1 and "auto is using learned" in format_result(r)
+
+
+def test_auto_follows_none_when_the_hints_cover_the_stream() -> None:
+    # a streaming model hints its next reads: the predictors would only repeat the hints, which
+    # counts neither as a win nor as a cost, so nothing beats none
+    s = with_hints(cyclic(2, layers=8, steps=12))
+    a = AutoPredictor(min_gets=50, cost_budget_us=None, options={"learned": {"first_train_after": 100}})
+    r = replay(s.trace, a, ram_bytes=s.ram_bytes, prefetch_budget_bytes=s.prefetch_budget_bytes,
+               train_every=100)  # fmt: skip
+    st = a.stats()
+    assert st["using"] == "none" and st["switches"] == 0, st["scores"]
+    # learned would train, but it is not followed and does not beat none: no CPU spent on it
+    assert a._children["learned"].wants_training() and not a.wants_training() and r.trained == 0
+    assert st["scores"]["sequence"]["score"] <= 0 and st["scores"]["sequence"]["hit_rate"] == 0
+    none = replay(s.trace, "none", ram_bytes=s.ram_bytes, prefetch_budget_bytes=s.prefetch_budget_bytes)
+    assert r.hit_rate == none.hit_rate and r.prefetch_issued == none.prefetch_issued
+
+    # the same reads without the hints: sequence saves reads, and auto moves to a predictor
+    s = cyclic(2, layers=8, steps=12)
+    a = AutoPredictor(min_gets=50, cost_budget_us=None)
+    replay(s.trace, a, ram_bytes=s.ram_bytes, prefetch_budget_bytes=s.prefetch_budget_bytes)
+    assert a.stats()["using"] != "none" and a.stats()["scores"]["sequence"]["score"] > 0.5
+
+
+def test_auto_scores_in_bursts_to_keep_its_work_bounded() -> None:
+    # a budget of 0 leaves the least duty: one burst of 64 accesses in every 32 * 64
+    s = cyclic(2, layers=8, steps=100)
+    a = AutoPredictor(cost_budget_us=0.0, burst=64, min_gets=32)
+    replay(s.trace, a, ram_bytes=s.ram_bytes, prefetch_budget_bytes=s.prefetch_budget_bytes)
+    st = a.stats()
+    assert 1 / 32 <= st["shadowed_share"] < 1 / 16, st["shadowed_share"]
+    assert st["using"] != "none", st["scores"]  # the bursts are evidence enough to move
 
 
 # -- replay -----------------------------------------------------------------------------------------

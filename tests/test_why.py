@@ -51,7 +51,7 @@ def test_where_leases_pins_codec_and_older_versions(start_daemon) -> None:
         assert 1 <= ev["rank"] <= ev["of"] == 2  # w/a and w/b in RAM (w/c went down)
         tag_rule = "tag 'kv' -> zstd (when it is stored, if the codec suits it)"
         assert a["codec"] == {"codec": "zstd", "stored": False, "reason": tag_rule}
-        assert a["prediction"]["predictor"] == "sequence" and a["prediction"]["queued"] is None
+        assert a["prediction"]["predictor"] == "auto" and a["prediction"]["queued"] is None
 
         b = why(d.socket, "w/b")
         assert b["pinned"] == ["ram"] and b["eviction"][0]["kept_because"] == "pinned in ram"

@@ -171,8 +171,9 @@ class Config:
     """...until use is back under this share."""
     tag_codecs: str = ""
     """Disk codec per tag, e.g. "weight=int8,kv=zstd" (int8, bf16, fp16 are lossy and opt-in)."""
-    predictor: str = "sequence"
-    """Next-read predictor: none, sequence (cheap), learned or auto (cost CPU; docs/architecture.md)."""
+    predictor: str = "auto"
+    """Next-read predictor: auto (scores none, sequence, learned; follows none unless one pays), none,
+    sequence or learned (docs/architecture.md)."""
     prefetch_budget: str = "10%"
     """RAM for prefetched entries not read yet: a SIZE or a % of the RAM tier."""
     prefetch_depth: int = 2

@@ -99,6 +99,9 @@ class Entry:
     codec: str | None = None  # requested for chunk-store copies (None = the policy decides)
     protect: int = 0  # moves in flight (Manager.protected)
     prefetched: bool = False  # brought into RAM on a prediction, not read since
+    #: named by a client's hint while in RAM (or brought in for one), not read since: a prediction's
+    #: load never takes its room
+    hinted: bool = False
     share: bool = False  # put with share=True: written to the remote tier after SEAL
     share_first: bool = False  # durable="remote": written to the remote tier before SEAL
     shared: bool = False  # written to the remote tier already (not again after SEAL)

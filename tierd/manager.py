@@ -404,6 +404,7 @@ class Manager:
             e.leases += 1
             e.held[tier] = e.held.get(tier, 0) + 1
             e.last_access, e.last_access_mono = now, mono
+            e.hinted = False
             if e.prefetched:
                 e.prefetched = False
                 self.spec_bytes -= self.ram.region_bytes(e.nbytes)
@@ -517,13 +518,23 @@ class Manager:
                 e.protect -= 1
                 self._maybe_free(e)
 
-    def mark_prefetched(self, e: Entry) -> None:
+    def mark_prefetched(self, e: Entry, hinted: bool = False) -> None:
+        """``e`` was brought into RAM ahead of a read: for a client's hint, or on a prediction."""
         if not e.prefetched and self.ram.name in e.where:
             e.prefetched = True
             self.spec_bytes += self.ram.region_bytes(e.nbytes)
+        if hinted:
+            self.mark_hinted(e)
+
+    def mark_hinted(self, e: Entry) -> None:
+        """A client's hint named ``e``: while it stays in RAM unread, no prediction's load takes
+        its room (:meth:`tierd.placement.Placement.victim`)."""
+        if self.ram.name in e.where:
+            e.hinted = True
 
     def _unspeculate(self, e: Entry) -> None:
         """A prefetched entry leaves RAM unread: its bytes were wasted."""
+        e.hinted = False
         if e.prefetched:
             e.prefetched = False
             self.spec_bytes -= self.ram.region_bytes(e.nbytes)
@@ -639,5 +650,6 @@ class Manager:
                     used[name] += self.memory[name].region_bytes(e.nbytes)
             assert e.pins <= e.where.keys(), f"version {v} is pinned in a tier it is not in"
             assert not e.prefetched or self.ram.name in e.where
+            assert not e.hinted or self.ram.name in e.where
         for name, t in self.memory.items():
             assert used[name] == t.used_bytes, f"{name}: tier bytes disagree with the versions held"

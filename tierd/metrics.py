@@ -70,6 +70,7 @@ class Metrics:
     shares_failed: int = _counter("shares not written because the remote tier failed (down, timeout)")
     remote_hits: int = _counter("keys missing here that a get found in the remote tier and promoted")
     remote_misses: int = _counter("keys missing here that the remote tier did not have either")
+    prefetch_covered: int = _counter("predictions not loaded: already hinted, in RAM, loading or queued")
 
     def snapshot(self) -> dict[str, int]:
         """Every counter by name, in the order declared (status shows this)."""

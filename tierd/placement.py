@@ -148,6 +148,10 @@ class Placement:
         loads = self.moves.inflight[tier]
         return all(tier in e.where and e.version not in loads for e in entries)
 
+    def loading(self, e: Entry) -> bool:
+        """Whether a copy of ``e`` into the home tier is in flight (a get's or a prefetch's)."""
+        return e.version in self._loads
+
     async def get(self, cid: int, found: list[Entry], tier: str = "") -> list[Located]:
         """Promote what is not in ``tier`` (home by default; each version once), then lease all of
         ``found`` there."""
@@ -172,19 +176,22 @@ class Placement:
                 self.m.metrics.gpu_promotions += 1
                 self._wake.set()
 
-    async def load(self, e: Entry, for_prefetch: bool = False) -> None:
-        """Promote one version home from the fastest tier holding it (``for_prefetch``: predicted)."""
+    async def load(self, e: Entry, for_prefetch: bool = False, predicted: bool = False) -> None:
+        """Promote one version home from the fastest tier holding it (``for_prefetch``: ahead of a
+        read, for a client's hint, or ``predicted`` too: on a predictor's guess, which never takes
+        the room of a hinted or prefetched entry not read yet)."""
         home = self.home
         if home in e.where:
             return
         src = next(iter(e.where), None)  # the fastest tier holding it (protected while it moves)
         if src is None:
             raise NotFound(f"{e.key!r} v{e.version} has no bytes in any tier", key=e.key)
-        if await self.moves.copy(e, src, home, self._room, for_prefetch):
+        room = self._room_predicted if predicted else self._room
+        if await self.moves.copy(e, src, home, room, for_prefetch or predicted):
             self.m.metrics.promotions += 1
             self.m.metrics.promoted_bytes += e.nbytes
-            if for_prefetch:
-                self.m.mark_prefetched(e)
+            if for_prefetch or predicted:
+                self.m.mark_prefetched(e, hinted=not predicted)
             elif src in self.stores:
                 self.m.metrics.reads_disk += 1
             self._wake.set()
@@ -221,38 +228,49 @@ class Placement:
         return None
 
     def victim(
-        self, take_prefetched: bool = True, tier: str | None = None, uid: int | None = None
+        self,
+        take_prefetched: bool = True,
+        tier: str | None = None,
+        uid: int | None = None,
+        *,
+        spare_hinted: bool = False,
+        take_predicted: bool = False,
     ) -> Entry | None:
         """The entry to demote next from ``tier`` (home by default): coldest first, one with a
         lower copy among the coldest few preferred.
 
-        Home entries prefetched and not read yet are kept (they were predicted sooner than anything
-        a prefetch or the watermark balancer now wants); a demand read or memory pressure may still
-        take them (``take_prefetched``), but only when nothing else is left. ``uid``: only that
-        uid's entries (its quota is full).
+        Home entries prefetched and not read yet are kept (they were hinted or predicted sooner
+        than anything a prefetch or the watermark balancer now wants); a demand read or memory
+        pressure may still take them (``take_prefetched``), but only when nothing else is left, and
+        the predicted ones before the hinted ones. ``take_predicted`` (a hint's load): of those,
+        only the predicted ones. ``spare_hinted`` (a prediction's load): entries a client hinted
+        and has not read stay too, even when they were in RAM already. ``uid``: only that uid's
+        entries (its quota is full).
         """
         tier = tier or self.home
-        found = self._coldest(tier, uid)
-        if found is None and take_prefetched and tier == self.home:
+        found = self._coldest(tier, uid, spare_hinted)
+        if found is None and (take_prefetched or take_predicted) and tier == self.home:
             # Of the unread prefetches, the one loaded last: predictions and hints are issued in
             # the order they will be read, so it is needed last (the coldest would be needed next).
-            found = next(
-                (
-                    e
-                    for e in reversed(list(self.m.policies[tier].candidates()))
-                    if e.prefetched and self._evictable(e, tier) and uid in (None, e.uid)
-                ),
-                None,
-            )
+            unread = [
+                e
+                for e in reversed(list(self.m.policies[tier].candidates()))
+                if e.prefetched and self._evictable(e, tier) and uid in (None, e.uid)
+            ]
+            found = next((e for e in unread if not e.hinted), None)
+            if found is None and take_prefetched:
+                found = next(iter(unread), None)
         return found
 
-    def _coldest(self, tier: str, uid: int | None = None) -> Entry | None:
+    def _coldest(self, tier: str, uid: int | None = None, spare_hinted: bool = False) -> Entry | None:
         """The coldest evictable entry that is not an unread prefetch (one with a lower copy
-        preferred), of ``uid`` only when given."""
+        preferred), of ``uid`` only when given; not one hinted and unread when ``spare_hinted``."""
         first = None
         home = tier == self.home
         for i, e in enumerate(self.m.policies[tier].candidates()):
             if not self._evictable(e, tier) or (home and e.prefetched) or uid not in (None, e.uid):
+                continue
+            if home and spare_hinted and e.hinted:
                 continue
             if self._has_lower_copy(e, tier):
                 return e
@@ -263,7 +281,14 @@ class Placement:
         return first
 
     async def alloc(
-        self, key: str, nbytes: int, for_prefetch: bool = False, *, tier: str | None = None, owner: int
+        self,
+        key: str,
+        nbytes: int,
+        for_prefetch: bool = False,
+        *,
+        tier: str | None = None,
+        owner: int,
+        predicted: bool = False,
     ) -> int:
         """A region for ``nbytes`` in memory tier ``tier`` (home by default) that uid ``owner`` may
         write, demoting cold entries to make room; TierFull if impossible.
@@ -275,7 +300,8 @@ class Placement:
         it takes unread prefetches when nothing else can go (see :meth:`victim`), and while
         prefetches are still being copied in it waits for one to land and takes it
         (``prefetch_taken`` and ``demand_waits_for_prefetch`` count both). A prefetch never waits: it
-        is dropped.
+        is dropped. A hint's prefetch may take the room of predicted ones not read yet; a
+        ``predicted`` one takes neither theirs nor that of entries hinted and not read yet.
         """
         name = tier or self.home
         t = self.m.memory[name]
@@ -289,7 +315,10 @@ class Placement:
             if offset is not None:
                 return offset
             quota = t.over_quota(owner, nbytes)
-            e = self.victim(take_prefetched=not for_prefetch, tier=name, uid=owner if quota else None)
+            e = self.victim(
+                take_prefetched=not for_prefetch, tier=name, uid=owner if quota else None,
+                spare_hinted=predicted, take_predicted=for_prefetch and not predicted,
+            )  # fmt: skip
             if e is None:
                 if quota:
                     raise self.m.tier_full(
@@ -321,6 +350,9 @@ class Placement:
 
     def _room(self, tier: str, key: str, nbytes: int, for_prefetch: bool, owner: int) -> Any:
         return self.alloc(key, nbytes, for_prefetch, tier=tier, owner=owner)
+
+    def _room_predicted(self, tier: str, key: str, nbytes: int, for_prefetch: bool, owner: int) -> Any:
+        return self.alloc(key, nbytes, for_prefetch, tier=tier, owner=owner, predicted=True)
 
     # ---- memory pressure -----------------------------------------------------------------------
     def lower_ceiling(self, target: int) -> int:

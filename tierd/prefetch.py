@@ -14,11 +14,22 @@ Where each piece runs, so that a slow or broken predictor can never delay servin
     every TRAIN_EVERY accesses, if wanted:   install(model) <------------  train(history) in a child
                                                                             process (no GIL contention)
 
-The worker takes candidates in order (client hints first, then predictions by confidence), skips
-what is already in RAM or stale (an older prediction for a client that has since moved on), and
-stays within the speculative budget: bytes prefetched and not read yet. A prefetch never evicts a
-leased, pinned or moving entry, nor another prefetched-unread one; when it would have to, it is
-dropped. Counters: prefetch_issued / prefetch_used / prefetch_wasted_bytes / prefetch_dropped.
+Hints and predictions share one plan. A prediction of an entry already hinted, in RAM, being
+loaded or queued costs nothing: no queue slot, no disk read (``prefetch_covered``). The worker
+takes candidates in order (client hints first, then predictions by confidence), skips what is
+already in RAM or stale (an older prediction for a client that has since moved on), and keeps
+predictions within the speculative budget: bytes prefetched and not read yet. A prefetch never
+evicts a leased, pinned or moving entry, nor another prefetched-unread one, except that a hint's
+load may take the room of predicted ones not read yet; a prediction's load never takes that of an
+entry hinted and not read yet, even one that was in RAM already (what the hinted window needs
+ranks above every guess). What would need more is dropped. Counters: prefetch_issued /
+prefetch_hinted / prefetch_used / prefetch_wasted_bytes / prefetch_dropped / prefetch_covered.
+
+The predictor thread's work per access (observe, and predict after a get) is timed: ``status``
+shows its mean and the largest of the last 1000 (``bench/bench_predict.py --per-access`` measures
+each predictor alone). Training is throttled to ``TRAIN_CPU_SHARE`` of one core: after a training
+that used c CPU seconds in the (niced) child, the next one starts no sooner than c / share seconds
+after the first began.
 """
 
 from __future__ import annotations
@@ -49,6 +60,10 @@ MAX_QUEUE = 256
 #: a prediction is stale once its client has made this many more accesses
 STALE_AFTER = 4
 TRAIN_EVERY = 2000
+#: the most of one core that training may use, averaged over a training and the pause after it
+TRAIN_CPU_SHARE = 0.10
+#: per-access times kept for the status's worst-recent figure
+TIMES_KEPT = 1000
 #: the latest predictions remembered for ``tierctl why`` (key -> when, confidence, after what, client)
 PREDICTIONS_KEPT = 4096
 
@@ -87,6 +102,13 @@ class Prefetcher:
         self._predicted: collections.OrderedDict[str, tuple[float, float, str, int]] = (
             collections.OrderedDict()
         )
+        self._queued: collections.Counter[str] = collections.Counter()  # key -> times in the queue
+        self._train_after = 0.0  # monotonic time before which no training starts (the CPU share)
+        self._train_cpu_s = 0.0  # CPU seconds the trainings have used
+        self._trainings = 0
+        self._work_ns = 0  # predictor-thread time, all accesses
+        self._work_n = 0
+        self._recent_ns: collections.deque[int] = collections.deque(maxlen=TIMES_KEPT)
         self.errors = 0
         self.dropped_accesses = 0
         self.last_error = ""
@@ -117,16 +139,22 @@ class Prefetcher:
     def hint(self, client: int, keys: list[str]) -> int:
         """Client hints go ahead of predictions; returns how many are known entries."""
         known: list[tuple[int, int, str, int]] = []
+        home = self.placement.home
+        n = 0
         for key in keys:
             e = self.m.entries.get(key)
             if e is None:
                 continue
-            known.append((0, client, key, self._gen[client]))
+            n += 1
             self.record(client, e, "hint", "-")
+            if home in e.where:  # nothing to load: keep it from a prediction's load until read
+                self.m.mark_hinted(e)
+                continue
+            known.append((0, client, key, self._gen[client]))
         # ahead of everything queued, in the order given: the first hinted key is loaded first
         for item in reversed(known):
             self._push(item, front=True)
-        return len(known)
+        return n
 
     def set_predictor(self, name: str) -> None:
         """Use another predictor from now on (a reload). It starts with no history: accesses still
@@ -141,12 +169,25 @@ class Prefetcher:
 
     # ---- predictor thread ----------------------------------------------------------------------
     def _predict(self, a: Access) -> list[tuple[str, float]]:
-        self.predictor.observe(a)
-        return self.predictor.predict(a, self.depth)
+        t = time.perf_counter_ns()
+        try:
+            self.predictor.observe(a)
+            return self.predictor.predict(a, self.depth)
+        finally:
+            self._timed(time.perf_counter_ns() - t)
 
     def _observe(self, a: Access) -> list[tuple[str, float]]:
-        self.predictor.observe(a)
-        return []
+        t = time.perf_counter_ns()
+        try:
+            self.predictor.observe(a)
+            return []
+        finally:
+            self._timed(time.perf_counter_ns() - t)
+
+    def _timed(self, ns: int) -> None:
+        self._work_ns += ns
+        self._work_n += 1
+        self._recent_ns.append(ns)
 
     def _on_prediction(self, a: Access, fut: Any) -> None:
         self._backlog -= 1
@@ -162,9 +203,16 @@ class Prefetcher:
             return
         gen = self._gen[a.client]
         now = self.log_time()
+        home = self.placement.home
         for key, conf in preds:
             if conf >= self.min_confidence and key != a.key:
-                self._push((1, a.client, key, gen))
+                e = self.m.entries.get(key)
+                if e is None:
+                    continue
+                if home in e.where or self._queued[key] or self.placement.loading(e):
+                    self.m.metrics.prefetch_covered += 1  # hinted, loaded or on its way: no cost
+                else:
+                    self._push((1, a.client, key, gen))
                 self._predicted[key] = (now, conf, a.key, a.client)
                 self._predicted.move_to_end(key)
                 if len(self._predicted) > PREDICTIONS_KEPT:
@@ -175,32 +223,45 @@ class Prefetcher:
             self._queue.appendleft(item)
         else:
             self._queue.append(item)
+        self._queued[item[2]] += 1
         while len(self._queue) > MAX_QUEUE:
-            self._queue.pop() if front else self._queue.popleft()
+            self._unqueue(self._queue.pop() if front else self._queue.popleft())
         self._wake.set()
+
+    def _unqueue(self, item: tuple[int, int, str, int]) -> tuple[int, int, str, int]:
+        key = item[2]
+        self._queued[key] -= 1
+        if self._queued[key] <= 0:
+            del self._queued[key]
+        return item
 
     def _maybe_train(self) -> None:
         try:
             wanted = self.predictor.wants_training()
         except Exception:  # noqa: BLE001 - a predictor bug must not reach the loop
             wanted = False
-        if not wanted:
+        if not wanted or time.monotonic() < self._train_after:
             return
         self._training = True
+        started = time.monotonic()
         history = self.log.snapshot()
         loop = asyncio.get_running_loop()
         trained_for = self.predictor
 
         def done(f: Any) -> None:
             self._training = False
-            if self.predictor is not trained_for:  # replaced by a reload meanwhile
-                return
             try:
-                model = f.result()
+                model, cpu_s = f.result()
             except Exception as ex:  # noqa: BLE001
+                self._train_after = time.monotonic() + 60.0  # a failing training: not every 2000 gets
                 self.errors += 1
                 self.last_error = f"training: {type(ex).__name__}: {ex}"
                 log.warning("predictor training failed: %s", self.last_error)
+                return
+            self._trainings += 1
+            self._train_cpu_s += cpu_s
+            self._train_after = started + cpu_s / TRAIN_CPU_SHARE
+            if self.predictor is not trained_for:  # replaced by a reload meanwhile
                 return
             # install on the predictor thread: observe/predict never see a half-swapped model
             loop.run_in_executor(self._thread, self.predictor.install, model)
@@ -222,7 +283,7 @@ class Prefetcher:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                prio, client, key, gen = self._queue.popleft()
+                prio, client, key, gen = self._unqueue(self._queue.popleft())
                 if prio and self._gen[client] - gen > STALE_AFTER:
                     self.m.metrics.prefetch_dropped += 1
                     continue
@@ -241,7 +302,7 @@ class Prefetcher:
         else:
             self.m.metrics.prefetch_issued += 1
         try:
-            await self.placement.load(e, for_prefetch=True)
+            await self.placement.load(e, for_prefetch=hinted, predicted=not hinted)
         except TierdError as ex:  # full of leases / pins / unread prefetches: not worth forcing
             self.m.metrics.prefetch_dropped += 1
             log.debug("prefetch of %s dropped: %s", e.key, ex)
@@ -292,6 +353,11 @@ class Prefetcher:
             "dropped_accesses": self.dropped_accesses,
             "accesses_logged": self.log.total,
             "predictor_stats": pstats,
+            "work_us_mean": round(self._work_ns / self._work_n / 1e3, 2) if self._work_n else None,
+            "work_us_max_recent": round(max(self._recent_ns) / 1e3, 2) if self._recent_ns else None,
+            "trainings": self._trainings,
+            "train_cpu_s": round(self._train_cpu_s, 3),
+            "train_cpu_share": TRAIN_CPU_SHARE,
         }
 
     def close(self) -> None:
@@ -305,6 +371,9 @@ def _options(predictor: str, min_confidence: float) -> dict[str, Any]:
     return {} if predictor in ("none", "sequence") else {"min_confidence": min_confidence}
 
 
-def _train(name: str, opts: dict[str, Any], history: list[Access]) -> object:
-    """In the trainer process: what ``install`` takes (a picklable model)."""
-    return make_predictor(name, **opts).train(history)
+def _train(name: str, opts: dict[str, Any], history: list[Access]) -> tuple[object, float]:
+    """In the trainer process: what ``install`` takes (a picklable model), and the CPU seconds
+    the training used (the throttle's measure)."""
+    t = time.process_time()
+    model = make_predictor(name, **opts).train(history)
+    return model, time.process_time() - t

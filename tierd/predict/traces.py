@@ -31,7 +31,7 @@ from tierd.predict.log import Access
 
 MIB = 1 << 20
 SCENARIO_NAMES = ("cyclic", "interleaved", "vision", "random")
-EXTRA_SCENARIOS = ("interleaved-2clients", "vision-hashed")
+EXTRA_SCENARIOS = ("interleaved-2clients", "vision-hashed", "cyclic-hinted")
 """Variants: the two models as two clients; image features keyed by content hash."""
 
 
@@ -224,6 +224,28 @@ def uniform_random(
     return _scenario("random", desc, _to_trace(events), ram_ratio)
 
 
+def with_hints(s: Scenario, ahead: int = 4) -> Scenario:
+    """``s`` with the model's own hints, as a streaming model sends them: before each get, a hint
+    for the key its client gets ``ahead`` gets later (so the next ``ahead`` are always hinted).
+    The predictors should find nothing to add."""
+    gets: dict[int, list[int]] = {}
+    for i, a in enumerate(s.trace):
+        if a.op == "get":
+            gets.setdefault(a.client, []).append(i)
+    later: dict[int, Access] = {}
+    for idx in gets.values():
+        for j, i in enumerate(idx[:-ahead] if ahead else []):
+            later[i] = s.trace[idx[j + ahead]]
+    trace: list[Access] = []
+    for i, a in enumerate(s.trace):
+        nxt = later.get(i)
+        if nxt is not None:
+            trace.append(Access(a.t, a.client, nxt.key, "hint", "-", nxt.nbytes, nxt.tags))
+        trace.append(a)
+    return Scenario(f"{s.name}-hinted", f"{s.description}, each get hinted {ahead} gets ahead", trace,
+                    s.ram_bytes, s.prefetch_budget_bytes, s.working_set_bytes)  # fmt: skip
+
+
 def recorded(path: str | Path, name: str | None = None, ram_ratio: float = 1.5) -> Scenario:
     """A trace file written by ``tierctl trace record`` (or bench/record_qwen3vl_trace.py), with the
     RAM of the other scenarios: its working set / ``ram_ratio``."""
@@ -241,6 +263,8 @@ def make_scenario(name: str, seed: int = 0, **opts: Any) -> Scenario:
         s = interleaved(seed, same_client=False, **opts)
     elif name == "vision-hashed":
         s = vision(seed, key_style="hashed", **opts)
+    elif name == "cyclic-hinted":
+        s = with_hints(cyclic(seed, **opts))
     else:
         gens: dict[str, Callable[..., Scenario]] = {
             "cyclic": cyclic, "interleaved": interleaved, "vision": vision, "random": uniform_random
