@@ -1,0 +1,109 @@
+"""A shadow cache: keys and sizes only, run by one policy at a given capacity.
+
+Fed the reference stream (a put makes a new version of its key resident; a get is a hit when the
+key's current version is resident, else a miss that brings it in), it counts the bytes requested
+and missed: the byte miss ratio that policy would have had at that capacity. Evictions take the
+policy's candidates in order until the new copy fits. Used by ``auto`` (one per candidate policy,
+on the live stream) and by offline replay (:mod:`tierd.policy.simulate`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from tierd.policy.base import Policy
+
+
+class SimItem:
+    """What a policy sees of an entry in a shadow cache."""
+
+    __slots__ = ("key", "nbytes", "tags", "uid", "version")
+
+    def __init__(self, key: str, nbytes: int, tags: list[str], uid: int, version: int) -> None:
+        self.key, self.nbytes, self.tags, self.uid, self.version = key, nbytes, tags, uid, version
+
+
+class Shadow:
+    def __init__(self, policy: Policy[Any], capacity: int, window: int = 8192) -> None:
+        self.policy = policy
+        self.capacity = capacity
+        self.used = 0
+        self.resident: dict[int, SimItem] = {}
+        self.current: dict[str, SimItem] = {}  # key -> its current version (resident or not)
+        self._next = 1
+        self.gets = 0
+        self.requested = 0
+        self.missed = 0
+        self._window: deque[tuple[int, int]] = deque(maxlen=window)
+        self._w_req = 0
+        self._w_miss = 0
+
+    def ref(self, key: str, nbytes: int, tags: list[str], owner: int, op: str) -> bool | None:
+        """One reference; for a get, whether it hit."""
+        cur = self.current.get(key)
+        if op == "put":
+            if cur is not None:
+                self._evict(cur)
+            item = SimItem(key, nbytes, tags, owner, self._next)
+            self._next += 1
+            self.current[key] = item
+            self._admit(item, new=True)
+            return None
+        hit = cur is not None and cur.version in self.resident
+        if cur is None:
+            cur = SimItem(key, nbytes, tags, owner, self._next)
+            self._next += 1
+            self.current[key] = cur
+        cur.uid = owner
+        if not hit:
+            self._admit(cur, new=False)
+        if cur.version in self.resident:
+            self.policy.on_hit(cur.version)
+        n = cur.nbytes
+        self.gets += 1
+        self.requested += n
+        miss = 0 if hit else n
+        self.missed += miss
+        w = self._window
+        if len(w) == w.maxlen:
+            r0, m0 = w[0]
+            self._w_req -= r0
+            self._w_miss -= m0
+        w.append((n, miss))
+        self._w_req += n
+        self._w_miss += miss
+        return hit
+
+    def _evict(self, item: SimItem) -> None:
+        if self.resident.pop(item.version, None) is not None:
+            self.used -= item.nbytes
+            self.policy.on_remove(item.version)
+
+    def _admit(self, item: SimItem, new: bool) -> None:
+        if item.nbytes > self.capacity:
+            return
+        if self.used + item.nbytes > self.capacity:
+            for victim in self.policy.candidates():
+                if victim.version in self.resident:
+                    self._evict(victim)
+                if self.used + item.nbytes <= self.capacity:
+                    break
+        self.resident[item.version] = item
+        self.used += item.nbytes
+        self.policy.on_put(item.version, item, new=new)
+
+    def byte_miss_ratio(self) -> float | None:
+        return self.missed / self.requested if self.requested else None
+
+    def recent_byte_miss_ratio(self) -> float | None:
+        """Over the last ``window`` gets."""
+        return self._w_miss / self._w_req if self._w_req else None
+
+    @property
+    def recent_gets(self) -> int:
+        return len(self._window)
+
+    @property
+    def recent_requested(self) -> int:
+        return self._w_req
