@@ -75,7 +75,7 @@ class History:
         self.s = 0.0
         self.keys: dict[str, _Key] = {}
         self._ns: dict[str, _Ns] = {}
-        self._owner: dict[int, float] = {}
+        self._owner: dict[int, tuple[float, int]] = {}  # owner -> (share, at reference)
 
     def ref(self, key: str, nbytes: int, tags: int, owner: int, op: str, s: float) -> None:
         """One reference at ``s`` seconds: ``op`` "put" (a new version) or "get"."""
@@ -108,14 +108,14 @@ class History:
         k.c, k.s = c, s
         share = self._owner
         if len(share) > 256:  # owners that went away
-            for o in [o for o, v in share.items() if v < 1e-3]:
+            for o in [o for o in share if self.owner_share(o) < 1e-3]:
                 del share[o]
-        for o in share:
-            share[o] *= 1.0 - EWMA
-        share[owner] = share.get(owner, 0.0) + EWMA
+        share[owner] = (self.owner_share(owner) + EWMA, c)
 
     def owner_share(self, owner: int) -> float:
-        return self._owner.get(owner, 0.0)
+        """The owner's decayed share of the references (decayed lazily: O(1) per reference)."""
+        v, at = self._owner.get(owner, (0.0, self.c))
+        return v * (1.0 - EWMA) ** (self.c - at)
 
     def features(self, key: str, s: float | None = None) -> list[float]:
         """The feature row of ``key`` now (``s``: seconds now, default the last reference's)."""
@@ -136,7 +136,7 @@ class History:
             math.log1p(self.c - k.put_c) if k.put_c >= 0 else NAN,
             ns.gap,
             ns.reuse,
-            self._owner.get(k.owner, 0.0),
+            self.owner_share(k.owner),
             float(k.tags),
             age / (k.mean_gap + 1.0) if k.mean_gap == k.mean_gap else NAN,
         ]

@@ -7,9 +7,10 @@ brings it in. The byte miss ratio is missed bytes over requested bytes, over the
 evaluation part only.
 
 Train, then evaluate: the first ``train_fraction`` of the references warms every cache and is the
-only data the learned policy is trained on (once, before the evaluation part starts; it is not
-retrained on what it is scored on). ``auto`` gets the same model and chooses among its candidates
-by its shadows as the daemon does (synchronously here, so a replay is deterministic).
+only data the learned policy is trained on (once; the model is installed when the evaluation part
+starts, LRU order before it, and it is not retrained on what it is scored on). ``auto`` gets the
+same model at the same point and chooses among its candidates by its shadows as the daemon does
+(synchronously here, so a replay is deterministic).
 """
 
 from __future__ import annotations
@@ -82,8 +83,6 @@ def replay(
             p = make_policy("auto", capacity=capacity, sync=True, options={"learned": opts})
         else:
             p = make_policy(name, capacity=capacity, **(opts if name == "learned" else {}))
-        if model is not None:
-            p.install(model)
         if isinstance(p, auto.Auto):  # its learned shadow reads the same clock
             for sh in p.shadows.values():
                 if isinstance(sh.policy, learned.Learned):
@@ -95,6 +94,8 @@ def replay(
             if i == split:
                 sh.gets = sh.requested = sh.missed = 0
                 gets = misses = 0
+                if model is not None:  # trained on what came before, used on what comes after
+                    p.install(model)
             clock.t = t
             hit = sh.ref(key, n, list(tags), owner, op)
             if hit is not None:
