@@ -7,12 +7,14 @@ that path is covered by the daemon test, which waits for a fit)."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from tests.conftest import wait_until
+from tests.test_reload import reload, write_config
 from tests.test_tierctl import tierctl
 from tierd.policy import NAMES, make_policy
 from tierd.policy.auto import Auto
@@ -236,4 +238,29 @@ def test_learned_policy_is_trained_in_the_background_of_a_real_daemon(start_daem
             t = c.get(f"tr/{i}")
             assert bool((t == float(i)).all())
             c.release(t)
+    assert "Traceback" not in d.log()
+
+
+def test_a_reload_changes_the_eviction_policy_live_and_keeps_the_entries(
+    short_tmp: Path, start_daemon
+) -> None:
+    cfg = short_tmp / "tierd.toml"
+    write_config(cfg, eviction="lru")
+    d = start_daemon("--config", str(cfg), ram_bytes="4MiB", disk_bytes="64MiB")
+    with Client(str(d.socket)) as c:
+        for i in range(32):
+            c.put(f"rl/{i}", torch.full((64 * KIB,), float(i)))
+        held = c.get("rl/31")
+        assert c.stats()["eviction"]["name"] == "lru"
+        write_config(cfg, eviction="s3fifo")
+        reload(d)
+        s = c.stats()
+        assert s["eviction"]["name"] == "s3fifo" and s["eviction"]["entries"] > 0
+        assert s["reload"]["last"]["applied"]["eviction"] == {"from": "lru", "to": "s3fifo"}
+        for i in range(32):  # demotions and promotions under the new order; the lease is kept
+            t = c.get(f"rl/{i}")
+            assert bool((t == float(i)).all())
+            c.release(t)
+        assert bool((held == 31.0).all())
+        c.release(held)
     assert "Traceback" not in d.log()
