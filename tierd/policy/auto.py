@@ -8,7 +8,8 @@ within the window); another policy is followed only when its recent byte miss ra
 flap. The shadows run on one thread of their own, fed in batches (the loop only appends a tuple
 per reference); when that thread lags by ``MAX_PENDING`` references the oldest are dropped and
 counted. The learned candidate's model is trained like the plain ``learned`` policy's and
-installed in both its live order and its shadow.
+installed in both its live order and its shadow; that shadow's window starts again then (it is
+scored on its new model only, and compared again once it has ``min_gets`` gets).
 """
 
 from __future__ import annotations
@@ -127,7 +128,12 @@ class Auto(Policy[T]):
         lead = self.shadows[self.using]
         if lead.gets < self.min_gets or lead.recent_requested < self.capacity:
             return
-        scores = {n: r for n, r in self.scores().items() if r is not None}
+        # a candidate is compared once its window has as much evidence as the one followed needs
+        scores = {
+            n: r
+            for n, r in self.scores().items()
+            if r is not None and (n == self.using or self.shadows[n].recent_gets >= self.min_gets)
+        }
         cur = scores.get(self.using, 1.0)
         best = min(scores, key=lambda n: (scores[n], n != self.using))
         if best != self.using and scores[best] < cur - max(self.margin, 0.03 * cur):
@@ -143,7 +149,9 @@ class Auto(Policy[T]):
         if "learned" in self.live:
             self.live["learned"].install(model)
             with self._lock:
-                self.shadows["learned"].policy.install(model)
+                shadow = self.shadows["learned"]
+                shadow.policy.install(model)
+                shadow.reset_window()  # scored from its new model on
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

@@ -305,5 +305,7 @@ def train(refs: list[Ref], capacity: int, seed: int = 0) -> dict[str, Any] | Non
         return None
     model = HistGradientBoostingRegressor(max_iter=60, learning_rate=0.1, max_leaf_nodes=31,
                                           early_stopping=False, random_state=seed)  # fmt: skip
-    model.fit(np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64))
+    x = np.asarray(xs, dtype=np.float64)
+    x[:, np.isnan(x).all(axis=0)] = 0.0  # a feature never known here (no puts): constant, not all-NaN
+    model.fit(x, np.asarray(ys, dtype=np.float64))
     return {"model": Forest(model), "boundary": boundary, "examples": len(xs), "features": FEATURES}

@@ -93,6 +93,11 @@ class Shadow:
         self.used += item.nbytes
         self.policy.on_put(item.version, item, new=new)
 
+    def reset_window(self) -> None:
+        """Score from now on only (its policy changed: a new model)."""
+        self._window.clear()
+        self._w_req = self._w_miss = 0
+
     def byte_miss_ratio(self) -> float | None:
         return self.missed / self.requested if self.requested else None
 
