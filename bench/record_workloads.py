@@ -11,16 +11,17 @@ record`` does). The models are small random Qwen3-VL-shaped bf16 checkpoints
 the embeddings); what matters here is the access stream, not the weights.
 
 - stream: one model streamed from tierd (``from_pretrained(mode="streaming")``: the model's own
-  hints), RAM at half the weights, five prompts of 8 tokens.
-- multi: two different models (4 and 18 decoder layers) on one daemon, RAM at half their weights'
-  sum, two processes at the same time at different rates (12 and 4 tokens per prompt, 3 and 5
+  hints), RAM at half the weights, five prompts of 24 tokens.
+- multi: two different models (4 and 18 decoder layers) on one daemon, RAM at 70% of their
+  weights' sum (at half, the parts each streaming process keeps leased filled it and a put was
+  refused), two processes at the same time at different rates (24 and 8 tokens per prompt, 3 and 5
   prompts).
-- vision: the vision cache (``enable_vision_cache``) over 160 distinct images drawn 600 times
+- vision: the vision cache (``enable_vision_cache``) over 400 distinct images drawn 2000 times
   with Zipf popularity (s=1.0), the vision tower run in the process; RAM at a quarter of the
   features' bytes (the weights stay in the process).
 - chat: four chats with a ``TierdKVCache`` each (window 64 tokens, blocks of 16), interleaved
   turn by turn with pauses of 0.1-0.6 s between turns, 8 turns of 24 prompt + 12 generated
-  tokens each; RAM at a third of the KV blocks the chats end with.
+  tokens each; RAM at 3 MiB, 43% of the 7 MiB of KV blocks the chats end with.
 
 Each trace is written as zstd-compressed JSON lines of access rows (``tierd.predict.log.to_row``):
 ``bench/traces/NAME.jsonl.zst``, read back by :func:`load`.
@@ -149,12 +150,14 @@ def record(kind: str, out: Path, tmp: Path) -> None:
     for name, mb in sizes:
         ckpts[name] = make_checkpoint(tmp / name, mb)[0]
     weights = sum(ckpts.values())
-    if kind in ("stream", "multi"):
+    if kind == "stream":
         ram = weights // 2
+    elif kind == "multi":
+        ram = int(weights * 0.7)
     elif kind == "vision":
-        ram = 160 * 512 * 1024 // 4  # a quarter of the features (512 KiB per image here)
+        ram = 400 * 512 * 1024 // 4  # a quarter of the features (512 KiB per image here)
     else:
-        ram = 3 * MIB  # about a third of the KV blocks the chats end with (288 blocks of 32 KiB)
+        ram = 3 * MIB  # 43% of the KV blocks the chats end with (224 blocks of 32 KiB)
     ram = max(ram, 2 * MIB)
     log(f"{kind}: {weights / MIB:.0f} MiB of weights, RAM tier {ram / MIB:.1f} MiB")
     disk = str(3 * weights + (256 << 20))
@@ -168,17 +171,17 @@ def record(kind: str, out: Path, tmp: Path) -> None:
             since = c.trace(limit=0)["now"]
             if kind == "stream":
                 specs = [["--worker", "stream", "--ckpt", str(tmp / "m1"), "--namespace", "m1",
-                          "--tokens", "8", "--prompts", "5"]]  # fmt: skip
+                          "--tokens", "24", "--prompts", "5"]]  # fmt: skip
             elif kind == "multi":
                 specs = [
-                    ["--worker", "stream", "--ckpt", str(tmp / "m1"), "--namespace", "m1", "--tokens", "12",
+                    ["--worker", "stream", "--ckpt", str(tmp / "m1"), "--namespace", "m1", "--tokens", "24",
                      "--prompts", "3"],
-                    ["--worker", "stream", "--ckpt", str(tmp / "m2"), "--namespace", "m2", "--tokens", "4",
+                    ["--worker", "stream", "--ckpt", str(tmp / "m2"), "--namespace", "m2", "--tokens", "8",
                      "--prompts", "5"],
                 ]  # fmt: skip
             elif kind == "vision":
                 specs = [
-                    ["--worker", "vision", "--ckpt", str(tmp / "m1"), "--images", "160", "--prompts", "600"]
+                    ["--worker", "vision", "--ckpt", str(tmp / "m1"), "--images", "400", "--prompts", "2000"]
                 ]
             else:
                 specs = [["--worker", "chat", "--ckpt", str(tmp / "m1"), "--sessions", "4", "--prompts", "8",
