@@ -229,7 +229,7 @@ def examples(
             gets.setdefault(key, []).append(i)
     rng = random.Random(seed)
     per_moment = 8
-    stride = max(1, n * per_moment // max(1, limit))
+    stride = max(1, -(-n * per_moment // max(1, limit)))  # ceil: at most ``limit`` examples
     hist = History()
     keys: list[str] = []
     known: set[str] = set()
