@@ -264,3 +264,16 @@ def test_a_reload_changes_the_eviction_policy_live_and_keeps_the_entries(
         assert bool((held == 31.0).all())
         c.release(held)
     assert "Traceback" not in d.log()
+
+
+def test_a_shadow_cache_forgets_old_keys_on_an_endless_stream_of_new_ones() -> None:
+    """A daemon that runs for weeks sees new keys forever (KV blocks): the shadow's key table stays
+    bounded, and what it keeps still scores the recent stream."""
+    from tierd.policy.shadow import MAX_KEYS
+
+    sh = Shadow(make_policy("lru"), capacity=100 * KIB)
+    for i in range(2 * MAX_KEYS + 100):
+        sh.ref(f"kv/{i}", KIB, [], 1, "put")
+        assert sh.ref(f"kv/{i}", KIB, [], 1, "get") is True
+    assert len(sh.current) <= MAX_KEYS and len(sh.resident) == 100
+    assert sh.byte_miss_ratio() == 0.0

@@ -14,6 +14,9 @@ from typing import Any
 
 from tierd.policy.base import Policy
 
+#: keys remembered at least (their versions, for a miss to bring back the same one)
+MAX_KEYS = 1 << 16
+
 
 class SimItem:
     """What a policy sees of an entry in a shadow cache."""
@@ -31,6 +34,8 @@ class Shadow:
         self.used = 0
         self.resident: dict[int, SimItem] = {}
         self.current: dict[str, SimItem] = {}  # key -> its current version (resident or not)
+        #: evicted items, oldest first: the keys forgotten first when ``current`` grows past its cap
+        self._gone: deque[SimItem] = deque()
         self._next = 1
         self.gets = 0
         self.requested = 0
@@ -79,6 +84,14 @@ class Shadow:
         if self.resident.pop(item.version, None) is not None:
             self.used -= item.nbytes
             self.policy.on_remove(item.version)
+            self._gone.append(item)
+            cap = max(MAX_KEYS, 4 * len(self.resident))
+            while len(self.current) > cap and self._gone:  # a long-lived daemon sees endless new keys
+                old = self._gone.popleft()
+                if self.current.get(old.key) is old and old.version not in self.resident:
+                    del self.current[old.key]
+            if len(self._gone) > 2 * cap:
+                self._gone = deque(x for x in self._gone if self.current.get(x.key) is x)
 
     def _admit(self, item: SimItem, new: bool) -> None:
         if item.nbytes > self.capacity:
