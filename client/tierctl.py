@@ -119,8 +119,9 @@ def print_eviction(ev: dict[str, Any] | None, training: dict[str, Any] | None) -
         ratios = {n: sc["byte_miss_ratio"] for n, sc in ev["scores"].items()}
         scores = ", ".join(f"{n} {'-' if r is None else f'{r:.1%}'}" for n, r in ratios.items())
         gets = max((sc["gets"] for sc in ev["scores"].values()), default=0)
-        line += (f" following {ev['using']} ({ev['switches']} switches); byte miss ratio in shadow caches "
-                 f"over the last {gets} gets: {scores}")  # fmt: skip
+        n = ev["switches"]
+        line += (f" following {ev['using']} ({n} switch{'' if n == 1 else 'es'}); byte miss ratio in shadow "
+                 f"caches over the last {gets} gets: {scores}")  # fmt: skip
     learned = ev if ev["name"] == "learned" else (ev.get("candidates") or {}).get("learned")
     if learned:
         line += f"; learned model trained {learned['trained']}x"
