@@ -175,11 +175,65 @@ def test_auto_stays_with_lru_when_nothing_beats_it() -> None:
     assert p.using == "lru" and p.switches == 0
 
 
+def test_shadow_recent_is_over_the_last_gets_and_restarts_with_its_window() -> None:
+    sh = Shadow(make_policy("lru"), capacity=2 * KIB, window=4)
+    for key in ("a", "b", "a", "c", "a", "b"):  # miss miss hit miss hit miss
+        sh.ref(key, KIB, [], 1, "get")
+    assert sh.recent_gets == 4 and sh.recent(4) == (4 * KIB, 2 * KIB)  # a c a b
+    assert sh.recent(2) == (2 * KIB, KIB) and sh.recent(99) == sh.recent(4)
+    assert sh.recent_byte_miss_ratio() == 0.5 and sh.recent_requested == 4 * KIB
+    sh.reset_window()
+    assert sh.recent_gets == 0 and sh.recent(3) == (0, 0) and sh.recent_byte_miss_ratio() is None
+    sh.ref("b", KIB, [], 1, "get")
+    assert sh.recent(5) == (KIB, 0) and sh.byte_miss_ratio() == 4 / 7
+
+
+def test_auto_compares_a_restarted_candidate_only_over_the_gets_since() -> None:
+    """A candidate whose window restarted (the learned one at an install) is compared with the one
+    followed over the same gets, and only once those are min_gets; the others do not wait on it."""
+    cap = 40 * KIB
+    p = Auto(capacity=cap, candidates=("lru", "s3fifo"), sync=True, min_gets=500)
+    stream = hot_and_scan(30, 40)
+
+    def feed(lo: int, hi: int) -> None:
+        for v in range(lo, hi):
+            key, n, _op = stream[v]
+            p.on_put(v, item(v, key, n), new=False)
+            p.on_hit(v)
+            p.on_remove(v)
+
+    feed(0, 400)
+    assert p.using == "lru"
+    p.shadows["s3fifo"].reset_window()  # as at an install: scored from here on
+    feed(400, 899)
+    assert p.shadows["lru"].recent_gets == 899 and p.shadows["s3fifo"].recent_gets == 499
+    assert p.using == "lru"  # 499 gets of its own: not yet evidence
+    feed(899, 1400)
+    assert p.using == "s3fifo" and p.switches == 1
+
+
+def test_auto_does_not_count_misses_before_a_restart_against_the_one_followed() -> None:
+    # everything fits: the first round's misses are every policy's; a candidate scored only since
+    # after them must not look better than LRU scored over them too
+    p = Auto(capacity=100 * KIB, candidates=("lru", "s3fifo"), sync=True, min_gets=200)
+    for v, (key, n, _op) in enumerate(loop_stream(50, 40)):
+        if v == 50:
+            p.shadows["s3fifo"].reset_window()
+        p.on_put(v, item(v, key, n))
+        p.on_hit(v)
+        p.on_remove(v)
+    assert p.scores()["lru"] == 50 / 2000 and p.scores()["s3fifo"] == 0.0
+    assert p.using == "lru" and p.switches == 0
+
+
 def test_replay_trains_on_the_first_part_and_scores_the_rest() -> None:
     trace = dead_and_hot(6000)
     res = {r.policy: r for r in replay(trace, 30 * 4 * KIB, train_fraction=0.5)}
     assert set(res) == {"lru", "s3fifo", "learned", "auto"}
     gets = sum(a.op == "get" for a in trace[len(trace) // 2 :])
+    # auto observed the whole trace, as a daemon observes everything from start-up: its shadows
+    # scored the training half too; only the second half is counted
+    assert res["auto"].detail["scores"]["lru"]["gets"] == sum(a.op == "get" for a in trace)
     for r in res.values():
         assert 0.0 <= r.byte_miss_ratio <= 1.0
         assert abs(r.gets - gets) < 200  # the evaluation half only

@@ -2,14 +2,19 @@
 per candidate (:mod:`tierd.policy.shadow`) replays the live references at the tier's capacity;
 the copies are demoted in the order of the one whose shadow has the lowest recent byte miss ratio.
 
-Hysteresis: LRU until evidence (``min_gets`` gets, and at least the capacity in bytes requested
-within the window); another policy is followed only when its recent byte miss ratio is lower by
-``margin`` (absolute) or 3% of the current one, whichever is larger, so two equal ones do not
-flap. The shadows run on one thread of their own, fed in batches (the loop only appends a tuple
-per reference); when that thread lags by ``MAX_PENDING`` references the oldest are dropped and
+Hysteresis: LRU until evidence; another policy is followed only when its byte miss ratio is lower
+than the followed one's by ``margin`` (absolute) or 3% of the followed one's, whichever is larger,
+so two equal ones do not flap. The comparison is paired: over the gets both shadows have a score
+for (the last ``window`` gets, or fewer since a candidate's window restarted), and only once those
+are evidence (``min_gets`` gets and at least the capacity in bytes requested). So a switch to the
+learned candidate needs evidence on its own model, and lru and s3fifo are compared without
+waiting on it.
+
+The shadows run on one thread of their own, fed in batches (the loop only appends a tuple per
+reference); when that thread lags by ``MAX_PENDING`` references the oldest are dropped and
 counted. The learned candidate's model is trained like the plain ``learned`` policy's and
 installed in both its live order and its shadow; that shadow's window starts again then (it is
-scored on its new model only, and compared again once it has ``min_gets`` gets).
+scored on its new model only, against the others over the same gets).
 """
 
 from __future__ import annotations
@@ -126,17 +131,27 @@ class Auto(Policy[T]):
 
     def _choose(self) -> None:
         lead = self.shadows[self.using]
-        if lead.gets < self.min_gets or lead.recent_requested < self.capacity:
+        if lead.gets < self.min_gets:
             return
-        # a candidate is compared once its window has as much evidence as the one followed needs
-        scores = {
-            n: r
-            for n, r in self.scores().items()
-            if r is not None and (n == self.using or self.shadows[n].recent_gets >= self.min_gets)
-        }
-        cur = scores.get(self.using, 1.0)
-        best = min(scores, key=lambda n: (scores[n], n != self.using))
-        if best != self.using and scores[best] < cur - max(self.margin, 0.03 * cur):
+        # Paired: each other candidate is compared with the one followed over the gets both have
+        # a score for (the learned one's since its model was installed; lru's and s3fifo's over
+        # the whole window), once those are evidence enough: min_gets gets, the capacity in bytes.
+        best, best_gain = None, 0.0
+        for name, sh in self.shadows.items():
+            if name == self.using:
+                continue
+            k = min(sh.recent_gets, lead.recent_gets)
+            if k < self.min_gets:
+                continue
+            req, miss = sh.recent(k)
+            lreq, lmiss = lead.recent(k)
+            if lreq < self.capacity or not req:
+                continue
+            cur, r = lmiss / lreq, miss / req
+            gain = cur - r
+            if gain > max(self.margin, 0.03 * cur) and gain > best_gain:
+                best, best_gain = name, gain
+        if best is not None:
             self.using = best
             self.switches += 1
 

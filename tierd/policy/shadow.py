@@ -40,9 +40,9 @@ class Shadow:
         self.gets = 0
         self.requested = 0
         self.missed = 0
-        self._window: deque[tuple[int, int]] = deque(maxlen=window)
-        self._w_req = 0
-        self._w_miss = 0
+        #: (requested, missed) totals after each of the last ``window`` gets, and the totals before
+        #: the first of them: the bytes over any last ``k`` gets are two look-ups
+        self._cum: deque[tuple[int, int]] = deque([(0, 0)], maxlen=window + 1)
 
     def ref(self, key: str, nbytes: int, tags: list[str], owner: int, op: str) -> bool | None:
         """One reference; for a get, whether it hit."""
@@ -70,14 +70,7 @@ class Shadow:
         self.requested += n
         miss = 0 if hit else n
         self.missed += miss
-        w = self._window
-        if len(w) == w.maxlen:
-            r0, m0 = w[0]
-            self._w_req -= r0
-            self._w_miss -= m0
-        w.append((n, miss))
-        self._w_req += n
-        self._w_miss += miss
+        self._cum.append((self.requested, self.missed))
         return hit
 
     def _evict(self, item: SimItem) -> None:
@@ -108,20 +101,31 @@ class Shadow:
 
     def reset_window(self) -> None:
         """Score from now on only (its policy changed: a new model)."""
-        self._window.clear()
-        self._w_req = self._w_miss = 0
+        self._cum.clear()
+        self._cum.append((self.requested, self.missed))
 
     def byte_miss_ratio(self) -> float | None:
         return self.missed / self.requested if self.requested else None
 
+    def recent(self, k: int) -> tuple[int, int]:
+        """Bytes requested and missed over the last ``k`` gets (at most :attr:`recent_gets`).
+
+        Shadows fed the same references (``auto``'s) see the same gets, so their last ``k`` are the
+        same gets: a paired comparison."""
+        k = min(k, len(self._cum) - 1)
+        r1, m1 = self._cum[-1]
+        r0, m0 = self._cum[-1 - k]
+        return r1 - r0, m1 - m0
+
     def recent_byte_miss_ratio(self) -> float | None:
-        """Over the last ``window`` gets."""
-        return self._w_miss / self._w_req if self._w_req else None
+        """Over the last ``window`` gets (since :meth:`reset_window`, if fewer)."""
+        req, miss = self.recent(self.recent_gets)
+        return miss / req if req else None
 
     @property
     def recent_gets(self) -> int:
-        return len(self._window)
+        return len(self._cum) - 1
 
     @property
     def recent_requested(self) -> int:
-        return self._w_req
+        return self.recent(self.recent_gets)[0]

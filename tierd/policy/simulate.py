@@ -6,11 +6,15 @@ Used by ``bench/bench_eviction.py``. The model, kept simple on purpose: a demand
 brings it in. The byte miss ratio is missed bytes over requested bytes, over the gets of the
 evaluation part only.
 
-Train, then evaluate: the first ``train_fraction`` of the references warms every cache and is the
-only data the learned policy is trained on (once; the model is installed when the evaluation part
-starts, LRU order before it, and it is not retrained on what it is scored on). ``auto`` gets the
-same model at the same point and chooses among its candidates by its shadows as the daemon does
-(synchronously here, so a replay is deterministic).
+Train, then evaluate: every policy is fed the whole trace from its first reference, as a daemon's
+policy is fed everything from start-up; the first ``train_fraction`` of the references warms every
+cache and is the only data the learned policy is trained on (once; the model is installed when the
+evaluation part starts, LRU order before it, and it is not retrained on what it is scored on), and
+only the gets after it are counted. ``auto`` is no exception: its live orders and its shadow caches
+observe the training part too (it chooses between lru and s3fifo there already, as a daemon that
+has run that long would have), and its learned candidate gets the same model at the same point
+(that shadow's score restarts then, as in the daemon). It chooses among its candidates by its
+shadows as the daemon does (synchronously here, so a replay is deterministic).
 """
 
 from __future__ import annotations
