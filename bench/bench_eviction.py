@@ -6,10 +6,13 @@
 For each recorded trace (``bench/record_workloads.py``; committed under ``bench/traces/``) and each
 capacity (a fraction of the trace's footprint: the bytes of the distinct keys it reads or puts),
 every policy is replayed offline (:mod:`tierd.policy.simulate`): a demand cache of that many bytes
-fed the trace's puts and gets in order, no prefetching. The first half of the references warms the
-caches and is all the learned model is trained on; the byte miss ratio is measured on the second
-half only. lru and s3fifo are deterministic; learned and auto depend on the seed (the model's and
-the candidate sample's), so they run once per seed and the table shows the median and the range.
+fed the trace's puts and gets in order, no prefetching. Every policy is fed the whole trace from its
+start, as a daemon's policy is fed everything from start-up (auto's shadow caches and live orders
+too). The first half of the references warms the caches and is all the learned model is trained on;
+the model is installed at the split (in learned and in auto's learned candidate, whose shadow score
+restarts then); the byte miss ratio is measured on the second half only. lru and s3fifo are
+deterministic; learned and auto depend on the seed (the model's and the candidate sample's), so they
+run once per seed and the table shows the median and the range.
 
 Acceptance (issue 17): learned or auto at least 10% lower than the best of lru and s3fifo on two
 workloads, and auto never more than 2% worse than that best on any.
@@ -24,6 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,7 +72,7 @@ def main() -> int:
         )
         return 2
     load1 = os.getloadavg()[0]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for f in files:
         name = f.name.split(".")[0]
         trace = load(f)
@@ -79,17 +83,18 @@ def main() -> int:
             cap = int(fp * frac)
             t0 = time.perf_counter()
             runs: dict[str, list[float]] = {}
+            using: list[str] = []
             for seed in seeds:
                 pols = ("lru", "s3fifo", "learned", "auto") if seed == seeds[0] else ("learned", "auto")
-                for r in replay(trace, cap, pols, seed=seed):
-                    runs.setdefault(r.policy, []).append(r.byte_miss_ratio)
-                    if r.policy == "auto":
-                        runs.setdefault("auto_using", []).append(r.detail["using"])  # type: ignore[arg-type]
+                for res in replay(trace, cap, pols, seed=seed):
+                    runs.setdefault(res.policy, []).append(res.byte_miss_ratio)
+                    if res.policy == "auto":
+                        using.append(res.detail["using"])
             best = min(runs["lru"][0], runs["s3fifo"][0])
-            row = {
+            row: dict[str, Any] = {
                 "workload": name, "fraction": frac, "capacity_bytes": cap,
                 **{p: runs[p] for p in ("lru", "s3fifo", "learned", "auto")},
-                "auto_using": runs["auto_using"], "best_heuristic": best,
+                "auto_using": using, "best_heuristic": best,
                 "learned_vs_best": statistics.median(runs["learned"]) / best if best else None,
                 "auto_vs_best": statistics.median(runs["auto"]) / best if best else None,
                 "seconds": round(time.perf_counter() - t0, 1),
@@ -109,8 +114,8 @@ def main() -> int:
         follows = "/".join(sorted(set(r["auto_using"])))
         lv = "-" if r["learned_vs_best"] is None else f"{r['learned_vs_best']:.2f}x"
         av = "-" if r["auto_vs_best"] is None else f"{r['auto_vs_best']:.2f}x"
-        cap = f"{r['fraction']:.0%} ({r['capacity_bytes'] / 2**20:.1f} MiB)"
-        print(f"| {r['workload']} | {cap} | {r['lru'][0]:.3f} | {r['s3fifo'][0]:.3f} | {rng(r['learned'])} "
+        size = f"{r['fraction']:.0%} ({r['capacity_bytes'] / 2**20:.1f} MiB)"
+        print(f"| {r['workload']} | {size} | {r['lru'][0]:.3f} | {r['s3fifo'][0]:.3f} | {rng(r['learned'])} "
               f"| {rng(r['auto'])}; {follows} | {lv} | {av} |")  # fmt: skip
     if a.json:
         Path(a.json).write_text(json.dumps({"rows": rows, "load_start": load1, "seeds": seeds}, indent=1))
