@@ -106,6 +106,7 @@ def print_status(s: dict[str, Any]) -> None:
             )
         elif any(t["name"] == "disk" for t in s["tiers"]):
             print("calibration: running")
+    print_eviction(s.get("eviction"), s.get("eviction_training"))
     print_hardware(s.get("hardware") or {})
 
 
@@ -130,6 +131,27 @@ def _print_auto(pf: dict[str, Any]) -> None:
         print(f"  {mark} {name:<10} score {sc['score']:+.3f}  saved {sc['hit_rate']:.1%} of read bytes  "
               f"precision {prec}  wasted {human_bytes(sc['wasted_bytes'])}  "
               f"{sc['us_per_access']} us/access")  # fmt: skip
+
+
+def print_eviction(ev: dict[str, Any] | None, training: dict[str, Any] | None) -> None:
+    """The eviction line of ``status``: the policy, which one ``auto`` follows and why (each
+    candidate's byte miss ratio in its shadow cache over the recent gets), the model's trainings."""
+    if not ev:
+        return
+    line = f"eviction: {ev['name']}"
+    if ev.get("using"):
+        ratios = {n: sc["byte_miss_ratio"] for n, sc in ev["scores"].items()}
+        scores = ", ".join(f"{n} {'-' if r is None else f'{r:.1%}'}" for n, r in ratios.items())
+        gets = max((sc["gets"] for sc in ev["scores"].values()), default=0)
+        n = ev["switches"]
+        line += (f" following {ev['using']} ({n} switch{'' if n == 1 else 'es'}); byte miss ratio in shadow "
+                 f"caches over the last {gets} gets: {scores}")  # fmt: skip
+    learned = ev if ev["name"] == "learned" else (ev.get("candidates") or {}).get("learned")
+    if learned:
+        line += f"; learned model trained {learned['trained']}x"
+        if training and training.get("fits"):
+            line += f" (last fit {training['last_fit_s']:.1f}s)"
+    print(line)
 
 
 def print_hardware(hw: dict[str, Any]) -> None:

@@ -178,6 +178,8 @@ class Config:
     """RAM for prefetched entries not read yet: a SIZE or a % of the RAM tier."""
     prefetch_depth: int = 2
     """How many predicted next entries to prefetch after each read."""
+    eviction: str = "lru"
+    """What is demoted first: lru, s3fifo, learned (reuse predicted by a model) or auto (shadow-scored)."""
     gpu_bytes: str = "0"
     """Size of the GPU tier (above RAM; SIZE or a % of the device's memory); 0 = none."""
     gpu_backend: str = "auto"
@@ -355,6 +357,10 @@ class Config:
 
         if self.predictor not in PREDICTOR_NAMES:
             raise ConfigError(f"predictor: {self.predictor!r} is not one of {', '.join(PREDICTOR_NAMES)}")
+        from tierd.policy import NAMES as EVICTION_NAMES
+
+        if self.eviction not in EVICTION_NAMES:
+            raise ConfigError(f"eviction: {self.eviction!r} is not one of {', '.join(EVICTION_NAMES)}")
         if not 0 <= self.prefetch_depth <= 64:
             raise ConfigError(f"prefetch_depth: {self.prefetch_depth} is not between 0 and 64")
         self.prefetch_budget_bytes()

@@ -43,7 +43,7 @@ from typing import Any
 from tierd.entry import ABORTED, FREED, SEALED, WRITING, ClientInfo, Entry, PutSpec
 from tierd.errors import Forbidden, InvalidRequest, NotFound, TierFull, Unsupported
 from tierd.metrics import GPU_COUNTERS, Metrics
-from tierd.policy import LRU
+from tierd.policy import Policy, make_policy
 from tierd.protocol import DTYPE_SIZES, LS_PAGE, LS_PAGE_MAX, SCOPES, Located, check_key
 from tierd.tiers.base import Tier
 from tierd.tiers.memory import MemoryTier
@@ -65,6 +65,7 @@ class Manager:
         metrics: Metrics | None = None,
         clock=time.time,
         mono=time.monotonic,
+        eviction: str = "lru",
     ) -> None:
         #: the home tier: puts are written here, leases point here
         self.ram = home
@@ -82,8 +83,12 @@ class Manager:
         }
         #: the store durable puts are written to (the first durable chunk store), if any
         self.durable_store = next((t for t in self.stores.values() if t.durable), None)
-        #: eviction order per memory tier (coldest first); ``policy`` is the home tier's
-        self.policies: dict[str, LRU[Entry]] = {n: LRU() for n in self.memory}
+        #: eviction order per memory tier (first to go first; ``eviction`` names the policy,
+        #: :mod:`tierd.policy`); ``policy`` is the home tier's
+        self.eviction = eviction
+        self.policies: dict[str, Policy[Entry]] = {
+            n: make_policy(eviction, capacity=t.capacity_bytes) for n, t in self.memory.items()
+        }
         self.policy = self.policies[home.name]
         #: called when a version leaves the key index (placement unpublishes its stored records)
         self.on_hide: Callable[[Entry], None] = lambda e: None
@@ -259,7 +264,7 @@ class Manager:
         old = self.entries.get(e.key)
         self.entries[e.key] = e
         e.current = True
-        self.policy.on_put(e.version, e)
+        self.policy.on_put(e.version, e, new=True)
         if old is not None:
             self._hide(old)
         return e
@@ -343,7 +348,7 @@ class Manager:
         self.entries[e.key] = e
         e.current = True
         if self.ram.name in e.where:
-            self.policy.on_put(e.version, e)
+            self.policy.on_put(e.version, e, new=True)
         if old is not None:
             self._hide(old)
         self.metrics.puts += 1
@@ -550,6 +555,28 @@ class Manager:
         policy = self.policies.get(tier)
         if policy is not None:
             policy.on_put(e.version, e)
+
+    def set_eviction(self, name: str) -> None:
+        """Order every memory tier by policy ``name`` from now on (a reload; ValueError for an
+        unknown name, and nothing changes). The new policy starts from the copies there now, least
+        recently read first; what the old one had learned is dropped."""
+        if name == self.eviction:
+            return
+        new = {n: make_policy(name, capacity=t.capacity_bytes) for n, t in self.memory.items()}
+        for tier, policy in new.items():
+            held = sorted((e for e in self.versions.values() if tier in e.where and e.state == SEALED),
+                          key=lambda e: e.last_access_mono)  # fmt: skip
+            for e in held:
+                policy.on_put(e.version, e)
+        old, self.policies, self.eviction = self.policies, new, name
+        self.policy = new[self.ram.name]
+        for policy in old.values():
+            policy.close()
+
+    def close(self) -> None:
+        """Stop what the policies run in the background (their shadow threads)."""
+        for policy in self.policies.values():
+            policy.close()
 
     def drop(self, e: Entry, tier: str) -> int:
         """Free the copy of ``e`` in memory tier ``tier`` (it has another); returns the bytes freed."""

@@ -47,6 +47,7 @@ from tierd.monitor import Monitor
 from tierd.notify import Notifier
 from tierd.pages import limit_heap_retention
 from tierd.placement import Placement
+from tierd.policy.trainer import Trainer
 from tierd.prefetch import Prefetcher
 from tierd.pressure import Relief
 from tierd.reload import Reloader
@@ -77,6 +78,7 @@ class Server:
         self.ram: RamTier
         self.placement: Placement
         self.prefetcher: Prefetcher
+        self.eviction_trainer: Trainer
         self.service: Service
         self.sharing: Sharing | None = None
         self.relief: Relief
@@ -138,7 +140,9 @@ class Server:
         assert isinstance(ram, RamTier)  # registry.build: ram is first, or second after gpu
         self.ram = ram
         upper = tuple(t for t in tiers[:at] if isinstance(t, MemoryTier))
-        self.manager = Manager(ram, *tiers[at + 1 :], upper=upper, metrics=self.metrics)
+        self.manager = Manager(
+            ram, *tiers[at + 1 :], upper=upper, metrics=self.metrics, eviction=cfg.eviction
+        )
         gpu_tier = self.manager.memory.get("gpu")
         if isinstance(gpu_tier, GpuTier):  # CUDA: the daemon uid's arena is pinned for fast copies
             took = gpu_tier.register_host(ram.mmap)
@@ -169,6 +173,8 @@ class Server:
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         self._background(self.placement.balancer())
         self._background(self.prefetcher.run())
+        self.eviction_trainer = Trainer(lambda: self.manager.policies)
+        self._background(self.eviction_trainer.run())
         self._background(self._calibrate())
         self._background(self._read_hardware())
         await self._start_metrics(metrics_sock)
@@ -310,6 +316,8 @@ class Server:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.prefetcher.close()
+        self.eviction_trainer.close()
+        self.manager.close()
         if self.sharing is not None:
             await self.sharing.close()  # shares in flight finish first: they read home copies
         await self.placement.close()
@@ -338,6 +346,7 @@ class Server:
         hook("predictor", lambda c: pf.set_predictor(c.predictor))
         hook("prefetch_budget", lambda c: setattr(pf, "budget", c.prefetch_budget_bytes()))
         hook("prefetch_depth", lambda c: setattr(pf, "depth", c.prefetch_depth))
+        hook("eviction", lambda c: m.set_eviction(c.eviction))
         hook("log_level", lambda c: logs.set_level(c.log_level))
         hook("graceful_timeout", read_when_needed)
         hook("max_connections", lambda c: setattr(self, "max_connections", c.max_connections))
@@ -466,6 +475,7 @@ class Server:
             },
             "pressure": p.as_dict() if p is not None else None,
             "reload": {"live": self.reloader.live, "last": self.reloader.last},
+            "eviction_training": self.eviction_trainer.stats(),
         }
 
     def _status_line(self) -> str:

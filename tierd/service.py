@@ -363,6 +363,7 @@ class Service:
         calib = pl.calibration
         s["prefetch"] = self.prefetcher.status()
         s["remote"] = self.sharing.status() if self.sharing is not None else None
+        s["eviction"] = self.m.policy.stats()
         s["placement"] = {
             "policy": self.m.policy.name,
             "ram_high_watermark": pl.high,

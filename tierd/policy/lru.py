@@ -1,26 +1,24 @@
-"""Least recently used first: the order in which RAM copies are demoted.
-
-The policy sees entry versions come and go (``on_put`` when a RAM copy appears, ``on_hit`` on each
-get, ``on_remove`` when the RAM copy goes) and yields ``candidates()`` coldest first. Whether a
-candidate may move (leases, pins, moves in flight) is for placement to decide, not for the policy.
-"""
+"""Least recently used first: the default order in which RAM copies are demoted."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Generic, TypeVar
+from typing import Any, TypeVar
+
+from tierd.policy.base import Policy, register
 
 T = TypeVar("T")
 
 
-class LRU(Generic[T]):
+@register("lru")
+class LRU(Policy[T]):
     name = "lru"
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = 0, **_: Any) -> None:
         self._order: OrderedDict[int, T] = OrderedDict()
 
-    def on_put(self, version: int, item: T) -> None:
+    def on_put(self, version: int, item: T, new: bool = False) -> None:
         self._order[version] = item
         self._order.move_to_end(version)
 

@@ -1,0 +1,242 @@
+"""Record the eviction workloads from real daemons serving real model processes (issue 17, item 3).
+
+    python bench/record_workloads.py [--only stream,multi,vision,chat] [--out bench/traces]
+    python bench/bench_eviction.py                       # replays what this wrote
+
+Each workload starts its own tierd (a RAM tier smaller than what the model processes put in it, a
+disk tier below), runs the model processes as child processes of this script, each with its own
+client, and reads the daemon's access log after the work (``Client.trace``, what ``tierctl trace
+record`` does). The models are small random Qwen3-VL-shaped bf16 checkpoints
+(``bench_qwen3vl.make_checkpoint``, the smallest of which is about 0.45 GB: the vision tower and
+the embeddings); what matters here is the access stream, not the weights.
+
+- stream: one model streamed from tierd (``from_pretrained(mode="streaming")``: the model's own
+  hints), RAM at half the weights, five prompts of 24 tokens.
+- multi: two different models (4 and 18 decoder layers) on one daemon, RAM at 70% of their
+  weights' sum (at half, the parts each streaming process keeps leased filled it and a put was
+  refused), two processes at the same time at different rates (24 and 8 tokens per prompt, 3 and 5
+  prompts).
+- vision: the vision cache (``enable_vision_cache``) over 400 distinct images drawn 2000 times
+  with Zipf popularity (s=1.0), the vision tower run in the process; RAM at a quarter of the
+  features' bytes (the weights stay in the process).
+- chat: four chats with a ``TierdKVCache`` each (window 64 tokens, blocks of 16), interleaved
+  turn by turn with pauses of 0.1-0.6 s between turns, 8 turns of 24 prompt + 12 generated
+  tokens each; RAM at 3 MiB, 43% of the 7 MiB of KV blocks the chats end with.
+
+Each trace is written as zstd-compressed JSON lines of access rows (``tierd.predict.log.to_row``):
+``bench/traces/NAME.jsonl.zst``, read back by :func:`load`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+KINDS = ("stream", "multi", "vision", "chat")
+MIB = 1 << 20
+
+
+def save(path: Path, accesses: list) -> None:
+    import zstandard
+
+    from tierd.predict.log import to_row
+
+    t0 = accesses[0].t if accesses else 0.0
+    lines = []
+    for a in accesses:
+        row = to_row(a)
+        row[0] = round(row[0] - t0, 6)
+        lines.append(json.dumps(row, separators=(",", ":")))
+    path.write_bytes(zstandard.ZstdCompressor(level=19).compress(("\n".join(lines) + "\n").encode()))
+
+
+def load(path: str | Path) -> list:
+    """The accesses of a trace written by :func:`save`."""
+    import zstandard
+
+    from tierd.predict.log import from_row
+
+    text = zstandard.ZstdDecompressor().decompress(Path(path).read_bytes()).decode()
+    return [from_row(json.loads(line)) for line in text.splitlines() if line]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- model processes ---------------------------------------------------------------------------------
+def worker(a: argparse.Namespace) -> None:
+    import torch
+    from bench_qwen3vl import inputs_for
+    from transformers import AutoConfig, Qwen3VLForConditionalGeneration
+
+    import tierd_integration as ti
+    from tierd_client import Client
+
+    torch.set_num_threads(1)
+    with Client(a.socket) as c:
+        if a.worker == "stream":
+            cfg = AutoConfig.from_pretrained(a.ckpt)
+            model = ti.from_pretrained(a.ckpt, c, namespace=a.namespace, mode="streaming", prefetch_depth=1)
+            for n in range(a.prompts):
+                with torch.inference_mode():
+                    model.generate(**inputs_for(cfg, seed=n % 3), max_new_tokens=a.tokens,
+                                   min_new_tokens=a.tokens, do_sample=False)  # fmt: skip
+                log(f"{a.namespace}: prompt {n + 1}/{a.prompts}")
+        elif a.worker == "vision":
+            model = Qwen3VLForConditionalGeneration.from_pretrained(a.ckpt, dtype=torch.bfloat16).eval()
+            ti.enable_vision_cache(model, c)
+            rng = random.Random(a.seed)
+            weights = [1.0 / (i + 1) for i in range(a.images)]
+            order = rng.choices(range(a.images), weights=weights, k=a.prompts)
+            visual = model.model.visual
+            for n, img in enumerate(order):
+                x = inputs_for(model.config, seed=1000 + img)
+                with torch.inference_mode():
+                    visual(x["pixel_values"].to(torch.bfloat16), grid_thw=x["image_grid_thw"])
+                if n % 100 == 99:
+                    log(f"vision: {n + 1}/{a.prompts} images")
+        elif a.worker == "chat":
+            model = Qwen3VLForConditionalGeneration.from_pretrained(a.ckpt, dtype=torch.bfloat16).eval()
+            rng = random.Random(a.seed)
+            vocab = model.config.text_config.vocab_size - 8
+            chats = [(ti.TierdKVCache(c, window=64, block=16), []) for _ in range(a.sessions)]
+            for turn in range(a.prompts):
+                for s, (kv, ids) in enumerate(chats):
+                    ids.extend(rng.randrange(vocab) for _ in range(24))
+                    x = torch.tensor([ids])
+                    with torch.inference_mode():
+                        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x),
+                                             max_new_tokens=a.tokens, min_new_tokens=a.tokens,
+                                             do_sample=False, **ti.cache_kwargs(kv))  # fmt: skip
+                    ids[:] = out[0].tolist()
+                    time.sleep(rng.uniform(0.1, 0.6))
+                    log(f"chat {s}: turn {turn + 1}/{a.prompts}, {len(ids)} tokens, "
+                        f"{kv.offloaded_blocks} blocks")  # fmt: skip
+            for kv, _ in chats:
+                kv.close()
+
+
+def run_workers(specs: list[list[str]], sock: Path) -> None:
+    procs = [subprocess.Popen([sys.executable, __file__, "--socket", str(sock), *s]) for s in specs]
+    for p in procs:
+        if p.wait() != 0:
+            raise SystemExit(f"a model process failed (rc {p.returncode})")
+
+
+# -- one workload ------------------------------------------------------------------------------------
+def record(kind: str, out: Path, tmp: Path) -> None:
+    from bench_qwen3vl import make_checkpoint
+
+    import tierd_integration as ti
+    from tierd import launch
+    from tierd.predict.log import from_row
+    from tierd_client import Client
+
+    t0 = time.perf_counter()
+    ckpts: dict[str, int] = {}
+    sizes = {"stream": [("m1", 450)], "multi": [("m1", 450), ("m2", 800)], "vision": [("m1", 450)],
+             "chat": [("m1", 450)]}[kind]  # fmt: skip
+    for name, mb in sizes:
+        ckpts[name] = make_checkpoint(tmp / name, mb)[0]
+    weights = sum(ckpts.values())
+    if kind == "stream":
+        ram = weights // 2
+    elif kind == "multi":
+        ram = int(weights * 0.7)
+    elif kind == "vision":
+        ram = 400 * 512 * 1024 // 4  # a quarter of the features (512 KiB per image here)
+    else:
+        ram = 3 * MIB  # 43% of the KV blocks the chats end with (224 blocks of 32 KiB)
+    ram = max(ram, 2 * MIB)
+    log(f"{kind}: {weights / MIB:.0f} MiB of weights, RAM tier {ram / MIB:.1f} MiB")
+    disk = str(3 * weights + (256 << 20))
+    d = launch.start(tmp / "s.sock", "--state-dir", str(tmp / "state"), "--disk-bytes", disk,
+                     ram_bytes=str(ram), log_path=tmp / "tierd.log")  # fmt: skip
+    try:
+        with Client(d.socket) as c:
+            if kind in ("stream", "multi"):
+                for name in ckpts:
+                    ti.ingest(c, tmp / name, name, durable=True)
+            since = c.trace(limit=0)["now"]
+            if kind == "stream":
+                specs = [["--worker", "stream", "--ckpt", str(tmp / "m1"), "--namespace", "m1",
+                          "--tokens", "24", "--prompts", "5"]]  # fmt: skip
+            elif kind == "multi":
+                specs = [
+                    ["--worker", "stream", "--ckpt", str(tmp / "m1"), "--namespace", "m1", "--tokens", "24",
+                     "--prompts", "3"],
+                    ["--worker", "stream", "--ckpt", str(tmp / "m2"), "--namespace", "m2", "--tokens", "8",
+                     "--prompts", "5"],
+                ]  # fmt: skip
+            elif kind == "vision":
+                specs = [
+                    ["--worker", "vision", "--ckpt", str(tmp / "m1"), "--images", "400", "--prompts", "2000"]
+                ]
+            else:
+                specs = [["--worker", "chat", "--ckpt", str(tmp / "m1"), "--sessions", "4", "--prompts", "8",
+                          "--tokens", "12"]]  # fmt: skip
+            run_workers(specs, d.socket)
+            accesses = []
+            while True:  # the log is a ring of 65536: the workloads stay under it
+                rows = c.trace(since)["accesses"]
+                if not rows:
+                    break
+                accesses += [from_row(r) for r in rows]
+                since = accesses[-1].t
+            status = c.stats()
+    finally:
+        d.stop()
+    save(out / f"{kind}.jsonl.zst", accesses)
+    ctr = status["counters"]
+    log(f"{kind}: {len(accesses)} accesses, {ctr['demotions']} demotions, {ctr['reads_disk']} disk reads, "
+        f"{time.perf_counter() - t0:.0f}s -> {out / f'{kind}.jsonl.zst'}")  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(KINDS), help=f"workloads to record [{','.join(KINDS)}]")
+    ap.add_argument(
+        "--out", default=str(Path(__file__).resolve().parent / "traces"), help="folder for the traces"
+    )
+    ap.add_argument("--worker", choices=KINDS[:1] + KINDS[2:], help=argparse.SUPPRESS)
+    ap.add_argument("--socket", help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    ap.add_argument("--namespace", default="m1", help=argparse.SUPPRESS)
+    ap.add_argument("--tokens", type=int, default=8, help=argparse.SUPPRESS)
+    ap.add_argument("--prompts", type=int, default=4, help=argparse.SUPPRESS)
+    ap.add_argument("--images", type=int, default=160, help=argparse.SUPPRESS)
+    ap.add_argument("--sessions", type=int, default=4, help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        worker(a)
+        return 0
+    kinds = [k.strip() for k in a.only.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        print(f"record_workloads: unknown workload {bad[0]!r}; known: {', '.join(KINDS)}", file=sys.stderr)
+        return 2
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for kind in kinds:
+        tmp = Path(tempfile.mkdtemp(prefix=f"tierd-rec-{kind}-"))
+        try:
+            record(kind, out, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
