@@ -3,17 +3,22 @@
 The server's loop calls :meth:`Relief.poll` about once a second. Each poll reads the
 :class:`~tierd.monitor.Monitor` and acts on its level:
 
-    high or worse   lower the home tier's ceiling by what the monitor asks (never below the bytes
-                    leased, pinned or being written), return the free arena pages to the kernel
-                    (``MADV_REMOVE``, holes of 2 MiB or more) and demote coldest first, unread
-                    prefetches included, down to the ceiling; while the ceiling is below capacity,
-                    regions freed later return their pages at once (the tier does it)
+    high or worse   lower the home tier's ceiling, a bound on the arena's pages (free ones
+                    included), to the pages it holds less what the monitor asks (never below the
+                    bytes leased, pinned or being written); return that much of the free arena
+                    pages to the kernel (``MADV_REMOVE``, holes of 2 MiB or more, largest first)
+                    and, if free pages were not enough, demote coldest first, unread prefetches
+                    included, down to the ceiling. While the ceiling is below capacity a region
+                    freed later returns its pages only if the arena's pages pass the ceiling (the
+                    tier does it): free pages within it stay faulted in, a pool the next region
+                    reuses, instead of being punched and refaulted by the next promotion
     low             hold the ceiling where it is
     none            let the ceiling grow back by ``CEILING_STEP`` of the capacity per poll, so a
                     squeezed tier regrows slowly instead of taking everything back at once and
                     being squeezed again
 
-Counters: ``pressure_released_bytes`` (pages returned, here and by later frees) and
+Counters: ``pressure_released_bytes`` (pages returned, here and by later frees; pages that were
+really resident, so a hole punched twice counts once) and
 ``pressure_demoted_bytes``. The last reading is kept for status (:attr:`Relief.last`).
 """
 
@@ -68,8 +73,13 @@ class Relief:
                 placement.raise_ceiling(int(CEILING_STEP * ram.capacity_bytes))
             return
         metrics = self.m.metrics
-        ceiling = placement.lower_ceiling(ram.used_bytes - p.shrink_bytes)
-        released = ram.release_free(MIN_RELEASE_BYTES)
+        # The ceiling bounds the arena's pages, free ones included: free pages within it stay
+        # faulted in (the tier reuses them for the next region). Lowering it by what the monitor
+        # asks, from what the arena holds now, takes back that much and no more: first from free
+        # holes, then by demoting (whose freed regions the tier punches while it is over the ceiling).
+        resident = ram.resident_bytes()
+        ceiling = placement.lower_ceiling(max(ram.used_bytes, resident) - p.shrink_bytes)
+        released = ram.release_free(MIN_RELEASE_BYTES, limit=max(0, ram.resident_bytes() - ceiling))
         metrics.pressure_released_bytes += released
         log.warning("memory pressure %s (%s): RAM tier held at %.0f MiB (of %.0f), free pages returned: "
                     "%.0f MiB; demoting down to it", p.level, ", ".join(p.reasons), ceiling / 2**20,

@@ -119,7 +119,8 @@ class RamTier(MemoryTier):
         self._used = 0
         #: the tier's working size: its capacity, lowered while memory pressure holds it down
         #: (``allocate`` keeps every allocation under it). While it is below capacity a freed
-        #: region's pages go back to the kernel at once, so that what the tier holds is what it uses.
+        #: region's pages go back to the kernel when the arenas' pages would otherwise pass it; free
+        #: pages within it stay, a pool that the next region written reuses without faults.
         self.ceiling = capacity
         #: told the bytes whenever pages of a freed region go back (the daemon counts them)
         self.on_release: Callable[[int], None] = lambda n: None
@@ -221,21 +222,36 @@ class RamTier(MemoryTier):
         a, offset = self._at(location)
         size = a.alloc.free(offset)
         self._used -= size
-        if self.ceiling < self._capacity:
+        if self.ceiling < self._capacity and self.resident_bytes() > self.ceiling:
+            # Pressure holds the tier down: its pages must not pass the ceiling. Pages of free
+            # regions within it stay faulted in, a pool the next put or promotion reuses at once;
+            # punching them there (as every free did) made each promotion refault and zero the
+            # pages the demotion before it had just given back (26 GB of them in one 2B bench run).
             from tierd.pages import release_pages
 
-            self.on_release(release_pages(a.mmap, offset, size))
+            before = a.pages()
+            release_pages(a.mmap, offset, size)
+            self.on_release(max(0, before - a.pages()))
         return size
 
-    def release_free(self, min_size: int) -> int:
-        """Give the pages of every free hole of ``min_size`` bytes or more back to the kernel
-        (memory pressure); returns the bytes released."""
+    def release_free(self, min_size: int, limit: int | None = None) -> int:
+        """Give the pages of free holes of ``min_size`` bytes or more back to the kernel (memory
+        pressure), largest holes first, until ``limit`` bytes of pages have gone (None: every such
+        hole); returns the bytes of pages actually released (holes already punched count nothing)."""
         from tierd.pages import release_pages
 
         released = 0
         for a in self.arenas:
             for start, size in a.alloc.holes(min_size=min_size):
-                released += release_pages(a.mmap, start, size)
+                pos, end = start, start + size
+                while pos < end:  # with a limit, a big hole goes in pieces of what is still needed
+                    if limit is not None and released >= limit:
+                        return released
+                    n = end - pos if limit is None else min(end - pos, max(limit - released, min_size))
+                    before = a.pages()
+                    release_pages(a.mmap, pos, n)
+                    released += max(0, before - a.pages())
+                    pos += n
         return released
 
     def resident_bytes(self) -> int:
