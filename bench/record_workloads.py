@@ -28,8 +28,9 @@ defaults are what the committed traces were recorded with:
   process; RAM at a quarter of the features' bytes (the weights stay in the process).
 - chat: ``--chat-sessions`` (6) chats with a ``TierdKVCache`` each (window 64 tokens, blocks of
   16), interleaved turn by turn with pauses of 0.1-0.6 s between turns, ``--chat-turns`` (10)
-  turns of 24 prompt + 12 generated tokens each; RAM at 43% of the KV blocks the chats end with
-  (3 MiB for 4 chats of 8 turns, scaled with chats x turns).
+  turns of 24 prompt + 12 generated tokens each; RAM at 3 MiB for 4 chats of 8 turns (43% of the
+  KV blocks they end with), scaled with chats x turns (5.6 MiB for the defaults, 39% of their
+  14.2 MiB).
 
 Each trace is written as zstd-compressed JSON lines of access rows (``tierd.predict.log.to_row``):
 ``bench/traces/NAME.jsonl.zst``, read back by :func:`load`. Progress goes to stderr.
@@ -186,7 +187,7 @@ def record(kind: str, out: Path, tmp: Path, a: argparse.Namespace) -> None:
         ram = int(weights * 0.7)
     elif kind == "vision":
         ram = 400 * 512 * 1024 // 4  # a quarter of the features (512 KiB per image here)
-    else:  # 43% of the KV blocks the chats end with (224 blocks of 32 KiB for 4 chats x 8 turns)
+    else:  # 3 MiB for 4 chats x 8 turns (43% of their 224 blocks of 32 KiB), scaled with chats x turns
         ram = 3 * MIB * a.chat_sessions * a.chat_turns // 32
     ram = max(ram, 2 * MIB)
     log(f"{kind}: {weights / MIB:.0f} MiB of weights, RAM tier {ram / MIB:.1f} MiB")
