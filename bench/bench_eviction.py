@@ -2,6 +2,7 @@
 
     python bench/bench_eviction.py [--traces bench/traces] [--only vision,chat] [--fractions 0.25,0.5]
                                    [--seeds 0,1,2] [--json out.json]
+    python bench/bench_eviction.py --cost      # each policy's cost per reference on the loop
 
 For each recorded trace (``bench/record_workloads.py``; committed under ``bench/traces/``) and each
 capacity (a fraction of the trace's footprint: the bytes of the distinct keys it reads or puts),
@@ -13,6 +14,10 @@ the model is installed at the split (in learned and in auto's learned candidate,
 restarts then); the byte miss ratio is measured on the second half only. lru and s3fifo are
 deterministic; learned and auto depend on the seed (the model's and the candidate sample's), so they
 run once per seed and the table shows the median and the range.
+
+``--cost`` measures instead what each policy costs the daemon's loop per reference: ``on_hit`` of
+2000 entries in turn, 50 rounds, 3 runs (the range); auto's shadows run on their own thread, so
+its figure is wall time including the share of the GIL that thread takes.
 
 Acceptance (issue 17): learned or auto at least 10% lower than the best of lru and s3fifo on two
 workloads, and auto never more than 2% worse than that best on any.
@@ -41,6 +46,27 @@ def footprint(trace) -> int:
     return sum(sizes.values())
 
 
+def cost(runs: int = 3, n: int = 2000, rounds: int = 50) -> None:
+    """Microseconds per ``on_hit`` for each policy (the range over ``runs``)."""
+    from tierd.policy import make_policy
+    from tierd.policy.shadow import SimItem
+
+    for name in ("lru", "s3fifo", "learned", "auto"):
+        us = []
+        for _ in range(runs):
+            p = make_policy(name, capacity=n * 1024)
+            for v in range(n):
+                p.on_put(v, SimItem(f"ns/{v}", 1024, [], 1, v), new=True)
+            t0 = time.perf_counter()
+            for _ in range(rounds):
+                for v in range(n):
+                    p.on_hit(v)
+            us.append((time.perf_counter() - t0) / (n * rounds) * 1e6)
+            p.close()
+        load = os.getloadavg()[0]
+        print(f"{name}: {min(us):.2f}-{max(us):.2f} us per reference ({runs} runs, load {load:.1f})")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -50,7 +76,11 @@ def main() -> int:
     ap.add_argument("--fractions", default="0.25,0.5", help="capacities, as fractions of the footprint")
     ap.add_argument("--seeds", default="0,1,2", help="seeds for learned and auto")
     ap.add_argument("--json", help="write the results here too")
+    ap.add_argument("--cost", action="store_true", help="measure each policy's cost per reference instead")
     a = ap.parse_args()
+    if a.cost:
+        cost()
+        return 0
 
     from record_workloads import load
 
@@ -77,8 +107,11 @@ def main() -> int:
         name = f.name.split(".")[0]
         trace = load(f)
         fp = footprint(trace)
-        gets = sum(x.op == "get" for x in trace)
-        print(f"{name}: {len(trace)} accesses, {gets} gets, footprint {fp / 2**20:.1f} MiB", file=sys.stderr)
+        refs = [x for x in trace if x.op in ("get", "put")]
+        first = sum(x.op == "get" for x in refs[: len(refs) // 2])
+        gets = sum(x.op == "get" for x in refs)
+        print(f"{name}: {len(trace)} accesses, {gets} gets ({first} in the first half, {gets - first} in the "
+              f"second), footprint {fp / 2**20:.1f} MiB", file=sys.stderr)  # fmt: skip
         for frac in fractions:
             cap = int(fp * frac)
             t0 = time.perf_counter()

@@ -1,30 +1,39 @@
 """Record the eviction workloads from real daemons serving real model processes (issue 17, item 3).
 
     python bench/record_workloads.py [--only stream,multi,vision,chat] [--out bench/traces]
+                                     [--stream-prompts N] [--multi-prompts A,B] [--vision-draws N]
+                                     [--chat-sessions N] [--chat-turns N]
     python bench/bench_eviction.py                       # replays what this wrote
 
 Each workload starts its own tierd (a RAM tier smaller than what the model processes put in it, a
 disk tier below), runs the model processes as child processes of this script, each with its own
-client, and reads the daemon's access log after the work (``Client.trace``, what ``tierctl trace
-record`` does). The models are small random Qwen3-VL-shaped bf16 checkpoints
+client, and reads the daemon's access log while they work and after (``Client.trace``, what
+``tierctl trace record`` does; read every few seconds, so the log's ring of 65536 never drops a
+row). The models are small random Qwen3-VL-shaped bf16 checkpoints
 (``bench_qwen3vl.make_checkpoint``, the smallest of which is about 0.45 GB: the vision tower and
 the embeddings); what matters here is the access stream, not the weights.
 
+The lengths are chosen so that each half of every trace (the replay trains on the first half and
+measures the second) holds several times the 1000 gets ``auto`` waits for as evidence; the
+defaults are what the committed traces were recorded with:
+
 - stream: one model streamed from tierd (``from_pretrained(mode="streaming")``: the model's own
-  hints), RAM at half the weights, five prompts of 24 tokens.
+  hints), RAM at half the weights, ``--stream-prompts`` (20) prompts of 24 tokens.
 - multi: two different models (4 and 18 decoder layers) on one daemon, RAM at 70% of their
   weights' sum (at half, the parts each streaming process keeps leased filled it and a put was
-  refused), two processes at the same time at different rates (24 and 8 tokens per prompt, 3 and 5
-  prompts).
-- vision: the vision cache (``enable_vision_cache``) over 400 distinct images drawn 2000 times
-  with Zipf popularity (s=1.0), the vision tower run in the process; RAM at a quarter of the
-  features' bytes (the weights stay in the process).
-- chat: four chats with a ``TierdKVCache`` each (window 64 tokens, blocks of 16), interleaved
-  turn by turn with pauses of 0.1-0.6 s between turns, 8 turns of 24 prompt + 12 generated
-  tokens each; RAM at 3 MiB, 43% of the 7 MiB of KV blocks the chats end with.
+  refused), two processes at the same time at different rates: 24 and 8 tokens per prompt,
+  ``--multi-prompts`` (12,20) prompts.
+- vision: the vision cache (``enable_vision_cache``) over 400 distinct images drawn
+  ``--vision-draws`` (8000) times with Zipf popularity (s=1.0), the vision tower run in the
+  process; RAM at a quarter of the features' bytes (the weights stay in the process).
+- chat: ``--chat-sessions`` (6) chats with a ``TierdKVCache`` each (window 64 tokens, blocks of
+  16), interleaved turn by turn with pauses of 0.1-0.6 s between turns, ``--chat-turns`` (10)
+  turns of 24 prompt + 12 generated tokens each; RAM at 3 MiB for 4 chats of 8 turns (43% of the
+  KV blocks they end with), scaled with chats x turns (5.6 MiB for the defaults, 39% of their
+  14.2 MiB).
 
 Each trace is written as zstd-compressed JSON lines of access rows (``tierd.predict.log.to_row``):
-``bench/traces/NAME.jsonl.zst``, read back by :func:`load`.
+``bench/traces/NAME.jsonl.zst``, read back by :func:`load`. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -127,20 +137,41 @@ def worker(a: argparse.Namespace) -> None:
                 kv.close()
 
 
-def run_workers(specs: list[list[str]], sock: Path) -> None:
+def drain(c: Any, since: float, into: list) -> float:
+    """Append the daemon's accesses after ``since`` to ``into``; the new ``since``."""
+    from tierd.predict.log import from_row
+
+    while True:
+        rows = c.trace(since, limit=20000)["accesses"]
+        if not rows:
+            return since
+        into += [from_row(r) for r in rows]
+        since = into[-1].t
+
+
+def run_workers(specs: list[list[str]], sock: Path, c: Any, since: float, into: list) -> float:
+    """Run the model processes to their end, reading the access log every 2 s; the new ``since``."""
     procs = [subprocess.Popen([sys.executable, __file__, "--socket", str(sock), *s]) for s in specs]
+    try:
+        while any(p.poll() is None for p in procs):
+            since = drain(c, since, into)
+            time.sleep(2.0)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     for p in procs:
         if p.wait() != 0:
             raise SystemExit(f"a model process failed (rc {p.returncode})")
+    return drain(c, since, into)
 
 
 # -- one workload ------------------------------------------------------------------------------------
-def record(kind: str, out: Path, tmp: Path) -> None:
+def record(kind: str, out: Path, tmp: Path, a: argparse.Namespace) -> None:
     from bench_qwen3vl import make_checkpoint
 
     import tierd_integration as ti
     from tierd import launch
-    from tierd.predict.log import from_row
     from tierd_client import Client
 
     t0 = time.perf_counter()
@@ -156,13 +187,14 @@ def record(kind: str, out: Path, tmp: Path) -> None:
         ram = int(weights * 0.7)
     elif kind == "vision":
         ram = 400 * 512 * 1024 // 4  # a quarter of the features (512 KiB per image here)
-    else:
-        ram = 3 * MIB  # 43% of the KV blocks the chats end with (224 blocks of 32 KiB)
+    else:  # 3 MiB for 4 chats x 8 turns (43% of their 224 blocks of 32 KiB), scaled with chats x turns
+        ram = 3 * MIB * a.chat_sessions * a.chat_turns // 32
     ram = max(ram, 2 * MIB)
     log(f"{kind}: {weights / MIB:.0f} MiB of weights, RAM tier {ram / MIB:.1f} MiB")
     disk = str(3 * weights + (256 << 20))
     d = launch.start(tmp / "s.sock", "--state-dir", str(tmp / "state"), "--disk-bytes", disk,
                      ram_bytes=str(ram), log_path=tmp / "tierd.log")  # fmt: skip
+    p1, p2 = a.multi_prompts
     try:
         with Client(d.socket) as c:
             if kind in ("stream", "multi"):
@@ -171,36 +203,52 @@ def record(kind: str, out: Path, tmp: Path) -> None:
             since = c.trace(limit=0)["now"]
             if kind == "stream":
                 specs = [["--worker", "stream", "--ckpt", str(tmp / "m1"), "--namespace", "m1",
-                          "--tokens", "24", "--prompts", "5"]]  # fmt: skip
+                          "--tokens", "24", "--prompts", str(a.stream_prompts)]]  # fmt: skip
             elif kind == "multi":
                 specs = [
                     ["--worker", "stream", "--ckpt", str(tmp / "m1"), "--namespace", "m1", "--tokens", "24",
-                     "--prompts", "3"],
+                     "--prompts", str(p1)],
                     ["--worker", "stream", "--ckpt", str(tmp / "m2"), "--namespace", "m2", "--tokens", "8",
-                     "--prompts", "5"],
+                     "--prompts", str(p2)],
                 ]  # fmt: skip
             elif kind == "vision":
-                specs = [
-                    ["--worker", "vision", "--ckpt", str(tmp / "m1"), "--images", "400", "--prompts", "2000"]
-                ]
+                specs = [["--worker", "vision", "--ckpt", str(tmp / "m1"), "--images", "400",
+                          "--prompts", str(a.vision_draws)]]  # fmt: skip
             else:
-                specs = [["--worker", "chat", "--ckpt", str(tmp / "m1"), "--sessions", "4", "--prompts", "8",
-                          "--tokens", "12"]]  # fmt: skip
-            run_workers(specs, d.socket)
-            accesses = []
-            while True:  # the log is a ring of 65536: the workloads stay under it
-                rows = c.trace(since)["accesses"]
-                if not rows:
-                    break
-                accesses += [from_row(r) for r in rows]
-                since = accesses[-1].t
+                specs = [["--worker", "chat", "--ckpt", str(tmp / "m1"), "--sessions", str(a.chat_sessions),
+                          "--prompts", str(a.chat_turns), "--tokens", "12"]]  # fmt: skip
+            accesses: list = []
+            run_workers(specs, d.socket, c, since, accesses)
             status = c.stats()
     finally:
         d.stop()
     save(out / f"{kind}.jsonl.zst", accesses)
     ctr = status["counters"]
-    log(f"{kind}: {len(accesses)} accesses, {ctr['demotions']} demotions, {ctr['reads_disk']} disk reads, "
-        f"{time.perf_counter() - t0:.0f}s -> {out / f'{kind}.jsonl.zst'}")  # fmt: skip
+    gets = sum(x.op == "get" for x in accesses)
+    log(
+        f"{kind}: {len(accesses)} accesses ({gets} gets), {ctr['demotions']} demotions, "
+        f"{ctr['reads_disk']} disk reads, {time.perf_counter() - t0:.0f}s -> {out / f'{kind}.jsonl.zst'}"
+    )
+
+
+def counts(text: str) -> tuple[int, int]:
+    try:
+        x, y = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"two counts, comma-separated (e.g. 12,20), got {text!r}") from None
+    if x < 1 or y < 1:
+        raise argparse.ArgumentTypeError(f"counts must be >= 1, got {text!r}")
+    return x, y
+
+
+def positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
 
 
 def main() -> int:
@@ -209,6 +257,18 @@ def main() -> int:
     ap.add_argument(
         "--out", default=str(Path(__file__).resolve().parent / "traces"), help="folder for the traces"
     )
+    ap.add_argument("--stream-prompts", type=positive, default=20, help="stream: prompts of 24 tokens [20]")
+    ap.add_argument(
+        "--multi-prompts",
+        type=counts,
+        default=(12, 20),
+        help="multi: prompts of the 4-layer model (24 tokens) and of the 18-layer one (8 tokens) [12,20]",
+    )
+    ap.add_argument(
+        "--vision-draws", type=positive, default=8000, help="vision: Zipf draws of the 400 images [8000]"
+    )
+    ap.add_argument("--chat-sessions", type=positive, default=6, help="chat: chats interleaved [6]")
+    ap.add_argument("--chat-turns", type=positive, default=10, help="chat: turns per chat [10]")
     ap.add_argument("--worker", choices=KINDS[:1] + KINDS[2:], help=argparse.SUPPRESS)
     ap.add_argument("--socket", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -232,7 +292,7 @@ def main() -> int:
     for kind in kinds:
         tmp = Path(tempfile.mkdtemp(prefix=f"tierd-rec-{kind}-"))
         try:
-            record(kind, out, tmp)
+            record(kind, out, tmp, a)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return 0

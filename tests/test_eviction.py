@@ -331,3 +331,45 @@ def test_a_shadow_cache_forgets_old_keys_on_an_endless_stream_of_new_ones() -> N
         assert sh.ref(f"kv/{i}", KIB, [], 1, "get") is True
     assert len(sh.current) <= MAX_KEYS and len(sh.resident) == 100
     assert sh.byte_miss_ratio() == 0.0
+
+
+@pytest.mark.asyncio
+async def test_the_unread_prefetch_loaded_last_goes_first_under_a_non_lru_order(tmp_path: Path) -> None:
+    """Placement.victim's last resort (nothing but unread prefetches left in RAM) takes the one
+    loaded last, by the load's sequence number: under S3-FIFO the policy's order is not load order
+    (a version remembered in the ghost list goes to the main queue, the others to the small one)."""
+    from tests.test_tiers import put
+    from tierd.config import Config
+    from tierd.manager import Manager
+    from tierd.placement import Placement
+    from tierd.tiers import registry
+
+    cfg = Config(ram_bytes="4MiB", disk_bytes="64MiB", state_dir=str(tmp_path / "state"))
+    tiers = registry.build(cfg)
+    m = Manager(*tiers, eviction="s3fifo")  # type: ignore[arg-type]
+    pl = Placement(m)
+    try:
+        cid = m.add_client(1, 0, "t")
+        await put(m, pl, cid, "w/x", 1)
+        await put(m, pl, cid, "w/y", 2)
+        # y: out of the small queue (into the ghost list), read back (ghost: main queue), out of
+        # the main queue (not into the ghost list); x: out of the small queue, into the ghost list
+        await pl.evict("w/y")
+        await pl.get(cid, [m.resolve("w/y")])
+        m.release(cid, list(m.clients[cid].leases))
+        await pl.evict("w/y")
+        await pl.evict("w/x")
+        x, y = m.resolve("w/x"), m.resolve("w/y")
+        assert x.tiers == ["disk"] and y.tiers == ["disk"]
+        await pl.load(x, for_prefetch=True)  # in the ghost list: the main queue
+        await pl.load(y, for_prefetch=True)  # loaded last: the small queue
+        m.check()
+        assert x.prefetched and y.prefetched and y.loaded_seq > x.loaded_seq
+        # the policy's own order does not say which was loaded last: y's queue is evicted first
+        assert [e.key for e in m.policies["ram"].candidates()] == ["w/y", "w/x"]
+        assert pl.victim(take_prefetched=False) is None  # unread prefetches are kept...
+        assert pl.victim(take_prefetched=True) is y  # ...unless a demand read needs the room
+    finally:
+        await pl.close()
+        for t in tiers:
+            t.close()

@@ -99,6 +99,9 @@ class Entry:
     codec: str | None = None  # requested for chunk-store copies (None = the policy decides)
     protect: int = 0  # moves in flight (Manager.protected)
     prefetched: bool = False  # brought into RAM on a prediction, not read since
+    #: when it was last brought into RAM ahead of a read (Manager.mark_prefetched's sequence
+    #: number; later loads have higher ones): of the unread prefetches, the last loaded goes first
+    loaded_seq: int = 0
     #: named by a client's hint while in RAM (or brought in for one), not read since: a prediction's
     #: load never takes its room
     hinted: bool = False

@@ -104,6 +104,7 @@ class Manager:
         self.metrics = metrics if metrics is not None else Metrics()
         #: bytes in RAM that were prefetched and not read yet (the speculative budget's use)
         self.spec_bytes = 0
+        self._loads = 0  # prefetch loads so far: each one's sequence number (Entry.loaded_seq)
         #: per client: at most this many puts reserved and not sealed, of at most this many bytes
         #: (config max_open_puts / max_open_put_bytes): one client cannot hold the home tier
         self.max_open_puts = 4096
@@ -527,6 +528,8 @@ class Manager:
         """``e`` was brought into RAM ahead of a read: for a client's hint, or on a prediction."""
         if not e.prefetched and self.ram.name in e.where:
             e.prefetched = True
+            self._loads += 1
+            e.loaded_seq = self._loads
             self.spec_bytes += self.ram.region_bytes(e.nbytes)
         if hinted:
             self.mark_hinted(e)

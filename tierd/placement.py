@@ -253,11 +253,16 @@ class Placement:
         if found is None and (take_prefetched or take_predicted) and tier == self.home:
             # Of the unread prefetches, the one loaded last: predictions and hints are issued in
             # the order they will be read, so it is needed last (the coldest would be needed next).
-            unread = [
-                e
-                for e in reversed(list(self.m.policies[tier].candidates()))
-                if e.prefetched and self._evictable(e, tier) and uid in (None, e.uid)
-            ]
+            # By the load's sequence number, not the policy's order: that is load order only for LRU.
+            unread = sorted(
+                (
+                    e
+                    for e in self.m.policies[tier].candidates()
+                    if e.prefetched and self._evictable(e, tier) and uid in (None, e.uid)
+                ),
+                key=lambda e: e.loaded_seq,
+                reverse=True,
+            )
             found = next((e for e in unread if not e.hinted), None)
             if found is None and take_prefetched:
                 found = next(iter(unread), None)
