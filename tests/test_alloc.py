@@ -70,15 +70,42 @@ def test_double_free_and_bad_size() -> None:
         a.alloc(-1)
 
 
+def test_prefer_chooses_a_hole_and_an_end_else_best_fit() -> None:
+    a = Allocator(10_000)
+    r = [a.alloc(n) for n in (1024, 64, 2048, 64, 4096)]  # holes after frees: 1024 at 0, 2048 at 1088
+    a.free(r[0])
+    a.free(r[2])
+    asked: list[tuple[int, int, int]] = []
+
+    def only_the_2048_hole_at_its_end(start: int, hole: int, size: int) -> int | None:
+        asked.append((start, hole, size))
+        return start + hole - size if hole == 2048 else None
+
+    # best fit would take the 1024-byte hole; the preferred one is the 2048-byte hole's end
+    off = a.alloc(512, prefer=only_the_2048_hole_at_its_end)
+    assert off == 1088 + 2048 - 512 and asked[0] == (0, 1024, 512)
+    a.check()
+    assert sorted(a.holes()) == sorted([(0, 1024), (1088, 2048 - 512), (7296, a.capacity - 7296)])
+    # nothing preferred: the best fit's start, as without prefer
+    assert a.alloc(512, prefer=lambda s, h, n: None) == 0
+    with pytest.raises(ValueError, match="not an end"):
+        a.alloc(64, prefer=lambda s, h, n: s + 64)
+    a.check()
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.integers(0, 20000)), max_size=200), st.integers(0, 2**32))
 def test_random_ops_keep_invariants(ops: list[tuple[bool, int]], seed: int) -> None:
     rng = random.Random(seed)
     a = Allocator(256 * 1024)
     live: dict[int, int] = {}
+
+    def prefer(start: int, hole: int, size: int) -> int | None:  # any end, or none, at random
+        return rng.choice([start, start + hole - size, None])
+
     for is_alloc, n in ops:
         if is_alloc or not live:
-            off = a.alloc(n)
+            off = a.alloc(n, prefer=prefer if rng.random() < 0.5 else None)
             if off is None:
                 assert a.largest_free() < a.size_for(n)
                 continue

@@ -1,5 +1,6 @@
 """While memory pressure holds the RAM tier down, free pages within its ceiling stay faulted in (a
-pool the next region reuses) instead of being punched and refaulted; pages over it go back.
+pool the next region reuses) instead of being punched and refaulted; pages over it go back; and a
+new region goes on resident free pages before a punched hole.
 
 No cgroup and no timing: the arena's pages are read from its memfd (st_blocks).
 """
@@ -60,3 +61,32 @@ def test_release_free_stops_at_its_limit_and_counts_only_real_pages(ram: RamTier
     rest = ram.release_free(2 * MiB)
     assert ram.resident_bytes() == 2 * MiB and got + rest == 14 * MiB
     assert ram.release_free(2 * MiB) == 0  # holes already punched give nothing back again
+
+
+def test_a_region_goes_on_resident_pages_before_a_punched_hole() -> None:
+    ram = RamTier(16 * MiB)  # pre-faulted
+    try:
+        a, b, c, d, f = (ram.allocate(n * MiB) for n in (2, 1, 3, 1, 4))  # 11 MiB used, 5 MiB free at the end
+        assert None not in (a, b, c, d, f)
+        ram.ceiling = 13 * MiB  # pressure holds the tier's pages at 13 MiB
+        ram.free(c)  # a 3 MiB hole, whose pages go back (16 MiB resident > 13) ...
+        ram.free(a)  # ... and a 2 MiB hole whose pages stay (13 MiB resident, the pool)
+        resident = ram.resident_bytes()
+        assert resident == 13 * MiB
+        ram.ceiling = ram.capacity_bytes  # pressure eased
+        # plain best fit would take the 2 MiB hole for 2 MiB (resident: fine) ...
+        assert ram.allocate(2 * MiB) == a and ram.resident_bytes() == resident
+        # ... but for 3 MiB it took the punched 3 MiB hole and faulted it in; the 5 MiB resident
+        # tail is taken instead (at its start), and no page comes back
+        got = ram.allocate(3 * MiB)
+        assert got is not None and got != c and ram.resident_bytes() == resident
+        ram.check()
+        # only when nothing resident fits does a region go into the punched hole
+        assert ram.allocate(2 * MiB) is not None and ram.resident_bytes() == resident
+        last = ram.allocate(3 * MiB)
+        assert last == c
+        ram.view(last, 3 * MiB)[:] = b"x" * (3 * MiB)  # the put's write faults its pages in
+        assert ram.resident_bytes() == resident + 3 * MiB
+        ram.check()
+    finally:
+        ram.close()

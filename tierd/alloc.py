@@ -21,9 +21,14 @@ Scenario (tested)::
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 ALIGN = 64
+#: holes :meth:`Allocator.alloc` asks ``prefer`` about, smallest fitting first
+PREFER_SCAN = 32
+#: ``prefer(hole_start, hole_size, size) -> offset or None`` (see :meth:`Allocator.alloc`)
+Prefer = Callable[[int, int, int], "int | None"]
 
 
 def round_up(n: int, align: int = ALIGN) -> int:
@@ -77,8 +82,15 @@ class Allocator:
         """Bytes a request of ``nbytes`` really takes (zero-byte tensors still get a region)."""
         return round_up(max(nbytes, 1))
 
-    def alloc(self, nbytes: int) -> int | None:
-        """Offset of a new region of at least ``nbytes``, or None when no hole is big enough."""
+    def alloc(self, nbytes: int, prefer: Prefer | None = None) -> int | None:
+        """Offset of a new region of at least ``nbytes``, or None when no hole is big enough.
+
+        ``prefer(start, hole_size, size)``: where in that hole a region of ``size`` bytes should go
+        (``start``, or ``start + hole_size - size``), or None when neither end suits. The fitting
+        holes are asked smallest first (at most ``PREFER_SCAN`` of them) and the first answer
+        wins; when none answers, the best fit's start is taken as without it. (The RAM tier
+        prefers spans whose pages are still resident, see ``tierd.tiers.ram``.)
+        """
         if nbytes < 0:
             raise ValueError("negative size")
         size = self.size_for(nbytes)
@@ -86,12 +98,23 @@ class Allocator:
         if i == len(self._by_size):
             return None
         hole_size, start = self._by_size[i]
+        at = start
+        if prefer is not None:
+            for hole_size_j, start_j in self._by_size[i : i + PREFER_SCAN]:
+                where = prefer(start_j, hole_size_j, size)
+                if where is not None:
+                    if where not in (start_j, start_j + hole_size_j - size):
+                        raise ValueError(f"prefer chose {where}, not an end of hole {start_j}+{hole_size_j}")
+                    hole_size, start, at = hole_size_j, start_j, where
+                    break
         self._remove_hole(start, hole_size)
-        if hole_size > size:
-            self._add_hole(start + size, hole_size - size)
-        self._used[start] = size
+        if at > start:
+            self._add_hole(start, at - start)
+        if start + hole_size > at + size:
+            self._add_hole(at + size, start + hole_size - at - size)
+        self._used[at] = size
         self.used_bytes += size
-        return start
+        return at
 
     def free(self, start: int) -> int:
         """Return the region at ``start`` to the free list; returns its size. KeyError if not in use."""

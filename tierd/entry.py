@@ -163,3 +163,6 @@ class ClientInfo:
     sealed_bytes: int = 0
     #: requests this client has sent (its connection counts them)
     requests: int = 0
+    #: RAM bytes of the known entries its last prefetch hint named (the window it streams with;
+    #: memory pressure below critical keeps room for it, see ``tierd.pressure``)
+    hint_bytes: int = 0

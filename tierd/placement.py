@@ -225,7 +225,10 @@ class Placement:
         if self.below[tier] is None:
             return f"no tier below {tier}"
         if tier == self.home and e.prefetched:
-            return "prefetched and not read yet (taken only under memory pressure or for a demand read)"
+            return (
+                "prefetched and not read yet (taken for a demand read, or under memory pressure: "
+                "a hinted one only when critical)"
+            )
         return None
 
     def victim(
@@ -361,21 +364,37 @@ class Placement:
         return self.alloc(key, nbytes, for_prefetch, tier=tier, owner=owner, predicted=True)
 
     # ---- memory pressure -----------------------------------------------------------------------
-    def lower_ceiling(self, target: int) -> int:
+    def held_bytes(self, *, hinted: bool = False) -> int:
+        """Bytes of the home tier that cannot leave it now: leased, pinned or being written; with
+        ``hinted``, also the window clients ask for: the entries hinted and not read yet (in RAM,
+        or prefetches on their way in, a hint's or a prediction's: the copy cannot tell them
+        apart), or, when more, what the clients' last hints named (loaded or not: a prefetch
+        that found no room under the ceiling is dropped, and its window would go unseen)."""
+        home, size = self.home, self.ram.region_bytes
+        held = unread = 0
+        for e in self.m.versions.values():
+            if home in e.where:
+                if e.state != SEALED or e.held.get(home) or e.pins:
+                    held += size(e.nbytes)
+                elif hinted and e.hinted:
+                    unread += size(e.nbytes)
+        if not hinted:
+            return held
+        versions = self.m.versions
+        unread += sum(size(versions[v].nbytes) for v in self.moves.speculative[home] if v in versions)
+        return held + max(unread, sum(c.hint_bytes for c in self.m.clients.values()))
+
+    def lower_ceiling(self, target: int, *, floor: int = 0) -> int:
         """Hold the home tier at ``target`` bytes or below while memory is short; returns the ceiling.
 
         Lowering alone would only demote entries that the next reads promote again, into pages
         faulted back in: the daemon would give memory back and take it again within a second. So
         allocations stay under the ceiling (the tier refuses them), and while it is below capacity
         freed regions return their pages to the kernel at once. Leased and pinned bytes cannot go,
-        so the ceiling never drops below them.
+        so the ceiling never drops below them, nor below ``floor`` (pressure that is not yet
+        critical keeps the window the clients use, see ``tierd.pressure``).
         """
-        home = self.home
-        held = sum(
-            self.ram.region_bytes(e.nbytes)
-            for e in self.m.versions.values()
-            if home in e.where and not (e.state == SEALED and not e.held.get(home) and not e.pins)
-        )  # leased, pinned, or being written: these cannot leave RAM now
+        held = max(self.held_bytes(), min(int(floor), self.ram.capacity_bytes))
         self.ram.ceiling = max(min(self.ram.ceiling, int(target)), held, 0)
         return self.ram.ceiling
 
@@ -497,13 +516,19 @@ class Placement:
         self._wake.set()
 
     async def balance_once(
-        self, target_used: int | None = None, take_prefetched: bool = False, *, tier: str | None = None
+        self,
+        target_used: int | None = None,
+        take_prefetched: bool = False,
+        *,
+        tier: str | None = None,
+        take_predicted: bool = False,
     ) -> int:
         """Demote coldest first until ``tier`` (home by default) uses ``target_used`` bytes (default:
         the low watermark of its ceiling).
 
-        Prefetched entries not read yet are left alone unless ``take_prefetched`` (memory pressure):
-        they are about to be read, and demoting them would only read them again.
+        Prefetched entries not read yet are left alone unless ``take_prefetched`` (critical memory
+        pressure): they are about to be read, and demoting them would only read them again.
+        ``take_predicted`` (pressure below critical): the predicted ones may go, the hinted stay.
         """
         name = tier or self.home
         t = self.m.memory[name]
@@ -512,7 +537,7 @@ class Placement:
         target = int(t.ceiling * self.low) if target_used is None else target_used
         freed = 0
         while t.used_bytes > target:
-            e = self.victim(take_prefetched, tier=name)
+            e = self.victim(take_prefetched, tier=name, take_predicted=take_predicted)
             if e is None:
                 break
             before = t.used_bytes

@@ -140,12 +140,13 @@ class Prefetcher:
         """Client hints go ahead of predictions; returns how many are known entries."""
         known: list[tuple[int, int, str, int]] = []
         home = self.placement.home
-        n = 0
+        n = nbytes = 0
         for key in keys:
             e = self.m.entries.get(key)
             if e is None:
                 continue
             n += 1
+            nbytes += self.m.ram.region_bytes(e.nbytes)
             self.record(client, e, "hint", "-")
             if home in e.where:  # nothing to load: keep it from a prediction's load until read
                 self.m.mark_hinted(e)
@@ -154,6 +155,9 @@ class Prefetcher:
         # ahead of everything queued, in the order given: the first hinted key is loaded first
         for item in reversed(known):
             self._push(item, front=True)
+        info = self.m.clients.get(client)
+        if info is not None:
+            info.hint_bytes = nbytes
         return n
 
     def set_predictor(self, name: str) -> None:

@@ -19,6 +19,12 @@ Every arena spans the tier's whole capacity in address space, but the tier holds
 of pages: when a second arena is in use and the pages the arenas hold (st_blocks of each memfd) would
 pass the capacity, the free holes of the others are punched first (``_fit_pages``).
 
+A region goes on pages the memfd still holds when a free span of them fits (:func:`_resident_end`,
+``SEEK_HOLE`` on the memfd; the smallest such hole, at either of its ends); a span whose pages were
+given back is taken only when nothing resident fits: writing there faults and zeroes every page
+again, and while a memory-pressure ceiling holds the tier down the next free gives as many back.
+(With plain best fit, a 2B streaming run under pressure refaulted 8-9 GB of punched pages.)
+
 A location is ``space * stride + offset``: the arena's index and the offset in it (``split``); the
 rest of the daemon treats it as an opaque int.
 
@@ -40,6 +46,7 @@ import mmap
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from tierd.alloc import Allocator
@@ -99,6 +106,18 @@ def _memfd(uid: int, capacity: int, backed: bool) -> int:
             ) from None
         raise
     return fd
+
+
+def _resident_end(fd: int, start: int, hole: int, size: int) -> int | None:
+    """The end of free hole ``[start, start + hole)`` where ``size`` bytes lie on pages the memfd
+    still holds (no hole punched there, nothing to fault in and zero), or None."""
+    for at in (start, start + hole - size):
+        try:
+            if os.lseek(fd, at - at % PAGE, os.SEEK_HOLE) >= at + size:
+                return at
+        except OSError:
+            return None
+    return None
 
 
 class RamTier(MemoryTier):
@@ -190,7 +209,7 @@ class RamTier(MemoryTier):
         if self._used + size > self._capacity or self.over_quota(owner, nbytes):
             return None
         a = self.arena(owner)
-        offset = a.alloc.alloc(nbytes)
+        offset = a.alloc.alloc(nbytes, prefer=partial(_resident_end, a.fd))
         if offset is None:
             return None
         self._used += size
