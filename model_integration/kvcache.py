@@ -11,20 +11,34 @@ grows past its bound until a later put succeeds) and ``put_failures`` counts it.
 
 Attention. Each ``update`` (one per layer per forward step) copies the new tokens into the layer's resident
 buffer (room for ``window + block`` tokens, re-made only when a block leaves for tierd, so a decoding step
-copies one token there), fetches that layer's offloaded blocks in one ``get_many`` round trip, concatenates
-them with the resident tokens, releases the views and returns the full K/V, as ``DynamicCache`` does: one
-concatenation per step, as ``DynamicCache``'s own.
+copies one token there) and returns [offloaded blocks ; resident tokens] as one K and one V, as
+``DynamicCache`` does: one ``torch.cat`` per step, as ``DynamicCache``'s own. The offloaded blocks are read
+in place, from the daemon's RAM tier mapped in this process:
+
+- held blocks (``hold_bytes``, default 512 MiB, never more than half the RAM tier): a block's view is
+  leased once, right after its put, and kept across steps, so a step needs no round trip for it. Held
+  blocks are always the oldest of a layer (a prefix), first come first served across layers.
+- the other blocks: fetched in one ``get_many`` per layer per step and released after the
+  concatenation; when they are more than ``fetch_bytes`` (a quarter of the RAM tier) they are read in
+  groups of that size into a K and V allocated whole (blocks spilled to the disk tier come back
+  through the RAM tier, which need not hold a layer's whole context).
+
+A ``TierFull`` on a put or a fetch releases every held view (the daemon may then demote those blocks)
+and the cache holds nothing more. ``bench/bench_kvcache.py`` measures decode with the blocks held and
+with every block fetched at each step (docs/benchmarks.md).
 
 Trade-off. Memory: the process holds ``window`` tokens per layer (in a buffer of ``window + block``) plus,
 transiently, one layer's full K/V
 (the concatenation handed to attention, freed after that layer's attention); a ``DynamicCache`` holds every
 layer's full K/V all the time. So resident KV drops from ``layers * seq`` to about ``layers * window +
 seq`` tokens; the rest lives in the daemon's RAM tier (shared memory, under its budget and eviction
-policy). Latency: per layer per step one round trip (~60 us here) plus the copy of the offloaded blocks
-into the concatenation (``DynamicCache`` also copies its whole K/V per step in ``torch.cat``, so on CPU the
-extra cost is the round trip and the puts: one block copy per layer every ``block`` steps); on a GPU the
-offloaded part also crosses PCIe each step, which dominates for long contexts. Small blocks mean more
-entries and bigger ``get_many`` frames; ``block`` of 64-256 tokens keeps both small.
+policy; held blocks are mapped here but are the daemon's pages, not a copy, and cannot be demoted while
+held). Latency: per step the copy of the offloaded blocks into the concatenation (``DynamicCache`` also
+copies its whole K/V per step in ``torch.cat``), one round trip per layer when some blocks are not held
+(~60 us here, much more on a loaded machine), and the puts: one block copy and 3 round trips per layer
+every ``block`` steps. On a GPU the offloaded part also crosses PCIe each step, which dominates for long
+contexts. Small blocks mean more entries, more pieces to concatenate and bigger ``get_many`` frames;
+``block`` of 64-256 tokens keeps them few.
 
 Editing. ``crop`` (assisted decoding) brings back the offloaded blocks the cut reaches and deletes
 their entries; beam search's ``reorder_cache`` and the batch re-indexing calls rewrite every offloaded
@@ -44,7 +58,7 @@ import transformers
 from packaging.version import Version
 from transformers.cache_utils import Cache, DynamicLayer
 
-from tierd_client import NotFound, TierFull
+from tierd_client import DaemonUnavailable, NotFound, NotLeased, TierFull
 
 
 class TierdKVLayer(DynamicLayer):
@@ -60,6 +74,12 @@ class TierdKVLayer(DynamicLayer):
         #: the resident tokens' K and V buffers (room for window + block tokens); keys / values view them
         self._buf: tuple[torch.Tensor, torch.Tensor] | None = None
         self._views: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        #: views of the first len(held) offloaded blocks, leased across steps (see TierdKVCache.hold_bytes)
+        self.held: list[torch.Tensor] = []
+        self._held_k: list[torch.Tensor] = []
+        self._held_v: list[torch.Tensor] = []
+        #: bytes of one offloaded block of this layer (K and V), known after its first put
+        self.block_nbytes = 0
 
     def _resident_len(self) -> int:
         if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
@@ -116,17 +136,102 @@ class TierdKVLayer(DynamicLayer):
         self._views = (self.keys, self.values)
 
     def _with_offloaded(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[held blocks ; the other blocks ; resident tokens] as one K and one V. The held blocks need no
+        round trip; the others come in one ``get_many`` when they fit in the cache's ``fetch_bytes``
+        (one ``torch.cat`` then, as ``DynamicCache``'s), else :meth:`_gathered` reads them in groups."""
         c = self.cache
-        views = c.client.get_many(self.block_keys)
-        c.round_trips += 1
-        c.fetched_blocks += len(views)
+        rest = self.block_keys[len(self.held) :]
+        views: list[torch.Tensor] = []
+        if rest:
+            if len(rest) * self.block_nbytes > c.fetch_bytes:
+                return self._gathered(keys, values)
+            try:
+                views = c.fetch(rest)
+            except TierFull:  # no room to bring them all back at once
+                return self._gathered(keys, values)
         try:
             dev = keys.device
-            full_k = torch.cat([*(v[0].to(dev) for v in views), keys], dim=-2)
-            full_v = torch.cat([*(v[1].to(dev) for v in views), values], dim=-2)
+            hk, hv = self._held_k, self._held_v
+            if hk and hk[0].device != dev:
+                hk, hv = [k.to(dev) for k in hk], [v.to(dev) for v in hv]
+            full_k = torch.cat([*hk, *(v[0].to(dev) for v in views), keys], dim=-2)
+            full_v = torch.cat([*hv, *(v[1].to(dev) for v in views), values], dim=-2)
         finally:
-            c.client.release(views)
+            if views:
+                c.client.release(views)
         return full_k, full_v
+
+    def _gathered(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slow path, for offloaded blocks that do not fit in the RAM tier at once: K and V are
+        allocated whole, the held blocks copied in, then the others fetched ``fetch_bytes`` at a time
+        (each group released before the next is asked for). A group that finds the RAM tier full
+        sheds the cache's held views (already copied) and is asked for again."""
+        c = self.cache
+        total = self.offloaded_len + int(keys.shape[-2])
+        out_k = keys.new_empty((*keys.shape[:-2], total, keys.shape[-1]))
+        out_v = values.new_empty((*values.shape[:-2], total, values.shape[-1]))
+        pos = 0
+
+        def place(k: torch.Tensor, v: torch.Tensor) -> None:
+            nonlocal pos
+            n = int(k.shape[-2])
+            out_k[..., pos : pos + n, :].copy_(k)
+            out_v[..., pos : pos + n, :].copy_(v)
+            pos += n
+
+        for k, v in zip(self._held_k, self._held_v, strict=True):
+            place(k, v)
+        rest = self.block_keys[len(self.held) :]
+        per = max(1, c.fetch_bytes // max(1, self.block_nbytes))
+        for i in range(0, len(rest), per):
+            group = rest[i : i + per]
+            try:
+                views = c.fetch(group)
+            except TierFull:
+                if not c.shed():
+                    raise
+                views = c.fetch(group)
+            try:
+                for view in views:
+                    place(view[0], view[1])
+            finally:
+                c.client.release(views)
+        place(keys, values)
+        return out_k, out_v
+
+    def hold_more(self) -> None:
+        """Lease the next offloaded blocks (after the held ones) while the cache's budget has room,
+        in one ``get_many``; held blocks are always a prefix of the offloaded ones."""
+        c = self.cache
+        if not self.block_nbytes:
+            return
+        keys: list[str] = []
+        room = c.hold_limit - c.held_bytes
+        for key in self.block_keys[len(self.held) :]:
+            if self.block_nbytes > room:
+                break
+            keys.append(key)
+            room -= self.block_nbytes
+        if not keys:
+            return
+        try:
+            views = c.fetch(keys)
+        except TierFull:  # promoted back from disk into a full RAM tier: streamed instead
+            return
+        self.held += views
+        self._held_k += [v[0] for v in views]
+        self._held_v += [v[1] for v in views]
+        c.held_bytes += sum(v.numel() * v.element_size() for v in views)
+
+    def unhold(self, first: int = 0) -> None:
+        """Release the held views of blocks ``first`` and later (one frame)."""
+        gone = self.held[first:]
+        if not gone:
+            return
+        del self.held[first:], self._held_k[first:], self._held_v[first:]
+        self.cache.held_bytes -= sum(v.numel() * v.element_size() for v in gone)
+        with contextlib.suppress(NotLeased, DaemonUnavailable):
+            self.cache.client.release(gone)
 
     def _offload(self) -> None:
         before = len(self.block_keys)
@@ -135,17 +240,26 @@ class TierdKVLayer(DynamicLayer):
             # a new buffer for what stays, so the offloaded bytes go with the old one (the K/V this
             # step returns may be a view of it: it is not shifted in place)
             self._rebuffer(self.keys, self.values, 0)
+            self.hold_more()
 
     def _offload_blocks(self) -> None:
         c = self.cache
         while self._resident_len() > c.window:
             k, v = self.keys[..., : c.block, :], self.values[..., : c.block, :]
             key = f"{c.prefix}/{self.layer_idx}/{len(self.block_keys)}"
+            kv = torch.stack([k, v])
             try:
-                c.client.put(key, torch.stack([k, v]), tags=["kv"], scope="client", durable=False)
+                c.client.put(key, kv, tags=["kv"], scope="client", durable=False)
             except TierFull:
-                c.put_failures += 1
-                return
+                if not c.shed():  # the held views may be what fills the RAM tier: let them go, once
+                    c.put_failures += 1
+                    return
+                try:
+                    c.client.put(key, kv, tags=["kv"], scope="client", durable=False)
+                except TierFull:
+                    c.put_failures += 1
+                    return
+            self.block_nbytes = kv.numel() * kv.element_size()
             self.block_keys.append(key)
             c.offloaded_blocks += 1
             self.keys = self.keys[..., c.block :, :]
@@ -153,6 +267,7 @@ class TierdKVLayer(DynamicLayer):
 
     def drop_offloaded(self) -> None:
         """Delete this layer's entries in tierd (a missing one is fine: it may have been evicted)."""
+        self.unhold()
         client = self.cache.client
         for key in self.block_keys:
             with contextlib.suppress(NotFound):
@@ -183,6 +298,7 @@ class TierdKVLayer(DynamicLayer):
         keep = max(0, self.get_seq_length() - n)
         first = keep // c.block
         back = self.block_keys[first:]
+        self.unhold(first)
         views = c.client.get_many(back)
         c.round_trips += 1
         try:
@@ -198,15 +314,20 @@ class TierdKVLayer(DynamicLayer):
         self.keys, self.values = k, vv
 
     def _rewrite_offloaded(self, fn: Any) -> None:
-        """Apply ``fn`` to the batch dimension of every offloaded block (put back under its key)."""
+        """Apply ``fn`` to the batch dimension of every offloaded block (put back under its key, a new
+        version: the held views of the old ones are released and the new ones held)."""
         c = self.cache
+        self.unhold()
         for key in self.block_keys:
             view = c.client.get(key)
             try:
                 kv = fn(view)  # (2, batch, heads, block, head_dim): dim 1 is the batch
             finally:
                 c.client.release(view)
-            c.client.put(key, kv.contiguous(), tags=["kv"], scope="client", durable=False)
+            kv = kv.contiguous()
+            c.client.put(key, kv, tags=["kv"], scope="client", durable=False)
+            self.block_nbytes = kv.numel() * kv.element_size()
+        self.hold_more()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         idx = beam_idx.to("cpu")
@@ -243,13 +364,31 @@ class TierdKVCache(Cache):
     the memory / latency trade-off).
 
     ``client`` is a ``tierd_client.Client`` that outlives the cache. ``close()`` (or ``with``) deletes the
-    entries; ``reset()`` deletes them and empties the cache for reuse. Counters: ``offloaded_blocks``,
-    ``fetched_blocks``, ``round_trips``, ``put_failures``.
+    entries; ``reset()`` deletes them and empties the cache for reuse.
+
+    ``hold_bytes``: at most this many bytes of offloaded blocks stay leased across steps (zero-copy views
+    of the daemon's RAM tier: no copy in this process, but the daemon cannot demote them while held),
+    never more than half the RAM tier (read once, here); the other blocks are fetched and released at
+    every step. 0: every step fetches every block. A ``TierFull`` on a put or a fetch releases every held
+    view and the cache streams from then on (``hold_limit`` drops to 0; ``hold_sheds`` counts it).
+
+    Counters: ``offloaded_blocks``, ``fetched_blocks``, ``round_trips``, ``put_failures``,
+    ``held_bytes`` (now), ``held_peak``, ``hold_sheds``.
     """
 
-    def __init__(self, client: Any, *, window: int = 1024, block: int = 128, namespace: str = "kv") -> None:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        window: int = 1024,
+        block: int = 128,
+        hold_bytes: int = 512 << 20,
+        namespace: str = "kv",
+    ) -> None:
         if block < 1 or window < block:
             raise ValueError(f"need 1 <= block <= window, got block={block}, window={window}")
+        if hold_bytes < 0:
+            raise ValueError(f"hold_bytes must be >= 0, got {hold_bytes}")
         super().__init__(layers=[])
         self.client = client
         self.window = window
@@ -260,7 +399,42 @@ class TierdKVCache(Cache):
         self.fetched_blocks = 0
         self.round_trips = 0
         self.put_failures = 0
+        ram = _ram_tier_bytes(client)
+        self.hold_bytes = hold_bytes
+        self.hold_limit = min(hold_bytes, ram // 2)
+        #: the most bytes of blocks one fetch asks for (a quarter of the RAM tier)
+        self.fetch_bytes = ram // 4
+        self._held_bytes = 0
+        self.held_peak = 0
+        self.hold_sheds = 0
         self.closed = False
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of offloaded blocks this cache holds leased now (at most ``hold_limit``)."""
+        return self._held_bytes
+
+    @held_bytes.setter
+    def held_bytes(self, n: int) -> None:
+        self._held_bytes = n
+        self.held_peak = max(self.held_peak, n)
+
+    def fetch(self, keys: list[str]) -> list[torch.Tensor]:
+        """Views of these blocks in one round trip (leased: the caller releases or holds them)."""
+        views = self.client.get_many(keys)
+        self.round_trips += 1
+        self.fetched_blocks += len(views)
+        return views
+
+    def shed(self) -> bool:
+        """Release every held view and hold no more (the RAM tier is full); whether any was held."""
+        had = self.held_bytes > 0
+        for layer in self.layers:
+            if isinstance(layer, TierdKVLayer):
+                layer.unhold()
+        self.hold_limit = 0
+        self.hold_sheds += had
+        return had
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
@@ -286,3 +460,11 @@ class TierdKVCache(Cache):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _ram_tier_bytes(client: Any) -> int:
+    """The capacity of the daemon's RAM tier (0 if it reports none)."""
+    for tier in client.stats().get("tiers", []):
+        if tier.get("name") == "ram":
+            return int(tier.get("capacity_bytes", 0))
+    return 0
