@@ -17,8 +17,10 @@ then --tokens tokens decoded greedily.
    worker's prefill progress (tokens, tokens/s) is printed as it goes (every 10 s).
 2. Decode speed at a window of 1024 and more: one process, one daemon (RAM tier holding every
    block, no cgroup), a prompt of --decode-context tokens; DynamicCache and TierdKVCache(window=W)
-   decode --tokens tokens each, interleaved, --rounds times; tokens/s per run, and the ratio
-   TierdKVCache / DynamicCache of each round (the spread is over rounds). Tokens are compared.
+   decode --tokens tokens in lockstep (each token one step of each cache in turn, so load from
+   elsewhere falls on all alike), --rounds times; tokens/s per run, and the ratio TierdKVCache /
+   DynamicCache of each round (the spread is over rounds), with the median of the per-step ratios.
+   Tokens are compared.
    TierdKVCache runs with its default hold budget (every block of this prompt held); the windows
    of --stream-windows also run with hold_bytes=0 (every block fetched at every step), as the
    reference for what holding saves. Minor page faults per decoded token are reported for each.
@@ -287,6 +289,52 @@ def main() -> int:
     return 0
 
 
+def lockstep(model, ids, caches: dict, chunk: int, tokens: int) -> dict:
+    """Prefill ``ids`` into every cache, then decode ``tokens`` greedily with all of them in lockstep:
+    each token is one step of each cache in turn, so a burst of load from elsewhere falls on all of
+    them alike. Per cache: tokens/s over its own steps, minor page faults per token, and whether its
+    tokens equal the first cache's; per step, each cache's time over the first's (median)."""
+    import resource
+
+    import torch
+
+    from tierd_integration import cache_kwargs
+
+    n = ids.shape[1]
+    tok: dict = {}
+    with torch.inference_mode():
+        for name, cache in caches.items():
+            for s in range(0, n, chunk):
+                part = ids[:, s : s + chunk]
+                pos = torch.arange(s, s + part.shape[1]).unsqueeze(0)
+                out = model(input_ids=part, use_cache=True, position_ids=pos, cache_position=pos[0],
+                            logits_to_keep=1, **cache_kwargs(cache))  # fmt: skip
+            tok[name] = [int(out.logits[0, -1].argmax())]
+        secs: dict = {name: [] for name in caches}
+        faults = dict.fromkeys(caches, 0)
+        for i in range(tokens - 1):
+            pos = torch.tensor([[n + i]])
+            for name, cache in caches.items():
+                f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                t0 = time.perf_counter()
+                out = model(input_ids=torch.tensor([[tok[name][-1]]]), use_cache=True, position_ids=pos,
+                            cache_position=pos[0], **cache_kwargs(cache))  # fmt: skip
+                tok[name].append(int(out.logits[0, -1].argmax()))
+                secs[name].append(time.perf_counter() - t0)
+                faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    first = next(iter(caches))
+    row: dict = {}
+    for name in caches:
+        row[name] = (tokens - 1) / sum(secs[name])
+        row[f"minflt_{name}"] = faults[name] / (tokens - 1)
+        if name != first:
+            row[f"same_{name}"] = tok[name] == tok[first]
+            row[f"step_{name}"] = statistics.median(
+                a / b for a, b in zip(secs[first], secs[name], strict=True)
+            )
+    return row
+
+
 def decode_case(tmp: Path, a: argparse.Namespace, log) -> dict:
     from transformers import DynamicCache
 
@@ -309,18 +357,18 @@ def decode_case(tmp: Path, a: argparse.Namespace, log) -> dict:
             runs = [(f"tierd_{w}", int(w), None) for w in a.windows.split(",")]
             runs += [(f"stream_{w}", int(w), 0) for w in a.stream_windows.split(",") if w]
             for r in range(a.rounds):
-                row: dict = {}
-                st: dict = {}
-                ref, row["dynamic"] = serve(model, ids, DynamicCache(), a.chunk, a.tokens, stats=st)
-                row["minflt_dynamic"] = st["minflt_per_token"]
+                caches: dict = {"dynamic": DynamicCache()}
                 for name, w, hold in runs:
                     kw = {} if hold is None else {"hold_bytes": hold}
-                    with TierdKVCache(c, window=w, block=a.block, **kw) as kv:
-                        toks, row[name] = serve(model, ids, kv, a.chunk, a.tokens, stats=st)
-                        row[f"minflt_{name}"] = st["minflt_per_token"]
-                        row[f"held_mib_{name}"] = kv.held_peak / 2**20
-                        row[f"rt_{name}"] = kv.round_trips
-                    row[f"same_{name}"] = toks == ref
+                    caches[name] = TierdKVCache(c, window=w, block=a.block, **kw)
+                try:
+                    row = lockstep(model, ids, caches, a.chunk, a.tokens)
+                finally:
+                    for name, kv in caches.items():
+                        if name != "dynamic":
+                            row[f"held_mib_{name}"] = kv.held_peak / 2**20
+                            row[f"rt_{name}"] = kv.round_trips
+                            kv.close()
                 out["rounds"].append(row)
                 shown = [f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()]
                 log(f"decode round {r + 1}: " + ", ".join(shown))
@@ -352,8 +400,11 @@ def report(R: dict) -> None:
             line = f"  {k:12s} " + " ".join(f"{v:.2f}" for v in vals)
             if k != "dynamic":
                 ratios = [r[k] / r["dynamic"] for r in dec["rounds"]]
+                steps = [r[f"step_{k}"] for r in dec["rounds"] if f"step_{k}" in r]
                 line += (f"   / DynamicCache: median {statistics.median(ratios):.3f} "
                          f"(min {min(ratios):.3f}, max {max(ratios):.3f})")  # fmt: skip
+                if steps:
+                    line += f"; per step, median of rounds' medians {statistics.median(steps):.3f}"
             print(line)
         flt = [f"{k[7:]} {statistics.median(r[k] for r in dec['rounds']):.0f}" for k in dec["rounds"][0]
                if k.startswith("minflt_")]  # fmt: skip
