@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -31,7 +33,7 @@ def test_greedy_tokens_equal_dynamic_cache_and_blocks_are_offloaded(daemon, mode
     inputs = _text(12)
     ref = model.generate(**inputs, **cache_kwargs(DynamicCache()), **GEN)
     with Client(daemon.socket) as c:
-        kv = TierdKVCache(c, window=8, block=4)
+        kv = TierdKVCache(c, window=8, block=4, hold_bytes=0)  # nothing held: one entry per block
         out = model.generate(**inputs, **cache_kwargs(kv), **GEN)
         total = 12 + GEN["max_new_tokens"] - 1  # the last token's K/V is never computed
         assert kv.get_seq_length() == total
@@ -91,7 +93,9 @@ def test_a_closed_clients_entries_are_gone(daemon, model) -> None:
         c = Client(daemon.socket)
         kv = TierdKVCache(c, window=8, block=4)
         model.generate(**_text(16), **cache_kwargs(kv), max_new_tokens=4, do_sample=False)
-        assert len(observer.ls(f"kv/{kv.uuid}/")) == N_LAYERS * 3  # 19 tokens: 3 blocks per layer out
+        # 19 tokens: 3 blocks per layer out, held and merged into entries of 2 and 1
+        assert [layer.seg_blocks for layer in kv.layers] == [[2, 1]] * N_LAYERS
+        assert len(observer.ls(f"kv/{kv.uuid}/")) == N_LAYERS * 2
         c.close()  # no kv.close(): scope="client" entries go with the connection
         wait_until(lambda: observer.ls("kv/") == [], what="client-scope kv entries to go")
 
@@ -160,7 +164,9 @@ def test_crop_into_offloaded_blocks_matches_a_dynamic_cache(daemon) -> None:
         kv.crop(-7)  # reaches three offloaded blocks (one of them in part)
         ref.crop(-7)
         assert kv.get_seq_length() == ref.get_seq_length() == 9
-        assert layer.offloaded_len == 8 and len(c.ls(f"kv/{kv.uuid}/")) == 4
+        # 7 blocks of 2 were held and merged into entries of 4, 2 and 1 blocks: the cut (9 tokens
+        # kept) reaches the second, so the first stays and one token of the second comes back
+        assert layer.offloaded_len == 8 and layer.seg_blocks == [4] and len(c.ls(f"kv/{kv.uuid}/")) == 1
         nxt = torch.randn(1, 2, 1, 16, generator=gen)
         k1, v1 = kv.update(nxt, -nxt, 0)
         k2, v2 = ref.update(nxt, -nxt, 0)
@@ -213,13 +219,23 @@ def test_tokens_equal_dynamic_cache_at_every_hold_budget(daemon, model, window, 
         kv = TierdKVCache(c, window=window, block=block, hold_bytes=hold_blocks * block_bytes)
         assert kv.hold_limit == min(hold_blocks * block_bytes, 32 << 20)
         out = model.generate(**inputs, **cache_kwargs(kv), **gen)
-        blocks = [len(layer.block_keys) for layer in kv.layers]
-        held = [len(layer.held) for layer in kv.layers]
+        blocks = [layer.offloaded_len // block for layer in kv.layers]
+        held = [layer.held_blocks for layer in kv.layers]
         assert sum(blocks) == kv.offloaded_blocks > 0
         assert sum(held) == min(hold_blocks, sum(blocks))
         assert kv.held_bytes == sum(held) * block_bytes <= kv.hold_limit
         assert kv.held_peak <= kv.hold_limit
-        assert c.lease_count == sum(held)  # the blocks fetched for a step were released after it
+        # the blocks fetched for a step were released after it: one lease per held entry
+        assert c.lease_count == sum(len(layer.held) for layer in kv.layers)
+        for layer in kv.layers:  # held entries merged two equal ones at a time: 2^k blocks, largest first
+            merged = layer.seg_blocks[: len(layer.held)]
+            assert merged == sorted(merged, reverse=True) and all(n & (n - 1) == 0 for n in merged)
+            # two neighbours of a size only where merging them would pass merge_bytes
+            assert all(a != b or 2 * a * block_bytes > kv.merge_bytes for a, b in itertools.pairwise(merged))
+            assert all(n == 1 for n in layer.seg_blocks[len(layer.held) :])
+        assert (kv.merges > 0) == (hold_blocks >= 2 and kv.merge_bytes >= 2 * block_bytes)
+        entries = c.ls(f"kv/{kv.uuid}/")
+        assert sorted(e["key"] for e in entries) == sorted(kv.offloaded_keys())
         kv.close()
         assert kv.held_bytes == 0 and c.lease_count == 0 and c.ls("kv/") == []
     assert torch.equal(out, ref)
