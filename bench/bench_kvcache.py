@@ -188,16 +188,16 @@ def watch(cmd: list[str], timeout: float, show) -> tuple[int | None, str]:
     threading.Thread(target=lambda: err.extend(p.stderr or []), daemon=True).start()
     killer = threading.Timer(timeout, p.kill)
     killer.start()
-    last, shown = "", 0.0
+    last, shown, at = "", "", 0.0
     for line in p.stdout or []:
         last = line.rstrip()
-        if time.perf_counter() - shown >= 10:
+        if time.perf_counter() - at >= 10:
             show(last)
-            shown = time.perf_counter()
+            shown, at = last, time.perf_counter()
     rc = p.wait()
     timed_out = not killer.is_alive()
     killer.cancel()
-    if last:
+    if last and last != shown:
         show(last)
     return (None if timed_out else rc), (err[-1].strip() if err else "")
 
