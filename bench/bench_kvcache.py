@@ -385,7 +385,7 @@ def report(R: dict) -> None:
     if lim:
         print(f"(1) cgroup limit {lim['limit'] / M:.0f} MiB (the model alone at 512 tokens peaks at "
               f"{lim['model_peak_512'] / M:.0f} MiB)")  # fmt: skip
-        for cache in ("dynamic", "tierd"):
+        for cache in dict.fromkeys(r["cache"] for r in lim["runs"]):  # the caches this run tried
             runs = [r for r in lim["runs"] if r["cache"] == cache]
             ok = [r["context"] for r in runs if "error" not in r]
             fails = [f"{r['context']} ({r['error']})" for r in runs if "error" in r]

@@ -119,6 +119,8 @@ def test_bad_sizes_are_refused(daemon) -> None:
             TierdKVCache(c, window=2, block=4)
         with pytest.raises(ValueError):
             TierdKVCache(c, window=8, block=0)
+        with pytest.raises(ValueError, match="hold_bytes"):
+            TierdKVCache(c, window=8, block=4, hold_bytes=-1)
 
 
 @torch.no_grad()
