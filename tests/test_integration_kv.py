@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -31,7 +33,7 @@ def test_greedy_tokens_equal_dynamic_cache_and_blocks_are_offloaded(daemon, mode
     inputs = _text(12)
     ref = model.generate(**inputs, **cache_kwargs(DynamicCache()), **GEN)
     with Client(daemon.socket) as c:
-        kv = TierdKVCache(c, window=8, block=4)
+        kv = TierdKVCache(c, window=8, block=4, hold_bytes=0)  # nothing held: one entry per block
         out = model.generate(**inputs, **cache_kwargs(kv), **GEN)
         total = 12 + GEN["max_new_tokens"] - 1  # the last token's K/V is never computed
         assert kv.get_seq_length() == total
@@ -91,7 +93,9 @@ def test_a_closed_clients_entries_are_gone(daemon, model) -> None:
         c = Client(daemon.socket)
         kv = TierdKVCache(c, window=8, block=4)
         model.generate(**_text(16), **cache_kwargs(kv), max_new_tokens=4, do_sample=False)
-        assert len(observer.ls(f"kv/{kv.uuid}/")) == N_LAYERS * 3  # 19 tokens: 3 blocks per layer out
+        # 19 tokens: 3 blocks per layer out, held and merged into entries of 2 and 1
+        assert [layer.seg_blocks for layer in kv.layers] == [[2, 1]] * N_LAYERS
+        assert len(observer.ls(f"kv/{kv.uuid}/")) == N_LAYERS * 2
         c.close()  # no kv.close(): scope="client" entries go with the connection
         wait_until(lambda: observer.ls("kv/") == [], what="client-scope kv entries to go")
 
@@ -115,6 +119,8 @@ def test_bad_sizes_are_refused(daemon) -> None:
             TierdKVCache(c, window=2, block=4)
         with pytest.raises(ValueError):
             TierdKVCache(c, window=8, block=0)
+        with pytest.raises(ValueError, match="hold_bytes"):
+            TierdKVCache(c, window=8, block=4, hold_bytes=-1)
 
 
 @torch.no_grad()
@@ -160,7 +166,9 @@ def test_crop_into_offloaded_blocks_matches_a_dynamic_cache(daemon) -> None:
         kv.crop(-7)  # reaches three offloaded blocks (one of them in part)
         ref.crop(-7)
         assert kv.get_seq_length() == ref.get_seq_length() == 9
-        assert layer.offloaded_len == 8 and len(c.ls(f"kv/{kv.uuid}/")) == 4
+        # 7 blocks of 2 were held and merged into entries of 4, 2 and 1 blocks: the cut (9 tokens
+        # kept) reaches the second, so the first stays and one token of the second comes back
+        assert layer.offloaded_len == 8 and layer.seg_blocks == [4] and len(c.ls(f"kv/{kv.uuid}/")) == 1
         nxt = torch.randn(1, 2, 1, 16, generator=gen)
         k1, v1 = kv.update(nxt, -nxt, 0)
         k2, v2 = ref.update(nxt, -nxt, 0)
@@ -174,14 +182,14 @@ def test_crop_into_offloaded_blocks_matches_a_dynamic_cache(daemon) -> None:
 
 @torch.no_grad()
 def test_long_context_with_a_small_window_equals_dynamic_cache(daemon, model) -> None:
-    # 1,500 prompt tokens against a window of 128: 43 blocks of 32 per layer live in tierd, each
-    # step reads them all back; the resident part is a buffer of window + block tokens appended in
-    # place, re-made only when a block leaves
+    # 1,500 prompt tokens against a window of 128: 43 blocks of 32 per layer live in tierd, and with
+    # nothing held each step reads them all back; the resident part is a buffer of window + block
+    # tokens appended in place, re-made only when a block leaves
     inputs = _text(1500, seed=5)
     gen = dict(max_new_tokens=16, do_sample=False)
     ref = model.generate(**inputs, **cache_kwargs(DynamicCache()), **gen)
     with Client(daemon.socket) as c:
-        with TierdKVCache(c, window=128, block=32) as kv:
+        with TierdKVCache(c, window=128, block=32, hold_bytes=0) as kv:
             out = model.generate(**inputs, **cache_kwargs(kv), **gen)
             total = 1500 + 16 - 1
             for layer in kv.layers:
@@ -191,3 +199,112 @@ def test_long_context_with_a_small_window_equals_dynamic_cache(daemon, model) ->
             assert kv.put_failures == 0 and kv.round_trips >= N_LAYERS * 15
         assert c.ls("kv/") == []
     assert torch.equal(out, ref)
+
+
+# -- held blocks: offloaded blocks leased across steps under a byte budget ----------------------------
+BLOCK_BYTES_TINY = 2 * 2 * 4 * 16 * 4  # K and V, 2 KV heads, block of 4, head_dim 16, float32
+
+
+@pytest.mark.parametrize(
+    ("window", "block", "hold_blocks"),
+    [(8, 4, 0), (8, 4, 3), (8, 4, 10_000), (16, 8, 5), (4, 4, 1)],
+)
+@torch.no_grad()
+def test_tokens_equal_dynamic_cache_at_every_hold_budget(daemon, model, window, block, hold_blocks) -> None:
+    # hold_blocks 0: every step fetches every block; 10,000: capped at half the 64 MiB RAM tier, so
+    # every block is held; in between some are held, the rest fetched each step
+    block_bytes = BLOCK_BYTES_TINY * block // 4
+    inputs = _text(40, seed=3)
+    gen = dict(max_new_tokens=20, do_sample=False)
+    ref = model.generate(**inputs, **cache_kwargs(DynamicCache()), **gen)
+    with Client(daemon.socket) as c:
+        kv = TierdKVCache(c, window=window, block=block, hold_bytes=hold_blocks * block_bytes)
+        assert kv.hold_limit == min(hold_blocks * block_bytes, 32 << 20)
+        out = model.generate(**inputs, **cache_kwargs(kv), **gen)
+        blocks = [layer.offloaded_len // block for layer in kv.layers]
+        held = [layer.held_blocks for layer in kv.layers]
+        assert sum(blocks) == kv.offloaded_blocks > 0
+        assert sum(held) == min(hold_blocks, sum(blocks))
+        assert kv.held_bytes == sum(held) * block_bytes <= kv.hold_limit
+        assert kv.held_peak <= kv.hold_limit
+        # the blocks fetched for a step were released after it: one lease per held entry
+        assert c.lease_count == sum(len(layer.held) for layer in kv.layers)
+        for layer in kv.layers:  # held entries merged two equal ones at a time: 2^k blocks, largest first
+            merged = layer.seg_blocks[: len(layer.held)]
+            assert merged == sorted(merged, reverse=True) and all(n & (n - 1) == 0 for n in merged)
+            # two neighbours of a size only where merging them would pass merge_bytes
+            assert all(a != b or 2 * a * block_bytes > kv.merge_bytes for a, b in itertools.pairwise(merged))
+            assert all(n == 1 for n in layer.seg_blocks[len(layer.held) :])
+        assert (kv.merges > 0) == (hold_blocks >= 2 and kv.merge_bytes >= 2 * block_bytes)
+        entries = c.ls(f"kv/{kv.uuid}/")
+        assert sorted(e["key"] for e in entries) == sorted(kv.offloaded_keys())
+        kv.close()
+        assert kv.held_bytes == 0 and c.lease_count == 0 and c.ls("kv/") == []
+    assert torch.equal(out, ref)
+
+
+def test_held_blocks_need_no_round_trip_and_the_rest_are_released_each_step(daemon) -> None:
+    gen = torch.Generator().manual_seed(4)
+
+    def step(n: int) -> None:
+        s = torch.randn(1, 2, n, 16, generator=gen)
+        k1, v1 = kv.update(s, -s, 0)
+        k2, v2 = ref.update(s, -s, 0)
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+    with Client(daemon.socket) as c:
+        # blocks of 2 x 1 x 2 x 4 x 16 float32 = 1 KiB: room for 3
+        kv, ref = TierdKVCache(c, window=8, block=4, hold_bytes=3 * 1024), DynamicCache()
+        step(18)  # 3 blocks leave the window of 8, 6 tokens stay
+        layer = kv.layers[0]
+        assert len(layer.block_keys) == 3 and len(layer.held) == 3 and c.lease_count == 3
+        before = kv.round_trips
+        step(1)
+        step(1)
+        assert kv.round_trips == before  # every block held: a step is no round trip
+        step(1)  # a 4th block leaves: the budget is spent, it is not held
+        assert len(layer.block_keys) == 4 and len(layer.held) == 3 and kv.held_bytes == 3 * 1024
+        for _ in range(3):  # one round trip per step for the 4th, released again
+            before = kv.round_trips
+            step(1)
+            assert kv.round_trips == before + 1 and c.lease_count == 3
+        kv.crop(-13)  # reaches into the held blocks: their views are released with their entries
+        ref.crop(-13)
+        assert kv.get_seq_length() == ref.get_seq_length() == 11
+        assert len(layer.held) == len(layer.block_keys) == 2 and kv.held_bytes == 2 * 1024
+        assert c.lease_count == 2 and len(c.ls(f"kv/{kv.uuid}/")) == 2
+        step(1)
+        assert kv.held_peak == 3 * 1024
+        kv.reset()
+        assert c.lease_count == 0 and kv.held_bytes == 0 and c.ls("kv/") == []
+        kv.close()
+
+
+def test_a_full_ram_tier_sheds_the_held_blocks(start_daemon) -> None:
+    # an 8 MiB RAM tier over a disk tier: this cache may hold 4 MiB (half the tier), another client
+    # holds 3.5 MiB leased; the 5th block of 1 MiB finds no room (every block held, nothing to demote),
+    # so the cache releases its held views, the daemon demotes them and the put succeeds; from then on
+    # the blocks are fetched (from disk) at each step, at most 2 MiB (a quarter of the tier) per
+    # get_many, and the K/V stay those of a DynamicCache
+    d = start_daemon(ram_bytes="8MiB", disk_bytes="64MiB")
+    gen = torch.Generator().manual_seed(5)
+    with Client(d.socket) as c, Client(d.socket) as other:
+        other.put("other/big", torch.zeros(7 << 18, dtype=torch.uint8))  # 1.75 MiB
+        other.put("other/big2", torch.zeros(7 << 18, dtype=torch.uint8))
+        leased = other.get_many(["other/big", "other/big2"])
+        kv, ref = TierdKVCache(c, window=64, block=64, hold_bytes=64 << 20), DynamicCache()
+        assert kv.hold_limit == 4 << 20 and kv.fetch_bytes == 2 << 20
+        for i in range(8):  # 64 tokens of 16 heads x 128 float32: from the 2nd on, one 1 MiB block leaves
+            s = torch.randn(1, 16, 64, 128, generator=gen)
+            before = kv.round_trips
+            k1, v1 = kv.update(s, -s, 0)
+            k2, v2 = ref.update(s, -s, 0)
+            assert torch.equal(k1, k2) and torch.equal(v1, v2), i
+            if i <= 4:
+                assert kv.held_bytes == i << 20 and kv.hold_sheds == 0
+        assert kv.round_trips - before == 3  # the last step read 6 MiB of blocks in 3 gets of 2
+        assert kv.hold_sheds == 1 and kv.hold_limit == 0 and kv.held_bytes == 0
+        assert kv.held_peak == 4 << 20 and kv.put_failures == 0
+        assert len(kv.layers[0].block_keys) == 7 and c.lease_count == 0
+        other.release(leased)
+        kv.close()
