@@ -26,11 +26,11 @@ defaults are what the committed traces were recorded with:
 - vision: the vision cache (``enable_vision_cache``) over 400 distinct images drawn
   ``--vision-draws`` (8000) times with Zipf popularity (s=1.0), the vision tower run in the
   process; RAM at a quarter of the features' bytes (the weights stay in the process).
-- chat: ``--chat-sessions`` (6) chats with a ``TierdKVCache`` each (window 64 tokens, blocks of
-  16), interleaved turn by turn with pauses of 0.1-0.6 s between turns, ``--chat-turns`` (10)
-  turns of 24 prompt + 12 generated tokens each; RAM at 3 MiB for 4 chats of 8 turns (43% of the
-  KV blocks they end with), scaled with chats x turns (5.6 MiB for the defaults, 39% of their
-  14.2 MiB).
+- chat: ``--chat-sessions`` (6) chats with a ``TierdKVCache`` each (window 64 tokens, blocks of 16,
+  ``hold_bytes=0``: each step fetches its offloaded blocks, as when RAM cannot hold them),
+  interleaved turn by turn with pauses of 0.1-0.6 s between turns, ``--chat-turns`` (10) turns of 24
+  prompt + 12 generated tokens each; RAM at 3 MiB for 4 chats of 8 turns (43% of the KV blocks they
+  end with), scaled with chats x turns (5.6 MiB for the defaults, 39% of their 14.2 MiB).
 
 Each trace is written as zstd-compressed JSON lines of access rows (``tierd.predict.log.to_row``):
 ``bench/traces/NAME.jsonl.zst``, read back by :func:`load`. Progress goes to stderr.
@@ -120,7 +120,9 @@ def worker(a: argparse.Namespace) -> None:
             model = Qwen3VLForConditionalGeneration.from_pretrained(a.ckpt, dtype=torch.bfloat16).eval()
             rng = random.Random(a.seed)
             vocab = model.config.text_config.vocab_size - 8
-            chats = [(ti.TierdKVCache(c, window=64, block=16), []) for _ in range(a.sessions)]
+            # hold_bytes=0: every step fetches its offloaded blocks, the access pattern of a cache whose RAM
+            # cannot hold them (the one eviction decides), and the one the committed trace was recorded with
+            chats = [(ti.TierdKVCache(c, window=64, block=16, hold_bytes=0), []) for _ in range(a.sessions)]
             for turn in range(a.prompts):
                 for s, (kv, ids) in enumerate(chats):
                     ids.extend(rng.randrange(vocab) for _ in range(24))
