@@ -109,6 +109,7 @@ class Prefetcher:
         self._work_ns = 0  # predictor-thread time, all accesses
         self._work_n = 0
         self._recent_ns: collections.deque[int] = collections.deque(maxlen=TIMES_KEPT)
+        self._loading = 0  # prefetch loads in progress
         self.errors = 0
         self.dropped_accesses = 0
         self.last_error = ""
@@ -305,11 +306,14 @@ class Prefetcher:
             self.m.metrics.prefetch_hinted += 1
         else:
             self.m.metrics.prefetch_issued += 1
+        self._loading += 1
         try:
             await self.placement.load(e, for_prefetch=hinted, predicted=not hinted)
         except TierdError as ex:  # full of leases / pins / unread prefetches: not worth forcing
             self.m.metrics.prefetch_dropped += 1
             log.debug("prefetch of %s dropped: %s", e.key, ex)
+        finally:
+            self._loading -= 1
 
     def log_time(self) -> float:
         """Now, on the access log's clock (seconds since the daemon started)."""
@@ -352,6 +356,8 @@ class Prefetcher:
             "depth": self.depth,
             "min_confidence": self.min_confidence,
             "queued": len(self._queue),
+            "backlog": self._backlog,
+            "loading": self._loading,
             "predictor_errors": self.errors,
             "last_error": self.last_error,
             "dropped_accesses": self.dropped_accesses,
