@@ -115,10 +115,17 @@ class Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
         transport.set_write_buffer_limits(high=MAX_PENDING_REPLY_BYTES)  # type: ignore[attr-defined]
         self.server.connections.add(self)
-        with self._raw_socket() as s:
-            self.peer_pid, self.peer_uid, self.peer_gid = _PEERCRED.unpack(
-                s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        try:
+            # on the transport's own socket: no descriptor is needed, so a daemon out of them
+            # still learns who connected (a dup here failed with EMFILE and left uid -1)
+            cred = transport.get_extra_info("socket").getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size
             )
+            self.peer_pid, self.peer_uid, self.peer_gid = _PEERCRED.unpack(cred)
+        except OSError as e:  # no credentials, no trust domain: the connection is refused
+            log.warning("refused a connection: could not read its peer credentials: %s", e)
+            self._refuse(DaemonUnavailable(f"tierd could not read this connection's credentials: {e}"))
+            return
         if not self.server.peer_allowed(self.peer_uid, self.peer_gid):
             log.warning("refused a connection from uid %d (pid %d)", self.peer_uid, self.peer_pid)
             self._refuse(ProtocolError(f"uid {self.peer_uid} may not use this tierd"))
@@ -422,7 +429,8 @@ class Connection(asyncio.Protocol):
 
     @contextlib.contextmanager
     def _raw_socket(self):
-        """A short-lived dup of the connection's socket, for SO_PEERCRED and SCM_RIGHTS."""
+        """A short-lived dup of the connection's socket, for SCM_RIGHTS (the loop's socket object
+        has no sendmsg)."""
         assert self.transport is not None
         s = socket.socket(fileno=os.dup(self.transport.get_extra_info("socket").fileno()))
         try:

@@ -231,9 +231,19 @@ class Server:
         log.info("calibration in %.1fs: %s", time.perf_counter() - t0, calib.to_dict())
 
     async def _read_hardware(self) -> None:
-        """The machine report (tierd.hardware), read once in a thread: NVML starts slowly."""
+        """The machine report (tierd.hardware), read once in a thread: NVML starts slowly. A
+        report that cannot be read (out of file descriptors at start, say) is tried again later,
+        every 1, 2, 4 ... 60 s; the status lacks it meanwhile."""
         loop = asyncio.get_running_loop()
-        report = await loop.run_in_executor(None, hardware.report, self.config.state_path())
+        delay = 1.0
+        while True:
+            try:
+                report = await loop.run_in_executor(None, hardware.report, self.config.state_path())
+                break
+            except OSError as e:
+                log.warning("machine report not read (%s): trying again in %.0fs", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
         self.service.hardware = report
         dev = report["state_device"]
         log.info("machine: %s, %d cores, %.1f GiB RAM; state dir on %s (%s); GPUs: %s", report["cpu_model"],
