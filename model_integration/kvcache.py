@@ -87,6 +87,11 @@ class TierdKVLayer(DynamicLayer):
         #: bytes of one offloaded block of this layer (K and V), known after its first put
         self.block_nbytes = 0
 
+    def _kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The resident keys and values (set once the layer has taken its first tokens)."""
+        assert self.keys is not None and self.values is not None
+        return self.keys, self.values
+
     def _resident_len(self) -> int:
         if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
             return 0
@@ -112,10 +117,8 @@ class TierdKVLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._append(key_states, value_states)
-        if self.block_keys:
-            full_k, full_v = self._with_offloaded(self.keys, self.values)
-        else:
-            full_k, full_v = self.keys, self.values
+        k, v = self._kv()
+        full_k, full_v = self._with_offloaded(k, v) if self.block_keys else (k, v)
         self._offload()
         return full_k, full_v
 
@@ -142,6 +145,7 @@ class TierdKVLayer(DynamicLayer):
         for like, old in ((like_k, self.keys), (like_v, self.values)):
             t = torch.empty((*like.shape[:-2], cap, like.shape[-1]), dtype=like.dtype, device=like.device)
             if have:
+                assert old is not None
                 t[..., :have, :].copy_(old)
             new.append(t)
         self._buf = (new[0], new[1])
@@ -296,13 +300,14 @@ class TierdKVLayer(DynamicLayer):
         if len(self.block_keys) != before:
             # a new buffer for what stays, so the offloaded bytes go with the old one (the K/V this
             # step returns may be a view of it: it is not shifted in place)
-            self._rebuffer(self.keys, self.values, 0)
+            self._rebuffer(*self._kv(), 0)
             self.hold_more()
 
     def _offload_blocks(self) -> None:
         c = self.cache
         while self._resident_len() > c.window:
-            k, v = self.keys[..., : c.block, :], self.values[..., : c.block, :]
+            keys, values = self._kv()
+            k, v = keys[..., : c.block, :], values[..., : c.block, :]
             key = f"{c.prefix}/{self.layer_idx}/{sum(self.seg_blocks)}"
             kv = torch.stack([k, v])
             try:
@@ -320,8 +325,8 @@ class TierdKVLayer(DynamicLayer):
             self.block_keys.append(key)
             self.seg_blocks.append(1)
             c.offloaded_blocks += 1
-            self.keys = self.keys[..., c.block :, :]
-            self.values = self.values[..., c.block :, :]
+            self.keys = keys[..., c.block :, :]
+            self.values = values[..., c.block :, :]
 
     def drop_offloaded(self) -> None:
         """Delete this layer's entries in tierd (a missing one is fine: it may have been evicted)."""
@@ -363,7 +368,7 @@ class TierdKVLayer(DynamicLayer):
         views = c.client.get_many(back)
         c.round_trips += 1
         try:
-            dev = self.keys.device
+            dev = self._kv()[0].device
             k = torch.cat([v[0] for v in views], dim=-2)[..., : keep - start, :].to(dev, copy=True)
             vv = torch.cat([v[1] for v in views], dim=-2)[..., : keep - start, :].to(dev, copy=True)
         finally:
@@ -510,7 +515,7 @@ class TierdKVCache(Cache):
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def offloaded_keys(self) -> list[str]:
-        return [k for layer in self.layers for k in layer.block_keys]
+        return [k for layer in self.layers if isinstance(layer, TierdKVLayer) for k in layer.block_keys]
 
     def close(self) -> None:
         """Delete every entry of this cache in tierd and drop the resident tensors; idempotent."""

@@ -92,7 +92,7 @@ class Shard:
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            view = memoryview(buf.numpy())
+            view = buf.numpy().data
             done = 0
             while done < info.nbytes:
                 got = os.preadv(fd, [view[done:]], info.begin + done)
