@@ -19,7 +19,8 @@ with a vision-cache hit vs a miss (one image of --image-px square). The budgeted
 its time goes: the model's compute, its waits for weights (stalls), and the disk's busy time
 (/proc/diskstats), and its fraction of the I/O bound: the better of the run's `dd` read speeds over the
 bytes the daemon read from disk per decoded token (from the first token to the last, the interval the
-tokens/s is measured on; loading and prefill excluded). Needs root for the cgroups and drop_caches (skipped otherwise).
+tokens/s is measured on; loading and prefill excluded). Needs root for the cgroups and drop_caches
+(skipped otherwise).
 """
 
 from __future__ import annotations
