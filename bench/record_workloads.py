@@ -2,7 +2,7 @@
 
     python bench/record_workloads.py [--only stream,multi,vision,chat] [--out bench/traces]
                                      [--stream-prompts N] [--multi-prompts A,B] [--vision-draws N]
-                                     [--chat-sessions N] [--chat-turns N]
+                                     [--chat-sessions N] [--chat-turns N] [--seed N]
     python bench/bench_eviction.py                       # replays what this wrote
 
 Each workload starts its own tierd (a RAM tier smaller than what the model processes put in it, a
@@ -31,6 +31,10 @@ defaults are what the committed traces were recorded with:
   interleaved turn by turn with pauses of 0.1-0.6 s between turns, ``--chat-turns`` (10) turns of 24
   prompt + 12 generated tokens each; RAM at 3 MiB for 4 chats of 8 turns (43% of the KV blocks they
   end with), scaled with chats x turns (5.6 MiB for the defaults, 39% of their 14.2 MiB).
+
+``--seed`` (0, the committed traces') changes what the model processes are given: the stream and
+multi prompts, the vision workload's images and their draws, the chats' tokens and pauses. Another
+seed records a held-out set (``--out bench/traces/heldout``) of the same workloads.
 
 Each trace is written as zstd-compressed JSON lines of access rows (``tierd.predict.log.to_row``):
 ``bench/traces/NAME.jsonl.zst``, read back by :func:`load`. Progress goes to stderr.
@@ -100,7 +104,7 @@ def worker(a: argparse.Namespace) -> None:
             model = ti.from_pretrained(a.ckpt, c, namespace=a.namespace, mode="streaming", prefetch_depth=1)
             for n in range(a.prompts):
                 with torch.inference_mode():
-                    model.generate(**inputs_for(cfg, seed=n % 3), max_new_tokens=a.tokens,
+                    model.generate(**inputs_for(cfg, seed=n % 3 + 3 * a.seed), max_new_tokens=a.tokens,
                                    min_new_tokens=a.tokens, do_sample=False)  # fmt: skip
                 log(f"{a.namespace}: prompt {n + 1}/{a.prompts}")
         elif a.worker == "vision":
@@ -111,7 +115,7 @@ def worker(a: argparse.Namespace) -> None:
             order = rng.choices(range(a.images), weights=weights, k=a.prompts)
             visual = model.model.visual
             for n, img in enumerate(order):
-                x = inputs_for(model.config, seed=1000 + img)
+                x = inputs_for(model.config, seed=1000 + img + 100_000 * a.seed)
                 with torch.inference_mode():
                     visual(x["pixel_values"].to(torch.bfloat16), grid_thw=x["image_grid_thw"])
                 if n % 100 == 99:
@@ -219,6 +223,7 @@ def record(kind: str, out: Path, tmp: Path, a: argparse.Namespace) -> None:
             else:
                 specs = [["--worker", "chat", "--ckpt", str(tmp / "m1"), "--sessions", str(a.chat_sessions),
                           "--prompts", str(a.chat_turns), "--tokens", "12"]]  # fmt: skip
+            specs = [[*s, "--seed", str(a.seed)] for s in specs]
             accesses: list = []
             run_workers(specs, d.socket, c, since, accesses)
             status = c.stats()
@@ -279,7 +284,12 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=4, help=argparse.SUPPRESS)
     ap.add_argument("--images", type=int, default=160, help=argparse.SUPPRESS)
     ap.add_argument("--sessions", type=int, default=4, help=argparse.SUPPRESS)
-    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="what the model processes are given: prompts, images, draws, chats [0: the committed traces]",
+    )
     a = ap.parse_args()
     if a.worker:
         worker(a)
