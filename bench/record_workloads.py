@@ -33,7 +33,11 @@ defaults are what the committed traces were recorded with:
   end with), scaled with chats x turns (5.6 MiB for the defaults, 39% of their 14.2 MiB).
 
 ``--seed`` (0, the committed traces') changes what the model processes are given: the stream and
-multi prompts, the vision workload's images and their draws, the chats' tokens and pauses. Another
+multi prompts, the vision workload's images and their draws, the chats' tokens and pauses; and,
+for a seed other than 0, the lengths that shape the access stream: each stream or multi prompt's
+generated tokens (2/3 to 4/3 of ``--tokens``), each chat turn's prompt (12-36 tokens) and the order
+of the chats in each round (seed 0 keeps the fixed ones the committed traces were recorded with; a
+change of tokens alone leaves a streamed model's or a KV cache's access stream as it was). Another
 seed records a held-out set (``--out bench/traces/heldout``) of the same workloads.
 
 Each trace is written as zstd-compressed JSON lines of access rows (``tierd.predict.log.to_row``):
@@ -102,10 +106,13 @@ def worker(a: argparse.Namespace) -> None:
         if a.worker == "stream":
             cfg = AutoConfig.from_pretrained(a.ckpt)
             model = ti.from_pretrained(a.ckpt, c, namespace=a.namespace, mode="streaming", prefetch_depth=1)
+            rng = random.Random(a.seed)
             for n in range(a.prompts):
+                # seed 0: the committed traces' fixed length; another seed draws each prompt's
+                tokens = a.tokens if a.seed == 0 else rng.randint(a.tokens * 2 // 3, a.tokens * 4 // 3)
                 with torch.inference_mode():
-                    model.generate(**inputs_for(cfg, seed=n % 3 + 3 * a.seed), max_new_tokens=a.tokens,
-                                   min_new_tokens=a.tokens, do_sample=False)  # fmt: skip
+                    model.generate(**inputs_for(cfg, seed=n % 3 + 3 * a.seed), max_new_tokens=tokens,
+                                   min_new_tokens=tokens, do_sample=False)  # fmt: skip
                 log(f"{a.namespace}: prompt {n + 1}/{a.prompts}")
         elif a.worker == "vision":
             model = Qwen3VLForConditionalGeneration.from_pretrained(a.ckpt, dtype=torch.bfloat16).eval()
@@ -128,8 +135,13 @@ def worker(a: argparse.Namespace) -> None:
             # cannot hold them (the one eviction decides), and the one the committed trace was recorded with
             chats = [(ti.TierdKVCache(c, window=64, block=16, hold_bytes=0), []) for _ in range(a.sessions)]
             for turn in range(a.prompts):
-                for s, (kv, ids) in enumerate(chats):
-                    ids.extend(rng.randrange(vocab) for _ in range(24))
+                order = list(enumerate(chats))
+                if a.seed:  # seed 0: the committed trace's fixed order and lengths; another seed draws them
+                    rng.shuffle(order)
+                for s, (kv, ids) in order:
+                    ids.extend(
+                        rng.randrange(vocab) for _ in range(24 if a.seed == 0 else rng.randint(12, 36))
+                    )
                     x = torch.tensor([ids])
                     with torch.inference_mode():
                         out = model.generate(input_ids=x, attention_mask=torch.ones_like(x),
