@@ -2,7 +2,7 @@
 
     python bench/record_workloads.py [--only stream,multi,vision,chat] [--out bench/traces]
                                      [--stream-prompts N] [--multi-prompts A,B] [--vision-draws N]
-                                     [--chat-sessions N] [--chat-turns N]
+                                     [--chat-sessions N] [--chat-turns N] [--seed N]
     python bench/bench_eviction.py                       # replays what this wrote
 
 Each workload starts its own tierd (a RAM tier smaller than what the model processes put in it, a
@@ -31,6 +31,14 @@ defaults are what the committed traces were recorded with:
   interleaved turn by turn with pauses of 0.1-0.6 s between turns, ``--chat-turns`` (10) turns of 24
   prompt + 12 generated tokens each; RAM at 3 MiB for 4 chats of 8 turns (43% of the KV blocks they
   end with), scaled with chats x turns (5.6 MiB for the defaults, 39% of their 14.2 MiB).
+
+``--seed`` (0, the committed traces') changes what the model processes are given: the stream and
+multi prompts, the vision workload's images and their draws, the chats' tokens and pauses; and,
+for a seed other than 0, the lengths that shape the access stream: each stream or multi prompt's
+generated tokens (2/3 to 4/3 of ``--tokens``), each chat turn's prompt (12-36 tokens) and the order
+of the chats in each round (seed 0 keeps the fixed ones the committed traces were recorded with; a
+change of tokens alone leaves a streamed model's or a KV cache's access stream as it was). Another
+seed records a held-out set (``--out bench/traces/heldout``) of the same workloads.
 
 Each trace is written as zstd-compressed JSON lines of access rows (``tierd.predict.log.to_row``):
 ``bench/traces/NAME.jsonl.zst``, read back by :func:`load`. Progress goes to stderr.
@@ -98,10 +106,13 @@ def worker(a: argparse.Namespace) -> None:
         if a.worker == "stream":
             cfg = AutoConfig.from_pretrained(a.ckpt)
             model = ti.from_pretrained(a.ckpt, c, namespace=a.namespace, mode="streaming", prefetch_depth=1)
+            rng = random.Random(a.seed)
             for n in range(a.prompts):
+                # seed 0: the committed traces' fixed length; another seed draws each prompt's
+                tokens = a.tokens if a.seed == 0 else rng.randint(a.tokens * 2 // 3, a.tokens * 4 // 3)
                 with torch.inference_mode():
-                    model.generate(**inputs_for(cfg, seed=n % 3), max_new_tokens=a.tokens,
-                                   min_new_tokens=a.tokens, do_sample=False)  # fmt: skip
+                    model.generate(**inputs_for(cfg, seed=n % 3 + 3 * a.seed), max_new_tokens=tokens,
+                                   min_new_tokens=tokens, do_sample=False)  # fmt: skip
                 log(f"{a.namespace}: prompt {n + 1}/{a.prompts}")
         elif a.worker == "vision":
             model = Qwen3VLForConditionalGeneration.from_pretrained(a.ckpt, dtype=torch.bfloat16).eval()
@@ -111,7 +122,7 @@ def worker(a: argparse.Namespace) -> None:
             order = rng.choices(range(a.images), weights=weights, k=a.prompts)
             visual = model.model.visual
             for n, img in enumerate(order):
-                x = inputs_for(model.config, seed=1000 + img)
+                x = inputs_for(model.config, seed=1000 + img + 100_000 * a.seed)
                 with torch.inference_mode():
                     visual(x["pixel_values"].to(torch.bfloat16), grid_thw=x["image_grid_thw"])
                 if n % 100 == 99:
@@ -124,8 +135,13 @@ def worker(a: argparse.Namespace) -> None:
             # cannot hold them (the one eviction decides), and the one the committed trace was recorded with
             chats = [(ti.TierdKVCache(c, window=64, block=16, hold_bytes=0), []) for _ in range(a.sessions)]
             for turn in range(a.prompts):
-                for s, (kv, ids) in enumerate(chats):
-                    ids.extend(rng.randrange(vocab) for _ in range(24))
+                order = list(enumerate(chats))
+                if a.seed:  # seed 0: the committed trace's fixed order and lengths; another seed draws them
+                    rng.shuffle(order)
+                for s, (kv, ids) in order:
+                    ids.extend(
+                        rng.randrange(vocab) for _ in range(24 if a.seed == 0 else rng.randint(12, 36))
+                    )
                     x = torch.tensor([ids])
                     with torch.inference_mode():
                         out = model.generate(input_ids=x, attention_mask=torch.ones_like(x),
@@ -219,6 +235,7 @@ def record(kind: str, out: Path, tmp: Path, a: argparse.Namespace) -> None:
             else:
                 specs = [["--worker", "chat", "--ckpt", str(tmp / "m1"), "--sessions", str(a.chat_sessions),
                           "--prompts", str(a.chat_turns), "--tokens", "12"]]  # fmt: skip
+            specs = [[*s, "--seed", str(a.seed)] for s in specs]
             accesses: list = []
             run_workers(specs, d.socket, c, since, accesses)
             status = c.stats()
@@ -279,7 +296,12 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=4, help=argparse.SUPPRESS)
     ap.add_argument("--images", type=int, default=160, help=argparse.SUPPRESS)
     ap.add_argument("--sessions", type=int, default=4, help=argparse.SUPPRESS)
-    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="what the model processes are given: prompts, images, draws, chats [0: the committed traces]",
+    )
     a = ap.parse_args()
     if a.worker:
         worker(a)

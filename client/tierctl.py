@@ -146,12 +146,34 @@ def print_eviction(ev: dict[str, Any] | None, training: dict[str, Any] | None) -
         n = ev["switches"]
         line += (f" following {ev['using']} ({n} switch{'' if n == 1 else 'es'}); byte miss ratio in shadow "
                  f"caches over the last {gets} gets: {scores}")  # fmt: skip
+        line += _eviction_why(ev)
     learned = ev if ev["name"] == "learned" else (ev.get("candidates") or {}).get("learned")
     if learned:
         line += f"; learned model trained {learned['trained']}x"
         if training and training.get("fits"):
             line += f" (last fit {training['last_fit_s']:.1f}s)"
     print(line)
+
+
+def _eviction_why(ev: dict[str, Any]) -> str:
+    """auto's switching test as it stands: each other candidate's t (paired lead over runs of gets)
+    against the threshold, and what the last switch was made on."""
+    rule, evidence = ev.get("rule"), ev.get("evidence") or {}
+    if not rule:
+        return ""
+    parts = []
+    for name, e in evidence.items():
+        t = "-" if e.get("t") is None else f"{e['t']:.1f}"
+        parts.append(f"{name} t {t} ({e['batches']} runs)")
+    out = (f"; a switch needs t >= {rule['t_min']} over >= {rule['min_batches']} runs of {rule['batch']} "
+           f"gets and a saving over {rule['horizon']} gets above its cost: "
+           f"{', '.join(parts) or 'not tested yet'}")  # fmt: skip
+    last = ev.get("last_switch")
+    if last:
+        out += (f"; last switch {last['from']} -> {last['to']} at get {last['at_get']}: t {last['t']:.1f}, "
+                f"saving {human_bytes(last['gain_bytes'])} > cost "
+                f"{human_bytes(last['switch_bytes'])}")  # fmt: skip
+    return out
 
 
 def print_hardware(hw: dict[str, Any]) -> None:

@@ -16,8 +16,8 @@ import torch
 from tests.conftest import wait_until
 from tests.test_reload import reload, write_config
 from tests.test_tierctl import tierctl
-from tierd.policy import NAMES, make_policy
-from tierd.policy.auto import Auto
+from tierd.policy import NAMES, Policy, make_policy
+from tierd.policy.auto import T_MIN, Auto
 from tierd.policy.learned import TRAIN_EVERY, Forest, Learned, boundary_of, train
 from tierd.policy.s3fifo import S3FIFO
 from tierd.policy.shadow import Shadow, SimItem
@@ -152,7 +152,7 @@ def test_auto_follows_the_policy_with_the_lower_shadow_miss_ratio() -> None:
     # 30 hot keys, 40 KiB: under LRU the read-once keys push every hot key out before it returns;
     # S3-FIFO keeps the hot ones in its main queue and lets the others go through the small one
     cap = 40 * KIB
-    p = Auto(capacity=cap, candidates=("lru", "s3fifo"), sync=True, min_gets=500)
+    p = Auto(capacity=cap, candidates=("lru", "s3fifo"), sync=True, batch=64)
     assert p.using == "lru"  # LRU until evidence
     for v, (key, n, _op) in enumerate(hot_and_scan(30, 40)):
         p.on_put(v, item(v, key, n), new=False)
@@ -167,7 +167,7 @@ def test_auto_follows_the_policy_with_the_lower_shadow_miss_ratio() -> None:
 
 
 def test_auto_stays_with_lru_when_nothing_beats_it() -> None:
-    p = Auto(capacity=100 * KIB, candidates=("lru", "s3fifo"), sync=True, min_gets=200)
+    p = Auto(capacity=100 * KIB, candidates=("lru", "s3fifo"), sync=True, batch=25)
     for v, (key, n, _op) in enumerate(loop_stream(50, 40)):  # everything fits: all policies equal
         p.on_put(v, item(v, key, n))
         p.on_hit(v)
@@ -190,9 +190,10 @@ def test_shadow_recent_is_over_the_last_gets_and_restarts_with_its_window() -> N
 
 def test_auto_compares_a_restarted_candidate_only_over_the_gets_since() -> None:
     """A candidate whose window restarted (the learned one at an install) is compared with the one
-    followed over the same gets, and only once those are min_gets; the others do not wait on it."""
+    followed over the same gets, and only once those are min_batches runs; the others do not wait
+    on it."""
     cap = 40 * KIB
-    p = Auto(capacity=cap, candidates=("lru", "s3fifo"), sync=True, min_gets=500)
+    p = Auto(capacity=cap, candidates=("lru", "s3fifo"), sync=True, batch=64, min_batches=8)
     stream = hot_and_scan(30, 40)
 
     def feed(lo: int, hi: int) -> None:
@@ -207,7 +208,7 @@ def test_auto_compares_a_restarted_candidate_only_over_the_gets_since() -> None:
     p.shadows["s3fifo"].reset_window()  # as at an install: scored from here on
     feed(400, 899)
     assert p.shadows["lru"].recent_gets == 899 and p.shadows["s3fifo"].recent_gets == 499
-    assert p.using == "lru"  # 499 gets of its own: not yet evidence
+    assert p.using == "lru"  # 499 gets of its own: not yet 8 runs of 64 gets, not yet evidence
     feed(899, 1400)
     assert p.using == "s3fifo" and p.switches == 1
 
@@ -215,7 +216,7 @@ def test_auto_compares_a_restarted_candidate_only_over_the_gets_since() -> None:
 def test_auto_does_not_count_misses_before_a_restart_against_the_one_followed() -> None:
     # everything fits: the first round's misses are every policy's; a candidate scored only since
     # after them must not look better than LRU scored over them too
-    p = Auto(capacity=100 * KIB, candidates=("lru", "s3fifo"), sync=True, min_gets=200)
+    p = Auto(capacity=100 * KIB, candidates=("lru", "s3fifo"), sync=True, batch=25)
     for v, (key, n, _op) in enumerate(loop_stream(50, 40)):
         if v == 50:
             p.shadows["s3fifo"].reset_window()
@@ -224,6 +225,132 @@ def test_auto_does_not_count_misses_before_a_restart_against_the_one_followed() 
         p.on_remove(v)
     assert p.scores()["lru"] == 50 / 2000 and p.scores()["s3fifo"] == 0.0
     assert p.using == "lru" and p.switches == 0
+
+
+class Coin(Policy):
+    """Evicts a resident copy drawn at random (seeded): two of them have equal means and noise."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.items: dict[int, SimItem] = {}
+
+    def on_put(self, version: int, item: SimItem, new: bool = False) -> None:
+        self.items[version] = item
+
+    def on_hit(self, version: int) -> None:
+        pass
+
+    def on_remove(self, version: int) -> None:
+        self.items.pop(version, None)
+
+    def candidates(self):
+        order = list(self.items.values())
+        self.rng.shuffle(order)
+        return iter(order)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def feed(p: Auto, stream: list[tuple[str, int, str]], start: int = 0) -> int:
+    for v, (key, n, _op) in enumerate(stream, start):
+        p.on_put(v, item(v, key, n), new=False)
+        p.on_hit(v)
+        p.on_remove(v)  # the real tier is not what is scored here: the shadows are
+    return start + len(stream)
+
+
+def test_auto_does_not_switch_on_noise_with_equal_means() -> None:
+    # both shadows evict at random (other seeds): their miss ratios differ get by get, not on
+    # average. The rule bounds, not excludes, a switch on such noise: over 24 runs of 30,000 gets
+    # like this one (other seeds), the largest t of a run passed 2.5 in 4 (3.0 in 2); this run's
+    # largest is 1.9, a typical one. What the test checks is that such a t does not move it, and
+    # that without the threshold the same noise does.
+    rng = random.Random(2)
+    stream = [(f"z/{rng.randrange(80)}", KIB, "get") for _ in range(30000)]
+    cap = 40 * KIB
+    results = {}
+    for t_min in (T_MIN, 0.0):  # the stated threshold, and none (a positive mean alone)
+        p = Auto(capacity=cap, candidates=("lru", "s3fifo"), sync=True, t_min=t_min)
+        p.shadows = {n: Shadow(Coin(seed), cap, p.window) for n, seed in (("lru", 21), ("s3fifo", 22))}
+        feed(p, stream)
+        results[t_min] = p.switches
+        ev = p.stats()["evidence"]
+        assert any(e["t"] is not None for e in ev.values()), ev  # tested, on enough runs
+    assert results[T_MIN] == 0, results
+    assert results[0.0] > 0, results  # without the test, noise alone moves it: the test has teeth
+
+
+def test_a_significant_lead_smaller_than_the_switch_cost_over_the_horizon_does_not_switch() -> None:
+    cap = 40 * KIB
+    stream = hot_and_scan(30, 40)
+    short = Auto(capacity=cap, candidates=("lru", "s3fifo"), sync=True, batch=64, horizon=8)
+    feed(short, stream)
+    ev = short.stats()["evidence"]["s3fifo"]
+    assert ev["t"] >= short.t_min and ev["lead"] > 0.3, ev  # S3-FIFO leads, significantly
+    assert ev["gain_bytes"] < ev["switch_bytes"] and not ev["switch"], ev  # 8 gets do not pay for it
+    assert short.using == "lru" and short.switches == 0
+    # the same lead over the default horizon pays for the switch
+    full = Auto(capacity=cap, candidates=("lru", "s3fifo"), sync=True, batch=64)
+    feed(full, stream)
+    assert full.using == "s3fifo" and full.switches == 1
+    last = full.stats()["last_switch"]
+    assert last["from"] == "lru" and last["gain_bytes"] > last["switch_bytes"] > 0, last
+
+
+def reread_after(n: int, gap: int) -> list[tuple[str, int, str]]:
+    """Each new key read, then read again ``gap`` reads later: LRU keeps it when the cache holds
+    about 2 x gap keys; S3-FIFO has let it go from its small queue by then."""
+    out = []
+    for i in range(n):
+        out.append((f"re/{i}", KIB, "get"))
+        if i >= gap:
+            out.append((f"re/{i - gap}", KIB, "get"))
+    return out
+
+
+def test_switching_back_needs_the_same_evidence() -> None:
+    cap = 40 * KIB
+    p = Auto(capacity=cap, candidates=("lru", "s3fifo"), sync=True, batch=64)
+    at = feed(p, hot_and_scan(30, 40))
+    assert p.using == "s3fifo" and p.switches == 1
+    to_s3 = p.stats()["last_switch"]
+    back = reread_after(3000, 12)
+    at2 = feed(p, back, at)
+    assert p.using == "lru" and p.switches == 2, p.stats()
+    last = p.stats()["last_switch"]
+    assert last["from"] == "s3fifo" and last["to"] == "lru"
+    for ev in (to_s3, last):  # both ways: enough runs, significant, worth the switch's cost
+        assert ev["batches"] >= p.min_batches and ev["t"] >= p.t_min and ev["gain_bytes"] > ev["switch_bytes"]
+    # not before its own evidence: at least min_batches runs of gets after the pattern changed
+    assert last["at_get"] - to_s3["at_get"] >= p.min_batches * p.batch
+    assert at2 > at
+
+
+def evicted_after_switch(converge: bool) -> tuple[set[str], list[str]]:
+    """What the live tier held at the first switch and the followed shadow did not, and the keys the
+    live tier evicted after it (oldest first)."""
+    cap = 40 * KIB
+    p = Auto(capacity=cap, candidates=("lru", "s3fifo"), sync=True, batch=64, converge=converge)
+    live = Shadow(p, cap)  # the real tier, as replay runs it
+    stale: set[str] | None = None
+    gone: list[str] = []
+    for key, n, op in hot_and_scan(30, 40):
+        before = {it.key for it in live.resident.values()}
+        if stale is None and p.switches:  # the switch was made on the references so far
+            stale = {k for k in before if not p.shadows[p.using].holds(k)}
+        live.ref(key, n, [], 1, op)
+        if stale is not None:
+            gone += sorted(before - {it.key for it in live.resident.values()})
+    assert stale is not None and p.using == "s3fifo"
+    return stale, gone
+
+
+def test_after_a_switch_the_live_copies_the_followed_shadow_lacks_go_first() -> None:
+    stale, gone = evicted_after_switch(converge=True)
+    assert len(stale) >= 5, stale  # LRU and S3-FIFO held different things at the switch
+    assert set(gone[: len(stale)]) <= stale, (stale, gone[: len(stale)])
+    assert len(gone) > 2 * len(stale)  # and it went on evicting after them
 
 
 def test_replay_trains_on_the_first_part_and_scores_the_rest() -> None:
@@ -269,6 +396,8 @@ def test_daemon_runs_with_each_eviction_policy(start_daemon, name: str) -> None:
     assert line.startswith(f"eviction: {name}"), out
     if name == "auto":  # which one it follows, and why: each candidate's shadow byte miss ratio
         assert " following " in line and "byte miss ratio" in line and "s3fifo " in line, line
+        # the switching test as it stands (144 gets: under the first batch of references scored)
+        assert "a switch needs t >= 2.5 over >= 8 runs" in line and "not tested yet" in line, line
     assert "Traceback" not in d.log()
 
 

@@ -2,13 +2,50 @@
 per candidate (:mod:`tierd.policy.shadow`) replays the live references at the tier's capacity;
 the copies are demoted in the order of the one whose shadow has the lowest recent byte miss ratio.
 
-Hysteresis: LRU until evidence; another policy is followed only when its byte miss ratio is lower
-than the followed one's by ``margin`` (absolute) or 3% of the followed one's, whichever is larger,
-so two equal ones do not flap. The comparison is paired: over the gets both shadows have a score
-for (the last ``window`` gets, or fewer since a candidate's window restarted), and only once those
-are evidence (``min_gets`` gets and at least the capacity in bytes requested). So a switch to the
-learned candidate needs evidence on its own model, and lru and s3fifo are compared without
-waiting on it.
+LRU until evidence. The rule to move from the followed policy F to a candidate C, tested every
+``batch`` gets (256) on the gets both shadows have a score for (the last ``window`` gets, 8192, or
+fewer since a candidate's window restarted at a model install), rests on two things a fixed margin
+does not know:
+
+1. Significance. The shadows see the same gets, so their misses are paired: the per-get difference
+   (bytes F's shadow missed minus bytes C's missed) has a mean (C's lead) and a noise, and only the
+   mean should move the live cache. Differences of neighbouring gets are correlated (a cache's
+   contents carry over), so they are summed in runs of ``batch`` gets (batch means), long enough
+   to be roughly independent: on the committed recordings (lru against s3fifo, both capacities)
+   the lag-1 correlation of run sums is within -0.6..+0.3 at 256 gets (up to 0.58 at 32; a negative
+   one, the streams' period, only makes the test cautious). With n runs (at least
+   ``min_batches``, 8: 2048 gets), mean m and standard deviation s of the run sums,
+   t = m / (s / sqrt(n)), and C leads only when t >= ``t_min`` (2.5). The lead is relative to
+   nothing: a 0.7-point lead at a 9% miss ratio counts as much as a 7-point one at 90% when it is
+   as steady. Why 2.5: the test is repeated every 256 gets on overlapping windows, so a run of
+   noise meets many tests. Two caches evicting at random (equal means; ``tests/test_eviction.py``'s
+   Coin), 24 runs of 30,000 gets: the largest t of a run passed 2.0 in 10 runs, 2.5 in 4, 3.0 in
+   2, so a higher threshold buys little; on the development recordings 3.0 waited past the point
+   where the multi workload's switch to S3-FIFO pays (1.19x S3-FIFO's miss ratio, against 0.85x
+   at 2.5). A false switch between equal policies costs one transition (2. bounds it) and is
+   undone only on the same evidence.
+2. The cost of a switch. The live cache's contents were chosen by F; C's lead is that of a cache
+   whose contents C chose. Turning one into the other reads, at most, the bytes resident in C's
+   shadow and not in F's (:meth:`~tierd.policy.shadow.Shadow.bytes_not_in`). The switch is made only
+   when the expected saving over the next ``horizon`` gets (8192, the window: m / batch bytes per
+   get, if the lead holds that long) exceeds that cost: a big cache with contents unlike F's needs
+   a lead that pays for them.
+
+After a switch the live copies that the newly followed shadow does not hold go first (once: the
+list is taken at the next demotion, then the policy's own order): the live cache becomes the cache
+whose score made the switch, instead of a mixture whose fate depends on the moment of the switch
+(on the multi recording at 25%, following S3-FIFO from the same get: 0.279 of the bytes missed
+with this, 0.338 without; S3-FIFO alone 0.311). Switching back is the same test with the roles
+exchanged; ``dwell`` (gets after a switch before the next test; 0) has not been needed. The last
+test of each candidate not followed (``stats()["evidence"]``: runs, t, relative lead, and when
+significant the expected gain and the switch's cost in bytes) and the evidence of the last switch
+(``last_switch``) are what ``tierctl status`` shows as the why.
+
+The constants were chosen on the committed recordings (``bench/traces/``) and then replayed, not
+tuned, on recordings made with another seed (``bench/traces/heldout/``); ``docs/benchmarks.md``
+gives both tables. The test costs ``2 * window / batch`` look-ups per candidate every ``batch``
+gets and, when a lead is significant, one pass over a shadow's resident copies; nothing per
+reference beyond the shadows' own work.
 
 The shadows run on one thread of their own, fed in batches (the loop only appends a tuple per
 reference); when that thread lags by ``MAX_PENDING`` references the oldest are dropped and
@@ -19,6 +56,7 @@ scored on its new model only, against the others over the same gets).
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +67,16 @@ from tierd.policy.shadow import Shadow
 
 T = TypeVar("T", bound=Item)
 CANDIDATES = ("lru", "s3fifo", "learned")
+#: references handed to the shadow thread at a time
 BATCH = 256
+#: gets per run of the paired test, and between two tests
+BATCH_GETS = 256
+#: runs of evidence before a candidate is tested (2048 gets)
+MIN_BATCHES = 8
+#: the t statistic a lead must reach
+T_MIN = 2.5
+#: gets over which a lead's saving must pay for the switch
+HORIZON = 8192
 MAX_PENDING = 65536
 
 
@@ -43,14 +90,20 @@ class Auto(Policy[T]):
         *,
         candidates: tuple[str, ...] = CANDIDATES,
         sync: bool = False,
-        min_gets: int = 1000,
-        margin: float = 0.01,
+        batch: int = BATCH_GETS,
+        min_batches: int = MIN_BATCHES,
+        t_min: float = T_MIN,
+        horizon: int = HORIZON,
+        dwell: int = 0,
+        converge: bool = True,
         window: int = 8192,
         options: dict[str, dict[str, Any]] | None = None,
         **_: Any,
     ) -> None:
         if not candidates or "auto" in candidates or "lru" not in candidates:
             raise ValueError(f"auto: candidates must include lru and not auto, got {candidates!r}")
+        if batch < 1 or min_batches < 2 or horizon < 0 or dwell < 0:
+            raise ValueError("auto: batch >= 1, min_batches >= 2, horizon and dwell >= 0")
         opts = options or {}
         self.capacity = capacity
         self.live: dict[str, Policy[T]] = {
@@ -62,8 +115,17 @@ class Auto(Policy[T]):
         }
         self.using = "lru"
         self.switches = 0
-        self.min_gets = min_gets
-        self.margin = margin
+        self.batch, self.min_batches, self.t_min = batch, min_batches, t_min
+        self.horizon, self.dwell, self.window = horizon, dwell, window
+        #: the last test of each candidate not followed (what ``tierctl status`` shows as the why)
+        self.evidence: dict[str, dict[str, Any]] = {}
+        #: the evidence the last switch was made on (from, to, at_get, and the test's figures)
+        self.last_switch: dict[str, Any] | None = None
+        self._decided = 0  # the followed shadow's gets at the last test
+        self._since_switch = 0
+        self.converge = converge
+        self._converge = False
+        self._stale: list[int] = []
         self.dropped = 0
         self._items: dict[int, T] = {}
         self._sync = sync
@@ -93,7 +155,27 @@ class Auto(Policy[T]):
             p.on_remove(version)
 
     def candidates(self) -> Iterator[T]:
+        if self._converge and self._lock.acquire(blocking=False):
+            try:  # once after a switch: what the followed shadow does not hold goes first
+                sh = self.shadows[self.using]
+                self._stale = [v for v, it in self._items.items() if not sh.holds(it.key)][::-1]
+                self._converge = False
+            finally:
+                self._lock.release()
+        if self._stale:
+            return self._stale_first()
         return self.live[self.using].candidates()
+
+    def _stale_first(self) -> Iterator[T]:
+        while self._stale:
+            it = self._items.get(self._stale[-1])
+            if it is None:
+                self._stale.pop()
+                continue
+            yield it
+            if self._stale and self._items.get(self._stale[-1]) is it:
+                self._stale.pop()  # yielded and kept (held): not offered again
+        yield from self.live[self.using].candidates()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -131,29 +213,49 @@ class Auto(Policy[T]):
 
     def _choose(self) -> None:
         lead = self.shadows[self.using]
-        if lead.gets < self.min_gets:
+        if lead.gets - self._decided < self.batch or lead.gets - self._since_switch < self.dwell:
             return
-        # Paired: each other candidate is compared with the one followed over the gets both have
-        # a score for (the learned one's since its model was installed; lru's and s3fifo's over
-        # the whole window), once those are evidence enough: min_gets gets, the capacity in bytes.
-        best, best_gain = None, 0.0
+        self._decided = lead.gets
+        best, best_rate = None, 0.0
         for name, sh in self.shadows.items():
             if name == self.using:
                 continue
-            k = min(sh.recent_gets, lead.recent_gets)
-            if k < self.min_gets:
-                continue
-            req, miss = sh.recent(k)
-            lreq, lmiss = lead.recent(k)
-            if lreq < self.capacity or not req:
-                continue
-            cur, r = lmiss / lreq, miss / req
-            gain = cur - r
-            if gain > max(self.margin, 0.03 * cur) and gain > best_gain:
-                best, best_gain = name, gain
+            ev = self._evidence(lead, sh)
+            self.evidence[name] = ev
+            if ev["switch"] and ev["rate"] > best_rate:
+                best, best_rate = name, ev["rate"]
         if best is not None:
+            self.last_switch = {
+                "from": self.using,
+                "to": best,
+                "at_get": lead.gets,
+                **self.evidence.pop(best),
+            }
             self.using = best
             self.switches += 1
+            self._converge = self.converge
+            self._since_switch = lead.gets
+
+    def _evidence(self, lead: Shadow, sh: Shadow) -> dict[str, Any]:
+        """The paired test of candidate ``sh`` against the followed ``lead`` (see the module doc)."""
+        B = self.batch
+        nb = min(sh.recent_gets, lead.recent_gets, self.window) // B
+        out: dict[str, Any] = {"batches": nb, "t": None, "lead": None, "rate": 0.0, "switch": False}
+        if nb < self.min_batches or lead.recent(nb * B)[0] < self.capacity:
+            return out
+        # the bytes the candidate's cache missed less than the followed one's, per run of B gets
+        d = [lm - m for (_, m), (_, lm) in zip(sh.batches(nb, B), lead.batches(nb, B), strict=True)]
+        mean = sum(d) / nb
+        var = sum((x - mean) ** 2 for x in d) / (nb - 1)
+        t = mean / math.sqrt(var / nb) if var > 0 else (math.inf if mean > 0 else 0.0)
+        missed = lead.recent(nb * B)[1]
+        out.update(t=round(min(t, 1e6), 2), lead=round(sum(d) / missed, 4) if missed else None, rate=mean / B)
+        if t < self.t_min or mean <= 0:
+            return out
+        gain = mean / B * self.horizon  # bytes of misses saved over the horizon, if the lead holds
+        cost = sh.bytes_not_in(lead)  # what the live cache must read to hold the candidate's contents
+        out.update(gain_bytes=int(gain), switch_bytes=cost, switch=gain > cost)
+        return out
 
     # ---- training: the learned candidate's -----------------------------------------------------
     def training_job(self) -> tuple[Callable[..., Any], tuple[Any, ...]] | None:
@@ -177,12 +279,22 @@ class Auto(Policy[T]):
                 }
                 for n, sh in self.shadows.items()
             }
+            evidence = {n: dict(e) for n, e in self.evidence.items()}
+            last = None if self.last_switch is None else dict(self.last_switch)
         return {
             "name": self.name,
             "entries": len(self),
             "using": self.using,
             "switches": self.switches,
             "scores": scores,
+            "evidence": evidence,
+            "last_switch": last,
+            "rule": {
+                "t_min": self.t_min,
+                "batch": self.batch,
+                "min_batches": self.min_batches,
+                "horizon": self.horizon,
+            },
             "dropped_refs": self.dropped,
             "candidates": {n: p.stats() for n, p in self.live.items()},
         }

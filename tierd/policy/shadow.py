@@ -117,6 +117,23 @@ class Shadow:
         r0, m0 = self._cum[-1 - k]
         return r1 - r0, m1 - m0
 
+    def batches(self, n: int, size: int) -> list[tuple[int, int]]:
+        """Bytes requested and missed in each of the last ``n`` runs of ``size`` gets, newest first
+        (``n * size`` must be at most :attr:`recent_gets`): ``n + 1`` look-ups."""
+        cum = self._cum
+        marks = [cum[-1 - j * size] for j in range(n + 1)]
+        return [(marks[j][0] - marks[j + 1][0], marks[j][1] - marks[j + 1][1]) for j in range(n)]
+
+    def holds(self, key: str) -> bool:
+        """Whether ``key``'s current version is resident."""
+        cur = self.current.get(key)
+        return cur is not None and cur.version in self.resident
+
+    def bytes_not_in(self, other: Shadow) -> int:
+        """Bytes resident here whose key's current version is not resident in ``other``: what a cache
+        holding ``other``'s contents would have to read to hold these. O(resident)."""
+        return sum(it.nbytes for it in self.resident.values() if not other.holds(it.key))
+
     def recent_byte_miss_ratio(self) -> float | None:
         """Over the last ``window`` gets (since :meth:`reset_window`, if fewer)."""
         req, miss = self.recent(self.recent_gets)
