@@ -35,7 +35,9 @@ def limit_heap_retention(threshold: int = 1 << 20) -> bool:
     of the heap before it considers mmap, so a heap that grew first (building Qwen3-VL-2B on the
     meta device allocates and frees every parameter: 2.9 GB of heap, 2.75 GB of it free) hands its
     chunks to later temporaries, which keep them resident (the trim here only returns pages that
-    are resident now). Returns False where it does not apply (not glibc).
+    are resident now). ``bind`` raises it to 32 MiB once a streaming model is built, for the
+    forwards (a temporary over the threshold is mapped and faulted in anew each time). Returns
+    False where it does not apply (not glibc).
     """
     import ctypes
 
