@@ -274,7 +274,11 @@ def worker(a: argparse.Namespace) -> None:
     if binding is not None and binding.pacer is not None:
         pace0 = binding.pacer.stats()
     sample = (lambda: io_read_bytes(a.daemon_pid)) if a.daemon_pid else None
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     res.update(timed_generate(model, inputs, a.tokens, sample))
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)  # the model process's CPU and minor faults in it
+    res["gen_cpu_s"] = ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime
+    res["gen_minflt"] = ru1.ru_minflt - ru0.ru_minflt
     res["disk_busy_s"] = (disk_busy_ms(dev) - busy0) / 1e3
     if pace0 is not None:  # where a streaming model's time went, over the timed generate
         pace1 = binding.pacer.stats()
@@ -282,6 +286,7 @@ def worker(a: argparse.Namespace) -> None:
                          "compute_s": pace1["compute_s"] - pace0["compute_s"],
                          "depths": pace1["depths"]}  # fmt: skip
     res["vm_hwm_gen"] = status_kb("VmHWM")
+    res["rss_anon_end"] = status_kb("RssAnon")  # the model process's own memory as it ends decoding
     res["ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     res["uss"] = uss()
     if a.role == "resident":  # vision cache: warm with another image, then a miss, then a hit
@@ -582,7 +587,9 @@ def main() -> int:
             io0 = io_read_bytes(dB.pid)
             with Client(sockB) as c:
                 c0 = c.stats()["counters"]
+            cpu0 = sum(psutil.Process(dB.pid).cpu_times()[:2])
             bud = run_worker(tmp, "streaming", a, tokens=a.tokens, socket=sockB, cg=cgB, daemon_pid=dB.pid)
+            bud["daemon_cpu_s"] = sum(psutil.Process(dB.pid).cpu_times()[:2]) - cpu0  # load, warm-up, timed
             with Client(sockB) as c:
                 c1 = c.stats()["counters"]
             io1 = io_read_bytes(dB.pid)
@@ -725,6 +732,11 @@ def report(R: dict) -> None:
             f"budgeted is {ratios['budgeted_vs_io_bound'] or float('nan'):.2f} of it"
         )
         print(f"budgeted counters delta: {ratios['budgeted_counters']}")
+        if "rss_anon_end" in b:
+            print(f"budgeted: the model process's anonymous memory at the end of decoding "
+                  f"{b['rss_anon_end'] / M:.0f} MiB; in the timed generate it used {b['gen_cpu_s']:.1f} s "
+                  f"of CPU with {b['gen_minflt']} minor page faults; the daemon "
+                  f"{b.get('daemon_cpu_s', 0):.1f} s of CPU (load, warm-up and timed generate)")  # fmt: skip
         pace = b.get("pacing")
         if pace:
             wall = b["total_s"]

@@ -41,6 +41,8 @@ from tierd_integration.pacing import MAX_DEPTH, Pacer, chain
 from tierd_integration.shards import TensorInfo, shards
 
 CHECKSUM_TAG = "xxh3:"
+#: glibc's mmap threshold once a streaming model is bound (glibc's ceiling for its dynamic one)
+RUN_MMAP_THRESHOLD = 32 << 20
 SOURCE_TAG = "src:"
 #: where a shared checkpoint's description lives, under its namespace
 MANIFEST = ".checkpoint"
@@ -328,7 +330,13 @@ def bind(
 
     block_names: set[str] = set()
     if mode == "streaming":
-        limit_heap_retention()  # the process stays small: freed buffers go back to the kernel
+        # the process stays small: freed buffers go back to the kernel. Only a heap that has not
+        # grown yet stays small: glibc serves a request from a free chunk of the heap before it
+        # thinks of mmap, so chunks freed earlier (building a model on the meta device allocates and
+        # frees each parameter: a 2.9 GB heap for Qwen3-VL-2B) are reused by every forward's
+        # temporaries and stay resident (~300 MiB of RssAnon for the 2B while it decoded).
+        # from_pretrained calls it before it builds the model; for offload_model's model it is late.
+        limit_heap_retention()
         # sizes as stored (``nbytes``: the checkpoint's); a model built on the meta device may
         # carry another dtype than its weights until they are bound
         size_of = dict(nbytes or {})
@@ -377,6 +385,11 @@ def bind(
             if n not in bound and not b.is_meta and b.device != dev:
                 set_tensor(model, n, b.to(dev))
     binding.resident_views = views
+    if mode == "streaming":
+        # built and bound: from here on the heap holds the forwards' temporaries, which glibc's own
+        # threshold ceiling keeps reusing (as in a plain process) instead of mapping and faulting
+        # each one in anew (with 1 MiB: 370k more minor faults per 4-token 2B generate)
+        limit_heap_retention(RUN_MMAP_THRESHOLD)
     _retie(model, tied)
     model._tierd_binding = binding
     left = [
@@ -445,11 +458,13 @@ def from_pretrained(
         ns = namespace.rstrip("/")
         with tempfile.TemporaryDirectory(prefix="tierd-ckpt-") as tmp:
             name, index = _read_manifest(client, ns, Path(tmp))
+            nbytes = {n: b for n, (_d, _s, b) in index.items()}
+            room = _room(client, ram_budget, tier)
+            mode = mode or _choose_mode(client, sum(nbytes.values()), ram_budget, tier)
+            if mode == "streaming":
+                limit_heap_retention()  # before the model is built (see bind)
             model = _meta_model(Path(tmp))
             model.config._name_or_path = name  # as on the machine that ingested it
-        nbytes = {n: b for n, (_d, _s, b) in index.items()}
-        room = _room(client, ram_budget, tier)
-        mode = mode or _choose_mode(client, sum(nbytes.values()), ram_budget, tier)
         if mode == "streaming":
             layout = streaming_layout(model, list(nbytes), nbytes, room=room, prefetch_depth=prefetch_depth)
             check_room(
@@ -472,9 +487,11 @@ def from_pretrained(
     tensors = {n: info for shard in shards(ckpt) for n, info in shard.tensors.items()}
     nbytes = {n: info.nbytes for n, info in tensors.items()}
     total = sum(nbytes.values())
-    model = _meta_model(ckpt)
     room = _room(client, ram_budget, tier)
     mode = mode or _choose_mode(client, total, ram_budget, tier)
+    if mode == "streaming":
+        limit_heap_retention()  # before the model is built (see bind)
+    model = _meta_model(ckpt)
     if mode == "streaming":  # refuse a room too small now, before the checkpoint is read
         layout = streaming_layout(model, list(tensors), nbytes, room=room, prefetch_depth=prefetch_depth)
         check_room(layout, room, prefetch_depth, f"{ckpt.name} ({total / 2**20:.0f} MiB of weights)")

@@ -30,8 +30,14 @@ def limit_heap_retention(threshold: int = 1 << 20) -> bool:
     activation buffers end up in a heap that never shrinks: on the 0.5B bench model a streaming
     generate grew the process by ~200 MiB of free heap that a memory cgroup still counts. The daemon
     calls this at start (its chunk buffers are the same story), and so does
-    ``tierd_integration.bind(mode="streaming")``, which exists to keep the model process small.
-    Returns False where it does not apply (not glibc).
+    ``tierd_integration.from_pretrained`` before it builds a streaming model, which exists to keep
+    the model process small. Call it before the heap grows: glibc takes a request from a free chunk
+    of the heap before it considers mmap, so a heap that grew first (building Qwen3-VL-2B on the
+    meta device allocates and frees every parameter: 2.9 GB of heap, 2.75 GB of it free) hands its
+    chunks to later temporaries, which keep them resident (the trim here only returns pages that
+    are resident now). ``bind`` raises it to 32 MiB once a streaming model is built, for the
+    forwards (a temporary over the threshold is mapped and faulted in anew each time). Returns
+    False where it does not apply (not glibc).
     """
     import ctypes
 
