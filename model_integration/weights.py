@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -39,6 +39,9 @@ from tierd_integration.hooks import (
 from tierd_integration.layout import check_room, layout_sizes, streaming_layout
 from tierd_integration.pacing import MAX_DEPTH, Pacer, chain
 from tierd_integration.shards import TensorInfo, shards
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 CHECKSUM_TAG = "xxh3:"
 #: glibc's mmap threshold once a streaming model is bound (glibc's ceiling for its dynamic one)
@@ -403,7 +406,7 @@ def bind(
     return model
 
 
-def _meta_model(ckpt: Path) -> nn.Module:
+def _meta_model(ckpt: Path) -> PreTrainedModel:
     from transformers import AutoConfig, GenerationConfig, Qwen3VLForConditionalGeneration
 
     config = AutoConfig.from_pretrained(ckpt)
