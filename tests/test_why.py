@@ -47,7 +47,7 @@ def test_where_leases_pins_codec_and_older_versions(start_daemon) -> None:
         me = {"name": os.path.basename(sys.argv[0]), "pid": os.getpid(), "uid": os.getuid()}
         assert a["leases"] == [{"client": c.client_id, "leases": 1, **me}]
         (ev,) = a["eviction"]
-        assert ev["tier"] == "ram" and ev["policy"] == "lru" and ev["kept_because"] == "leased (1)"
+        assert ev["tier"] == "ram" and ev["policy"] == "auto" and ev["kept_because"] == "leased (1)"
         assert 1 <= ev["rank"] <= ev["of"] == 2  # w/a and w/b in RAM (w/c went down)
         tag_rule = "tag 'kv' -> zstd (when it is stored, if the codec suits it)"
         assert a["codec"] == {"codec": "zstd", "stored": False, "reason": tag_rule}

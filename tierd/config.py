@@ -178,8 +178,9 @@ class Config:
     """RAM for prefetched entries not read yet: a SIZE or a % of the RAM tier."""
     prefetch_depth: int = 2
     """How many predicted next entries to prefetch after each read."""
-    eviction: str = "lru"
-    """What is demoted first: lru, s3fifo, learned (reuse predicted by a model) or auto (shadow-scored)."""
+    eviction: str = "auto"
+    """What is demoted first: auto (shadow-scored; LRU until evidence), lru, s3fifo or learned (reuse
+    predicted by a model)."""
     gpu_bytes: str = "0"
     """Size of the GPU tier (above RAM; SIZE or a % of the device's memory); 0 = none."""
     gpu_backend: str = "auto"
