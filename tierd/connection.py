@@ -84,10 +84,30 @@ class Host(Protocol):
 
     #: connections served at once (config max_connections): one more is refused with a message
     max_connections: int
+    #: the soft RLIMIT_NOFILE (0: unlimited); a connection that would leave fewer than FD_SPARE free
+    #: is refused, counted in fd_refusals
+    fd_limit: int
+    fd_refusals: int
     #: the bytes of unfinished request frames of all connections (config max_partial_frame_bytes)
     partial_frames: PartialFrames
 
     def peer_allowed(self, uid: int, gid: int) -> bool: ...
+
+
+def fd_room(limit: int) -> bool:
+    """Whether ``FD_SPARE`` descriptors are still free under ``limit`` (0: unlimited). Counting needs
+    one descriptor itself: none free is no room."""
+    if limit <= 0:
+        return True
+    try:
+        return limit - len(os.listdir("/proc/self/fd")) >= FD_SPARE
+    except OSError:
+        return False
+
+
+#: descriptors kept free for the daemon's own files (the pressure check, the tiers, logs): a
+#: connection that would leave fewer is refused, so accepting never runs the process out
+FD_SPARE = 16
 
 
 class Connection(asyncio.Protocol):
@@ -125,6 +145,18 @@ class Connection(asyncio.Protocol):
         except OSError as e:  # no credentials, no trust domain: the connection is refused
             log.warning("refused a connection: could not read its peer credentials: %s", e)
             self._refuse(DaemonUnavailable(f"tierd could not read this connection's credentials: {e}"))
+            return
+        if not fd_room(self.server.fd_limit):
+            # refused at once (no second of draining: a flood would hold the descriptors it lacks)
+            self.server.fd_refusals += 1
+            if self.server.fd_refusals in (1, 10, 100, 1000) or self.server.fd_refusals % 10000 == 0:
+                log.warning("refused %d connections: fewer than %d file descriptors free (LimitNOFILE %d)",
+                            self.server.fd_refusals, FD_SPARE, self.server.fd_limit)  # fmt: skip
+            lim = self.server.fd_limit
+            err = DaemonUnavailable(f"tierd is short of file descriptors (LimitNOFILE {lim}): try "
+                                    "again when other connections close, or raise the limit")  # fmt: skip
+            self._reply(Error(0, *err.to_wire()))
+            self.close()
             return
         if not self.server.peer_allowed(self.peer_uid, self.peer_gid):
             log.warning("refused a connection from uid %d (pid %d)", self.peer_uid, self.peer_pid)

@@ -36,7 +36,7 @@ from prometheus_client import generate_latest
 
 from tierd import __version__, hardware, logs, protocol
 from tierd.config import Config, ConfigError, load
-from tierd.connection import Connection, PartialFrames
+from tierd.connection import FD_SPARE, Connection, PartialFrames
 from tierd.errors import StorageError
 from tierd.exporter import MetricsHttp, bind_listen, textfile_loop
 from tierd.exposition import daemon_registry
@@ -70,6 +70,9 @@ class Server:
         self.reloader = Reloader(config, sys.argv[1:] if argv is None else argv, self.notifier)
         self.connections: set[Connection] = set()
         self.max_connections = config.max_connections
+        #: the soft RLIMIT_NOFILE once raised (connections are refused before they exhaust it)
+        self.fd_limit = 0
+        self.fd_refusals = 0
         self.partial_frames = PartialFrames(config.max_partial_frame_bytes_value())
         self.tasks: set[asyncio.Task[Any]] = set()
         #: the daemon's counters (status reads them; a metrics exporter will too)
@@ -113,7 +116,7 @@ class Server:
         # Clients that connect meanwhile wait in the listen backlog until the loop serves them.
         sock = self._bind()
         metrics_sock = self._bind_metrics(sock)
-        _raise_fd_limit(cfg.max_connections)
+        self.fd_limit = _raise_fd_limit(cfg.max_connections)
         limit_heap_retention()  # codec and protocol buffers go back to the kernel when freed
         t0 = time.perf_counter()
         try:  # the device first: a GPU that cannot be had is refused before the arena is pre-faulted
@@ -496,17 +499,22 @@ class Server:
         )
 
 
-def _raise_fd_limit(connections: int) -> None:
+def _raise_fd_limit(connections: int) -> int:
     """Every connection holds a file descriptor: take the hard limit (systemd's default soft limit is
-    1024), and say so when even that leaves too few for ``max_connections``."""
+    1024), and say so when even that leaves too few for ``max_connections``; returns the soft limit
+    (0 when unlimited)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
-    if soft != resource.RLIM_INFINITY and soft < connections + 64:
+    if soft == resource.RLIM_INFINITY:
+        return 0
+    if soft < connections + 64:
         log.warning("only %d file descriptors (LimitNOFILE): fewer than max_connections (%d) need; "
-                    "connections past the limit wait to be accepted", soft, connections)  # fmt: skip
+                    "connections that would leave fewer than %d free are refused", soft, connections,
+                    FD_SPARE)  # fmt: skip
+    return int(soft)
 
 
 def main(argv: list[str] | None = None) -> int:
