@@ -7,6 +7,7 @@ prometheus_client's own parser, must agree with ``tierctl status --json`` taken 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -216,7 +217,10 @@ def test_no_http_endpoint_by_default(start_daemon) -> None:
         assert c.stats()["daemon"]["metrics_listen"] is None
     # the daemon opened no TCP or UDP socket at all
     fds = Path(f"/proc/{d.pid}/fd")
-    inodes = {os.readlink(fds / f) for f in os.listdir(fds)}
+    inodes = set()
+    for f in os.listdir(fds):
+        with contextlib.suppress(FileNotFoundError):  # open only for a moment (a /proc read), closed since
+            inodes.add(os.readlink(fds / f))
     inet = set()
     for table in ("tcp", "tcp6", "udp", "udp6"):
         for line in Path(f"/proc/{d.pid}/net/{table}").read_text().splitlines()[1:]:
