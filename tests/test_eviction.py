@@ -17,7 +17,7 @@ from tests.conftest import wait_until
 from tests.test_reload import reload, write_config
 from tests.test_tierctl import tierctl
 from tierd.policy import NAMES, Policy, make_policy
-from tierd.policy.auto import PRIOR_RUNS, T_MIN, Auto
+from tierd.policy.auto import PRIOR_RUNS, START, T_MIN, Auto
 from tierd.policy.learned import TRAIN_EVERY, Forest, Learned, boundary_of, train
 from tierd.policy.s3fifo import S3FIFO
 from tierd.policy.shadow import Shadow, SimItem
@@ -152,8 +152,8 @@ def test_auto_follows_the_policy_with_the_lower_shadow_miss_ratio() -> None:
     # 30 hot keys, 40 KiB: under LRU the read-once keys push every hot key out before it returns;
     # S3-FIFO keeps the hot ones in its main queue and lets the others go through the small one
     cap = 40 * KIB
-    p = Auto(capacity=cap, candidates=("lru", "s3fifo"), sync=True, batch=64)
-    assert p.using == "lru"  # LRU until evidence
+    p = Auto(capacity=cap, candidates=("lru", "s3fifo"), start="lru", sync=True, batch=64)
+    assert p.using == "lru"  # the start given, until evidence
     for v, (key, n, _op) in enumerate(hot_and_scan(30, 40)):
         p.on_put(v, item(v, key, n), new=False)
         p.on_hit(v)
@@ -167,7 +167,7 @@ def test_auto_follows_the_policy_with_the_lower_shadow_miss_ratio() -> None:
 
 
 def test_auto_stays_with_lru_when_nothing_beats_it() -> None:
-    p = Auto(capacity=100 * KIB, candidates=("lru", "s3fifo"), sync=True, batch=25)
+    p = Auto(capacity=100 * KIB, candidates=("lru", "s3fifo"), start="lru", sync=True, batch=25)
     for v, (key, n, _op) in enumerate(loop_stream(50, 40)):  # everything fits: all policies equal
         p.on_put(v, item(v, key, n))
         p.on_hit(v)
@@ -193,7 +193,7 @@ def test_auto_compares_a_restarted_candidate_only_over_the_gets_since() -> None:
     followed over the same gets, and only once those are min_batches runs; the others do not wait
     on it."""
     cap = 40 * KIB
-    p = Auto(capacity=cap, candidates=("lru", "s3fifo"), sync=True, batch=64, min_batches=8)
+    p = Auto(capacity=cap, candidates=("lru", "s3fifo"), start="lru", sync=True, batch=64, min_batches=8)
     stream = hot_and_scan(30, 40)
 
     def feed(lo: int, hi: int) -> None:
@@ -216,7 +216,7 @@ def test_auto_compares_a_restarted_candidate_only_over_the_gets_since() -> None:
 def test_auto_does_not_count_misses_before_a_restart_against_the_one_followed() -> None:
     # everything fits: the first round's misses are every policy's; a candidate scored only since
     # after them must not look better than LRU scored over them too
-    p = Auto(capacity=100 * KIB, candidates=("lru", "s3fifo"), sync=True, batch=25)
+    p = Auto(capacity=100 * KIB, candidates=("lru", "s3fifo"), start="lru", sync=True, batch=25)
     for v, (key, n, _op) in enumerate(loop_stream(50, 40)):
         if v == 50:
             p.shadows["s3fifo"].reset_window()
@@ -271,7 +271,7 @@ def test_auto_does_not_switch_on_noise_with_equal_means() -> None:
     cap = 40 * KIB
     results = {}
     for t_min in (T_MIN, 0.0):  # the stated threshold, and none (a positive mean alone)
-        p = Auto(capacity=cap, candidates=("lru", "s3fifo"), sync=True, t_min=t_min)
+        p = Auto(capacity=cap, candidates=("lru", "s3fifo"), start="lru", sync=True, t_min=t_min)
         p.shadows = {n: Shadow(Coin(seed), cap, p.window) for n, seed in (("lru", 21), ("s3fifo", 22))}
         feed(p, stream)
         results[t_min] = p.switches
@@ -284,14 +284,14 @@ def test_auto_does_not_switch_on_noise_with_equal_means() -> None:
 def test_a_significant_lead_smaller_than_the_switch_cost_over_the_horizon_does_not_switch() -> None:
     cap = 40 * KIB
     stream = hot_and_scan(30, 40)
-    short = Auto(capacity=cap, candidates=("lru", "s3fifo"), sync=True, batch=64, horizon=8)
+    short = Auto(capacity=cap, candidates=("lru", "s3fifo"), start="lru", sync=True, batch=64, horizon=8)
     feed(short, stream)
     ev = short.stats()["evidence"]["s3fifo"]
     assert ev["t"] >= short.t_min and ev["lead"] > 0.3, ev  # S3-FIFO leads, significantly
     assert ev["gain_bytes"] < ev["switch_bytes"] and not ev["switch"], ev  # 8 gets do not pay for it
     assert short.using == "lru" and short.switches == 0
     # the same lead over the default horizon pays for the switch
-    full = Auto(capacity=cap, candidates=("lru", "s3fifo"), sync=True, batch=64)
+    full = Auto(capacity=cap, candidates=("lru", "s3fifo"), start="lru", sync=True, batch=64)
     feed(full, stream)
     assert full.using == "s3fifo" and full.switches == 1
     last = full.stats()["last_switch"]
@@ -310,7 +310,7 @@ def test_a_sparse_but_real_lead_switches() -> None:
     # of LRU's misses less, steadily (a lead of under 10% at a miss ratio of about 16%)
     cap = 200 * KIB
     stream = zipf(400, 6000, seed=1)
-    p = Auto(capacity=cap, candidates=("lru", "s3fifo"), sync=True)
+    p = Auto(capacity=cap, candidates=("lru", "s3fifo"), start="lru", sync=True)
     feed(p, stream)
     lru, s3 = p.shadows["lru"], p.shadows["s3fifo"]
     assert s3.missed < lru.missed < 0.2 * lru.requested and lru.missed - s3.missed < 0.1 * lru.missed
@@ -321,12 +321,8 @@ def test_a_sparse_but_real_lead_switches() -> None:
     assert last["t"] >= p.t_min and last["batches"] >= p.min_batches and last["dispersion"] is not None
 
 
-def test_bursts_of_discordant_gets_count_as_bursts() -> None:
-    """The independence variance (the discordant gets' squared bytes) alone is the McNemar test; it
-    takes correlated bursts of discordant gets for evidence. On the recorded chat workload at a
-    quarter of its footprint, LRU's shadow misses a third of what S3-FIFO's does over the second
-    half, yet early on S3-FIFO leads in bursts: with the run sums' own variance weighed in, auto
-    stays with LRU; with the independence variance alone it follows S3-FIFO."""
+def chat_refs() -> list:
+    """The references of the committed chat recording (``bench/traces/chat.jsonl.zst``)."""
     import json
 
     import zstandard
@@ -336,14 +332,23 @@ def test_bursts_of_discordant_gets_count_as_bursts() -> None:
 
     raw = (Path(__file__).resolve().parent.parent / "bench/traces/chat.jsonl.zst").read_bytes()
     text = zstandard.ZstdDecompressor().decompress(raw).decode()
-    refs = refs_of([from_row(json.loads(line)) for line in text.splitlines() if line])
+    return refs_of([from_row(json.loads(line)) for line in text.splitlines() if line])
+
+
+def test_bursts_of_discordant_gets_count_as_bursts() -> None:
+    """The independence variance (the discordant gets' squared bytes) alone is the McNemar test; it
+    takes correlated bursts of discordant gets for evidence. On the recorded chat workload at a
+    quarter of its footprint, LRU's shadow misses a third of what S3-FIFO's does over the second
+    half, yet early on S3-FIFO leads in bursts: with the run sums' own variance weighed in, auto
+    stays with LRU; with the independence variance alone it follows S3-FIFO."""
+    refs = chat_refs()
     sizes: dict[str, int] = {}
     for _t, key, n, _tags, _o, _op in refs:
         sizes[key] = n
     cap = sum(sizes.values()) // 4
     switched = {}
     for prior in (PRIOR_RUNS, 1e12):  # the rule's weight, and the independence variance alone
-        p = Auto(capacity=cap, candidates=("lru", "s3fifo"), sync=True, prior=prior)
+        p = Auto(capacity=cap, candidates=("lru", "s3fifo"), start="lru", sync=True, prior=prior)
         live = Shadow(p, cap)
         for _t, key, n, tags, owner, op in refs[: len(refs) // 2]:
             live.ref(key, n, list(tags), owner, op)
@@ -367,7 +372,7 @@ def reread_after(n: int, gap: int) -> list[tuple[str, int, str]]:
 
 def test_switching_back_needs_the_same_evidence() -> None:
     cap = 40 * KIB
-    p = Auto(capacity=cap, candidates=("lru", "s3fifo"), sync=True, batch=64)
+    p = Auto(capacity=cap, candidates=("lru", "s3fifo"), start="lru", sync=True, batch=64)
     at = feed(p, hot_and_scan(30, 40))
     assert p.using == "s3fifo" and p.switches == 1
     to_s3 = p.stats()["last_switch"]
@@ -383,11 +388,43 @@ def test_switching_back_needs_the_same_evidence() -> None:
     assert at2 > at
 
 
+def test_auto_starts_with_s3fifo_and_leaves_it_where_lru_leads_by_much() -> None:
+    """The default start: S3-FIFO, whose loss when it is the wrong one is large and soon seen. Each
+    key read again 12 reads later: LRU (40 keys) keeps it, S3-FIFO's small queue (a tenth) has let
+    it go, so S3-FIFO misses every get and LRU half of them."""
+    p = Auto(capacity=40 * KIB, candidates=("lru", "s3fifo"), sync=True)
+    assert p.using == START == "s3fifo"
+    feed(p, reread_after(3000, 12))
+    assert p.using == "lru" and p.switches == 1, p.stats()["evidence"]
+    last = p.stats()["last_switch"]
+    assert last["from"] == "s3fifo" and last["batches"] == p.min_batches, last  # at its first test
+    with pytest.raises(ValueError, match="start"):
+        Auto(capacity=KIB, candidates=("lru", "s3fifo"), start="learned")
+    with pytest.raises(ValueError, match="start"):
+        Auto(capacity=KIB, candidates=("lru", "learned"))  # the default start is not a candidate
+
+
+def test_on_the_recorded_chat_workload_auto_leaves_s3fifo_before_the_half() -> None:
+    """The recorded chat workload at a quarter of its footprint, where LRU misses a third of what
+    S3-FIFO does: started with S3-FIFO, auto follows LRU well before the split the replay measures
+    from, and stays."""
+    refs = chat_refs()
+    sizes = {key: n for _t, key, n, _tags, _o, _op in refs}
+    cap = sum(sizes.values()) // 4
+    p = Auto(capacity=cap, candidates=("lru", "s3fifo"), sync=True)
+    live = Shadow(p, cap)
+    for _t, key, n, tags, owner, op in refs[: len(refs) // 2]:
+        live.ref(key, n, list(tags), owner, op)
+    assert p.using == "lru" and p.switches == 1, p.stats()["evidence"]
+    gets = sum(op == "get" for *_r, op in refs[: len(refs) // 2])
+    assert p.stats()["last_switch"]["at_get"] < gets // 2, (p.stats()["last_switch"], gets)
+
+
 def evicted_after_switch(converge: bool) -> tuple[set[str], list[str]]:
     """What the live tier held at the first switch and the followed shadow did not, and the keys the
     live tier evicted after it (oldest first)."""
     cap = 40 * KIB
-    p = Auto(capacity=cap, candidates=("lru", "s3fifo"), sync=True, batch=64, converge=converge)
+    p = Auto(capacity=cap, candidates=("lru", "s3fifo"), start="lru", sync=True, batch=64, converge=converge)
     live = Shadow(p, cap)  # the real tier, as replay runs it
     stale: set[str] | None = None
     gone: list[str] = []

@@ -179,7 +179,7 @@ class Config:
     prefetch_depth: int = 2
     """How many predicted next entries to prefetch after each read."""
     eviction: str = "auto"
-    """What is demoted first: auto (shadow-scored; LRU until evidence), lru, s3fifo or learned (reuse
+    """What is demoted first: auto (shadow-scored; S3-FIFO until evidence), lru, s3fifo or learned (reuse
     predicted by a model)."""
     gpu_bytes: str = "0"
     """Size of the GPU tier (above RAM; SIZE or a % of the device's memory); 0 = none."""

@@ -13,7 +13,7 @@ tiers only by the one two-step move of :mod:`tierd.moves` (protect, copy, publis
                it has a lower copy already, then its copy here is dropped
 
 Victims are taken in the order of the tier's eviction policy (:mod:`tierd.policy`, ``--eviction``;
-``auto`` by default, LRU until evidence); among the first few one that already has a lower copy
+``auto`` by default, S3-FIFO until evidence); among the first few one that already has a lower copy
 is preferred, since dropping it costs no copy. A version is held in
 a memory tier (not a victim there) while it is leased there, pinned there or moving.
 Concurrent gets of one version share one promotion; concurrent moves into a tier share one copy.
