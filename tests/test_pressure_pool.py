@@ -7,11 +7,13 @@ No cgroup and no timing: the arena's pages are read from its memfd (st_blocks).
 
 from __future__ import annotations
 
+import os
+import random
 from collections.abc import Iterator
 
 import pytest
 
-from tierd.tiers.ram import RamTier
+from tierd.tiers.ram import PAGE, RamTier, Spans
 
 MiB = 1 << 20
 
@@ -87,6 +89,79 @@ def test_a_region_goes_on_resident_pages_before_a_punched_hole() -> None:
         assert last == c
         ram.view(last, 3 * MiB)[:] = b"x" * (3 * MiB)  # the put's write faults its pages in
         assert ram.resident_bytes() == resident + 3 * MiB
+        ram.check()
+    finally:
+        ram.close()
+
+
+def test_spans_merge_split_and_overlap() -> None:
+    s = Spans()
+    s.add(10, 20)
+    s.add(30, 40)
+    s.add(20, 25)  # touches [10, 20): merged
+    assert list(s) == [(10, 25), (30, 40)]
+    s.add(24, 31)  # bridges both
+    assert list(s) == [(10, 40)]
+    s.remove(15, 18)  # splits
+    assert list(s) == [(10, 15), (18, 40)]
+    s.remove(0, 12)
+    s.remove(35, 99)
+    assert list(s) == [(12, 15), (18, 35)] and s.total() == 20
+    assert s.overlaps(14, 16) and s.overlaps(0, 13) and s.overlaps(34, 99)
+    assert not s.overlaps(15, 18) and not s.overlaps(35, 50) and not s.overlaps(0, 12)
+    s.add(5, 5)  # empty: nothing
+    s.remove(0, 100)
+    assert list(s) == [] and not s.overlaps(0, 100)
+
+
+def kernel_holes(fd: int, size: int) -> list[tuple[int, int]]:
+    """The memfd's holes as the kernel sees them (SEEK_DATA / SEEK_HOLE), merged."""
+    out, pos = [], 0
+    while pos < size:
+        hole = os.lseek(fd, pos, os.SEEK_HOLE)
+        if hole >= size:
+            break
+        try:
+            data = os.lseek(fd, hole, os.SEEK_DATA)
+        except OSError:  # ENXIO: a hole to the end
+            data = size
+        out.append((hole, min(data, size)))
+        pos = data
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_punched_spans_the_tier_keeps_are_the_kernels_holes(seed: int) -> None:
+    """Random regions put, written, freed and punched under a moving ceiling, in a pre-faulted arena
+    and in a sparse one (another uid's), each region written at once as a put writes it: after
+    every step the spans the tier records as punched are exactly the memfd's holes."""
+    rng = random.Random(seed)
+    ram = RamTier(32 * MiB)
+    try:
+        for uid in (os.getuid(), os.getuid() + 1):
+            a = ram.arena(uid)
+            live: dict[int, int] = {}
+            for _step in range(300):
+                op = rng.random()
+                if op < 0.5 or not live:
+                    n = rng.choice([PAGE // 2, PAGE, 3 * PAGE + 100, MiB, 2 * MiB + 4000])
+                    loc = ram.allocate(n, owner=uid)
+                    if loc is None:
+                        continue
+                    ram.view(loc, n)[:] = b"\x01" * n  # the put's write
+                    live[loc] = n
+                elif op < 0.85:
+                    loc = rng.choice(list(live))
+                    del live[loc]
+                    ram.free(loc)
+                else:
+                    ram.ceiling = rng.choice([ram.capacity_bytes, 16 * MiB, 8 * MiB])
+                    if rng.random() < 0.5:
+                        ram.release_free(rng.choice([PAGE, 2 * MiB]))
+                assert list(a.punched) == kernel_holes(a.fd, ram.capacity_bytes), _step
+            for loc in list(live):
+                ram.free(loc)
+            ram.ceiling = ram.capacity_bytes
         ram.check()
     finally:
         ram.close()

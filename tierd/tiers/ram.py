@@ -19,11 +19,15 @@ Every arena spans the tier's whole capacity in address space, but the tier holds
 of pages: when a second arena is in use and the pages the arenas hold (st_blocks of each memfd) would
 pass the capacity, the free holes of the others are punched first (``_fit_pages``).
 
-A region goes on pages the memfd still holds when a free span of them fits (:func:`_resident_end`,
-``SEEK_HOLE`` on the memfd; the smallest such hole, at either of its ends); a span whose pages were
-given back is taken only when nothing resident fits: writing there faults and zeroes every page
-again, and while a memory-pressure ceiling holds the tier down the next free gives as many back.
-(With plain best fit, a 2B streaming run under pressure refaulted 8-9 GB of punched pages.)
+A region goes on pages the memfd still holds when a free span of them fits (``Arena.resident_end``:
+the smallest such hole, at either of its ends); a span whose pages were given back is taken only
+when nothing resident fits: writing there faults and zeroes every page again, and while a
+memory-pressure ceiling holds the tier down the next free gives as many back. (With plain best fit,
+a 2B streaming run under pressure refaulted 8-9 GB of punched pages.) Which spans are punched is
+kept by the daemon, which alone punches them (``Arena.punched``): asking the kernel
+(``lseek(SEEK_HOLE)`` from the hole's start) walked the memfd's page index up to the next punched
+page, the whole arena when there was none, on the event loop (3-4 s of loop time in a 2B streaming
+run of 16 tokens).
 
 A location is ``space * stride + offset``: the arena's index and the offset in it (``split``); the
 rest of the daemon treats it as an opaque int.
@@ -39,14 +43,14 @@ returns a region to the allocator only when its entry is gone and no lease remai
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import fcntl
 import mmap
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from tierd.alloc import Allocator
@@ -71,6 +75,33 @@ class Arena:
     alloc: Allocator
     backed: bool
     ro_fd: int = -1
+    #: page spans this arena's memfd holds no pages for (never written, or punched since); kept by
+    #: the daemon, which alone punches them, so that placing a region asks no system call
+    punched: Spans = field(default_factory=lambda: Spans())
+
+    def release(self, offset: int, length: int) -> int:
+        """Punch the whole pages of free span ``[offset, offset + length)`` (``release_pages``) and
+        record them as punched; returns the bytes released."""
+        from tierd.pages import release_pages
+
+        start = -(-offset // PAGE) * PAGE
+        n = release_pages(self.mmap, offset, length)
+        if n:
+            self.punched.add(start, start + n)
+        return n
+
+    def written(self, offset: int, length: int) -> None:
+        """Region ``[offset, offset + length)`` is to be written: its pages, partial ones at its ends
+        included, will be faulted in."""
+        self.punched.remove(offset - offset % PAGE, -(-(offset + length) // PAGE) * PAGE)
+
+    def resident_end(self, start: int, hole: int, size: int) -> int | None:
+        """The end of free hole ``[start, start + hole)`` where ``size`` bytes lie on pages the memfd
+        still holds (nothing to fault in and zero), or None (``Allocator.alloc``'s ``prefer``)."""
+        for at in (start, start + hole - size):
+            if not self.punched.overlaps(at - at % PAGE, at + size):
+                return at
+        return None
 
     def pages(self) -> int:
         """Bytes of memory the memfd holds now (its allocated pages)."""
@@ -108,16 +139,49 @@ def _memfd(uid: int, capacity: int, backed: bool) -> int:
     return fd
 
 
-def _resident_end(fd: int, start: int, hole: int, size: int) -> int | None:
-    """The end of free hole ``[start, start + hole)`` where ``size`` bytes lie on pages the memfd
-    still holds (no hole punched there, nothing to fault in and zero), or None."""
-    for at in (start, start + hole - size):
-        try:
-            if os.lseek(fd, at - at % PAGE, os.SEEK_HOLE) >= at + size:
-                return at
-        except OSError:
-            return None
-    return None
+class Spans:
+    """Disjoint half-open integer spans, merged where they touch: add, remove, overlap test."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def add(self, start: int, end: int) -> None:
+        if end <= start:
+            return
+        lo = bisect.bisect_left(self._ends, start)  # first span ending at or after start
+        hi = bisect.bisect_right(self._starts, end)  # spans from lo to hi touch [start, end)
+        if lo < hi:
+            start, end = min(start, self._starts[lo]), max(end, self._ends[hi - 1])
+        self._starts[lo:hi] = [start]
+        self._ends[lo:hi] = [end]
+
+    def remove(self, start: int, end: int) -> None:
+        if end <= start:
+            return
+        lo = bisect.bisect_right(self._ends, start)  # first span ending after start
+        hi = bisect.bisect_left(self._starts, end)  # spans from lo to hi overlap [start, end)
+        if lo >= hi:
+            return
+        keep_s, keep_e = [], []
+        if self._starts[lo] < start:
+            keep_s.append(self._starts[lo])
+            keep_e.append(start)
+        if self._ends[hi - 1] > end:
+            keep_s.append(end)
+            keep_e.append(self._ends[hi - 1])
+        self._starts[lo:hi] = keep_s
+        self._ends[lo:hi] = keep_e
+
+    def overlaps(self, start: int, end: int) -> bool:
+        i = bisect.bisect_right(self._ends, start)  # first span ending after start
+        return i < len(self._starts) and self._starts[i] < end
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(zip(self._starts, self._ends, strict=True))
+
+    def total(self) -> int:
+        return sum(e - s for s, e in self)
 
 
 class RamTier(MemoryTier):
@@ -161,6 +225,8 @@ class RamTier(MemoryTier):
         # which would otherwise land on the first put at ~1 GB/s.
         mm = mmap.mmap(fd, self._capacity, flags=flags)
         a = Arena(len(self.arenas), uid, fd, mm, Allocator(self._capacity), backed)
+        if not backed:
+            a.punched.add(0, self._capacity)  # sparse: no page until written
         self.arenas.append(a)
         self._by_uid[uid] = a
         return a
@@ -209,9 +275,10 @@ class RamTier(MemoryTier):
         if self._used + size > self._capacity or self.over_quota(owner, nbytes):
             return None
         a = self.arena(owner)
-        offset = a.alloc.alloc(nbytes, prefer=partial(_resident_end, a.fd))
+        offset = a.alloc.alloc(nbytes, prefer=a.resident_end)
         if offset is None:
             return None
+        a.written(offset, size)
         self._used += size
         if len(self.arenas) > 1:
             self._fit_pages(a, size)
@@ -223,12 +290,10 @@ class RamTier(MemoryTier):
         over = sum(a.pages() for a in self.arenas) + size - self._capacity
         if over <= 0:
             return
-        from tierd.pages import release_pages
-
         released = 0
         for a in sorted(self.arenas, key=lambda a: (a is into, a.alloc.used_bytes)):
             for start, hole in a.alloc.holes(min_size=PAGE):
-                released += release_pages(a.mmap, start, hole)
+                released += a.release(start, hole)
                 if released >= over:
                     break
             a.backed = False
@@ -246,10 +311,8 @@ class RamTier(MemoryTier):
             # regions within it stay faulted in, a pool the next put or promotion reuses at once;
             # punching them there (as every free did) made each promotion refault and zero the
             # pages the demotion before it had just given back (26 GB of them in one 2B bench run).
-            from tierd.pages import release_pages
-
             before = a.pages()
-            release_pages(a.mmap, offset, size)
+            a.release(offset, size)
             self.on_release(max(0, before - a.pages()))
         return size
 
@@ -257,8 +320,6 @@ class RamTier(MemoryTier):
         """Give the pages of free holes of ``min_size`` bytes or more back to the kernel (memory
         pressure), largest holes first, until ``limit`` bytes of pages have gone (None: every such
         hole); returns the bytes of pages actually released (holes already punched count nothing)."""
-        from tierd.pages import release_pages
-
         released = 0
         for a in self.arenas:
             for start, size in a.alloc.holes(min_size=min_size):
@@ -268,7 +329,7 @@ class RamTier(MemoryTier):
                         return released
                     n = end - pos if limit is None else min(end - pos, max(limit - released, min_size))
                     before = a.pages()
-                    release_pages(a.mmap, pos, n)
+                    a.release(pos, n)
                     released += max(0, before - a.pages())
                     pos += n
         return released
