@@ -12,7 +12,7 @@ from tierd.alloc import ALIGN, Allocator
 
 
 def test_scenario_reuse_and_coalesce() -> None:
-    a = Allocator(64 * 1024)
+    a = Allocator(64 * 1024, align=64)
     x, y, z = a.alloc(100), a.alloc(100), a.alloc(100)
     assert (x, y, z) == (0, 128, 256)  # 100 rounds up to 128
     a.free(y)
@@ -50,7 +50,7 @@ def test_full_and_exact_fit() -> None:
 
 
 def test_fragmentation_is_reported() -> None:
-    a = Allocator(64 * 10)
+    a = Allocator(64 * 10, align=64)
     regions = [a.alloc(64) for _ in range(10)]
     for r in regions[::2]:
         a.free(r)
@@ -71,7 +71,7 @@ def test_double_free_and_bad_size() -> None:
 
 
 def test_prefer_chooses_a_hole_and_an_end_else_best_fit() -> None:
-    a = Allocator(10_000)
+    a = Allocator(10_000, align=64)
     r = [a.alloc(n) for n in (1024, 64, 2048, 64, 4096)]  # holes after frees: 1024 at 0, 2048 at 1088
     a.free(r[0])
     a.free(r[2])

@@ -1,7 +1,9 @@
 """Region allocator for the RAM arena: best fit over an address-ordered free list, with coalescing.
 
-The arena is one flat range ``[0, capacity)``. Every region starts on an ``ALIGN``-byte boundary
-and its size is rounded up to ``ALIGN``, so any dtype's view over it is aligned. Freed regions
+The arena is one flat range ``[0, capacity)``. Every region starts on an ``align``-byte boundary
+(``ALIGN`` unless told) and its size is rounded up to it, so any dtype's view over it is aligned, and
+the disk tier can read a chunk into it with O_DIRECT (block devices ask for 512-byte aligned
+destinations: ``/sys/block/*/queue/dma_alignment``). Freed regions
 merge with free neighbours at once, so two adjacent holes never stay apart.
 
 Why best fit rather than a buddy system: a buddy allocator rounds every region up to a power of two,
@@ -24,7 +26,7 @@ import bisect
 from collections.abc import Callable
 from dataclasses import dataclass
 
-ALIGN = 64
+ALIGN = 512
 #: holes :meth:`Allocator.alloc` asks ``prefer`` about, smallest fitting first
 PREFER_SCAN = 32
 #: ``prefer(hole_start, hole_size, size) -> offset or None`` (see :meth:`Allocator.alloc`)
@@ -55,10 +57,13 @@ class AllocStats:
 class Allocator:
     """Best-fit allocator over ``[0, capacity)``. Not thread-safe: the daemon's loop owns it."""
 
-    def __init__(self, capacity: int) -> None:
-        if capacity < ALIGN:
-            raise ValueError(f"capacity {capacity} is below the {ALIGN}-byte alignment")
-        self.capacity = capacity - capacity % ALIGN
+    def __init__(self, capacity: int, align: int = ALIGN) -> None:
+        if align <= 0 or align & (align - 1):
+            raise ValueError(f"alignment {align} is not a power of two")
+        if capacity < align:
+            raise ValueError(f"capacity {capacity} is below the {align}-byte alignment")
+        self.align = align
+        self.capacity = capacity - capacity % align
         self._free_start: dict[int, int] = {0: self.capacity}  # start -> size
         self._free_end: dict[int, int] = {self.capacity: 0}  # end -> start
         self._by_size: list[tuple[int, int]] = [(self.capacity, 0)]  # sorted (size, start)
@@ -80,7 +85,7 @@ class Allocator:
     # -- API ---------------------------------------------------------------------------------
     def size_for(self, nbytes: int) -> int:
         """Bytes a request of ``nbytes`` really takes (zero-byte tensors still get a region)."""
-        return round_up(max(nbytes, 1))
+        return round_up(max(nbytes, 1), self.align)
 
     def alloc(self, nbytes: int, prefer: Prefer | None = None) -> int | None:
         """Offset of a new region of at least ``nbytes``, or None when no hole is big enough.
@@ -163,7 +168,7 @@ class Allocator:
         prev_free = False
         for s, n, kind in spans:
             assert s == pos, f"gap or overlap at {pos} (next span at {s})"
-            assert n > 0 and s % ALIGN == 0 and n % ALIGN == 0
+            assert n > 0 and s % self.align == 0 and n % self.align == 0
             assert not (prev_free and kind == "free"), f"uncoalesced holes at {s}"
             prev_free = kind == "free"
             pos = s + n
