@@ -370,3 +370,158 @@ def test_raw_read_checks_every_chunk_read_into_place(tmp_path: Path) -> None:
             assert disk.stats()["corrupt"] == 1
         finally:
             disk.close()
+
+
+def _direct_io_here(directory: Path) -> bool:
+    probe = directory / "probe"
+    probe.write_bytes(b"\0" * 4096)
+    try:
+        os.close(os.open(probe, os.O_RDONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+
+
+def _aligned(n: int, shift: int = 0):
+    """A writable view of n bytes at ``shift`` bytes past a page boundary."""
+    import mmap
+
+    m = mmap.mmap(-1, n + 4096)
+    return memoryview(m)[shift : shift + n]
+
+
+def _meta(key: str, version: int, n: int) -> dict:
+    return {"key": key, "version": version, "dtype": "uint8", "shape": [n], "nbytes": n, "tags": [],
+            "durable": True, "ttl": None, "scope": "shared", "created": 0.0}  # fmt: skip
+
+
+def _write(disk, pool, key: str, version: int, raw):
+    from tierd.codecs import get_codec
+
+    plan = get_codec("raw").prepare(memoryview(raw), "uint8", [raw.size], 16 << 20)
+    return disk.write(_meta(key, version, raw.size), plan, memoryview(raw), pool)
+
+
+def test_big_chunks_are_read_straight_into_ram_with_o_direct(tmp_path: Path) -> None:
+    # A chunk of LEAD_MIN bytes or more is stored after a lead that puts its first byte on a block
+    # boundary of the file; where it lies is known from its write (or first read), and it is read
+    # with O_DIRECT into the destination: no page cache, no copy. Sizes: two chunks with a 5-byte
+    # tail, one chunk with a tail under a block, whole blocks, and two below LEAD_MIN (read with
+    # pread). A destination off the alignment O_DIRECT needs is read the other way, bytes the same.
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from tierd.tiers import disk as disk_mod
+
+    rng = np.random.default_rng(7)
+    sizes = [(20 << 20) + 5, 100_000, 20 * 4096, 3000, disk_mod.LEAD_MIN - 1]
+    raws = [rng.integers(0, 255, n, dtype=np.uint8) for n in sizes]
+    big = sum(n for n in sizes if n >= disk_mod.LEAD_MIN)
+    direct = _direct_io_here(tmp_path)
+    with ThreadPoolExecutor(2) as pool:
+        disk = disk_mod.DiskTier(tmp_path / "state", 1 << 30)
+        try:
+            assert (disk._lead + 16) % disk_mod.DIRECT_BLOCK == 0 and disk._lead_min == disk_mod.LEAD_MIN
+            recs = [_write(disk, pool, f"d/{i}", i + 1, raw) for i, raw in enumerate(raws)]
+            for rec, raw in zip(recs, raws, strict=True):
+                out = _aligned(raw.size)
+                disk.read_into(rec, out, pool)
+                assert bytes(out) == raw.tobytes(), rec.key
+            assert disk.stats()["direct_read_bytes"] == (big if direct else 0)
+            assert _resident_bytes(disk.path) < (1 << 20), _resident_bytes(disk.path)
+            for rec, raw in zip(recs, raws, strict=True):
+                out = _aligned(raw.size, shift=64)
+                disk.read_into(rec, out, pool)
+                assert bytes(out) == raw.tobytes(), rec.key
+            assert disk.stats()["direct_read_bytes"] == (big if direct else 0)
+        finally:
+            disk.close()
+        disk = disk_mod.DiskTier(tmp_path / "state", 1 << 30)  # a restart: places learned at the first read
+        try:
+            for _ in range(2):
+                for rec, raw in zip(recs, raws, strict=True):
+                    out = _aligned(raw.size)
+                    disk.read_into(rec, out, pool)
+                    assert bytes(out) == raw.tobytes(), rec.key
+            assert disk.stats()["direct_read_bytes"] == (big if direct else 0)
+            assert disk.stats()["corrupt"] == 0
+        finally:
+            disk.close()
+
+
+def test_a_file_written_before_leads_is_read_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A file from before the lead layout has chunks without one and no layout record: it keeps
+    # that layout (lead 0), so a value is never cut short by a lead it does not have.
+    from concurrent.futures import ThreadPoolExecutor
+
+    import lmdb
+    import numpy as np
+
+    from tierd.tiers import disk as disk_mod
+
+    raw = np.random.default_rng(8).integers(0, 255, (17 << 20) + 3, dtype=np.uint8)
+    with ThreadPoolExecutor(2) as pool:
+        monkeypatch.setattr(disk_mod, "LEAD_MIN", (1 << 32) - 1)  # no chunk gets a lead
+        disk = disk_mod.DiskTier(tmp_path / "state", 1 << 30)
+        try:
+            old = _write(disk, pool, "old/x", 1, raw)
+        finally:
+            disk.close()
+        env = lmdb.open(str(tmp_path / "state" / "tierd.lmdb"), subdir=False, max_dbs=3)
+        with env.begin(db=env.open_db(b"info"), write=True) as txn:
+            assert txn.delete(disk_mod._LAYOUT_KEY)  # as a file from before leads
+        env.close()
+        monkeypatch.undo()
+        disk = disk_mod.DiskTier(tmp_path / "state", 1 << 30)
+        try:
+            assert disk._lead == 0
+            new = _write(disk, pool, "new/x", 2, raw)
+            for rec in (old, new, old):
+                out = _aligned(raw.size)
+                disk.read_into(rec, out, pool)
+                assert bytes(out) == raw.tobytes()
+            assert disk.verify(old) is None and disk.verify(new) is None
+            assert disk.stats()["direct_read_bytes"] == 0
+        finally:
+            disk.close()
+
+
+def test_a_wrong_place_is_read_again_through_lmdb_and_corruption_still_caught(tmp_path: Path) -> None:
+    # A remembered place that no longer holds the chunk (it cannot happen while the key exists; the
+    # checksum is the guard) gives the right bytes through LMDB. A flipped byte on the disk is still
+    # CorruptEntry, whichever way the chunk is read.
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from tierd.tiers import disk as disk_mod
+
+    raw = np.random.default_rng(9).integers(0, 255, 32 << 20, dtype=np.uint8)  # two whole chunks
+    with ThreadPoolExecutor(2) as pool:
+        disk = disk_mod.DiskTier(tmp_path / "state", 1 << 30)
+        try:
+            rec = _write(disk, pool, "w/x", 1, raw)
+            places = disk._where[rec.version]
+            assert len(places) == 2 and None not in places
+            disk._where[rec.version] = [places[1], places[0]]  # each chunk points at the other
+            out = _aligned(raw.size)
+            disk.read_into(rec, out, pool)
+            assert bytes(out) == raw.tobytes() and disk.stats()["corrupt"] == 0
+            disk.read_into(rec, out, pool)  # learned again: the places are right once more
+            assert disk._where[rec.version] == places
+            fd = os.open(disk.path, os.O_RDWR)
+            try:
+                byte = os.pread(fd, 1, places[1] + 12345)
+                os.pwrite(fd, bytes([byte[0] ^ 0xFF]), places[1] + 12345)
+            finally:
+                os.close(fd)
+            with pytest.raises(CorruptEntry, match="chunk 1 of 2: checksum"):
+                disk.read_into(rec, _aligned(raw.size), pool)
+            assert disk.stats()["corrupt"] == 1
+        finally:
+            disk.close()
