@@ -383,3 +383,51 @@ def test_learned_predictor_trains_in_the_background(start_daemon) -> None:
         st = c.stats()["prefetch"]
         assert st["predictor_errors"] == 0, st["last_error"]
         assert st["predictor_stats"]["installs"] >= 1
+
+
+class _Placement:
+    """What the prefetch worker asks of a placement, with a load that waits until let go."""
+
+    def __init__(self, ram: RamTier) -> None:
+        self.home = "elsewhere"  # nothing is home yet: every hinted entry is loaded
+        self.ram = ram
+        self.started: list[str] = []
+        self.running = 0
+        self.most = 0
+        self.go = asyncio.Event()
+
+    async def load(self, e, for_prefetch: bool = False, predicted: bool = False) -> None:
+        self.started.append(e.key)
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await self.go.wait()
+        finally:
+            self.running -= 1
+
+
+@pytest.mark.asyncio
+async def test_the_worker_keeps_two_loads_in_flight_in_hint_order(prefetcher) -> None:
+    # One load at a time left the disk idle while each read's result went back to the loop and the
+    # next one's room was found. Two run at once, taken in the order hinted; a third waits for one.
+    from tierd import prefetch
+
+    pf, m, cid = prefetcher
+    fake = _Placement(m.ram)
+    pf.placement = fake
+    keys = [f"p/{i}" for i in range(4)]
+    assert pf.hint(cid, keys) == 4
+    worker = asyncio.create_task(pf.run())
+    try:
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert fake.started == keys[: prefetch.LOADS_AT_ONCE] and fake.running == prefetch.LOADS_AT_ONCE
+        fake.go.set()
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert fake.started == keys and fake.running == 0 and fake.most == prefetch.LOADS_AT_ONCE
+        assert pf.status()["loading"] == 0 and pf._loading_bytes == 0
+    finally:
+        worker.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await worker

@@ -55,6 +55,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("tierd.prefetch")
 #: accesses waiting for the predictor thread before new ones are dropped
 MAX_BACKLOG = 1024
+#: prefetch loads in flight at once: two keep the disk busy while one read's result goes back to
+#: the loop and the next one's room is found (the disk tier has as many reader threads)
+LOADS_AT_ONCE = 2
 #: queued candidates kept at most (older ones go first)
 MAX_QUEUE = 256
 #: a prediction is stale once its client has made this many more accesses
@@ -110,6 +113,7 @@ class Prefetcher:
         self._work_n = 0
         self._recent_ns: collections.deque[int] = collections.deque(maxlen=TIMES_KEPT)
         self._loading = 0  # prefetch loads in progress
+        self._loading_bytes = 0  # and the room they take in RAM
         self.errors = 0
         self.dropped_accesses = 0
         self.last_error = ""
@@ -283,30 +287,60 @@ class Prefetcher:
 
     # ---- worker --------------------------------------------------------------------------------
     async def run(self) -> None:
-        """Take queued candidates one by one and promote them (a background task)."""
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._queue:
-                prio, client, key, gen = self._unqueue(self._queue.popleft())
-                if prio and self._gen[client] - gen > STALE_AFTER:
-                    self.m.metrics.prefetch_dropped += 1
-                    continue
-                e = self.m.entries.get(key)
-                if e is None or self.placement.home in e.where:
-                    continue
-                size = self.placement.ram.region_bytes(e.nbytes)
-                if prio and self.m.spec_bytes + size > self.budget:
-                    self.m.metrics.prefetch_dropped += 1
-                    continue
-                await self._load(e, hinted=not prio)
+        """Take queued candidates in order and promote them, up to ``LOADS_AT_ONCE`` at a time (a
+        background task). One load at a time left the disk idle between two reads (the hand-off
+        from a reader thread to the loop and back, and the room taken for the next one): in a 2B
+        model's streaming decode, 7.9 s of 40 s in 3,770 gaps, never two reads in flight."""
+        slots = asyncio.Semaphore(LOADS_AT_ONCE)
+        loads: set[asyncio.Task[None]] = set()
+
+        def finished(t: asyncio.Task[None]) -> None:
+            loads.discard(t)
+            slots.release()
+
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._queue:
+                    await slots.acquire()  # a load has finished (or fewer are running)
+                    picked = self._next()
+                    if picked is None:
+                        slots.release()
+                        continue
+                    t = asyncio.create_task(self._load(*picked))
+                    loads.add(t)
+                    t.add_done_callback(finished)
+        finally:
+            for t in loads:
+                t.cancel()
+
+    def _next(self) -> tuple[Entry, bool] | None:
+        """The next queued candidate worth loading (and whether a client hinted it); None when the
+        queue holds none."""
+        while self._queue:
+            prio, client, key, gen = self._unqueue(self._queue.popleft())
+            if prio and self._gen[client] - gen > STALE_AFTER:
+                self.m.metrics.prefetch_dropped += 1
+                continue
+            e = self.m.entries.get(key)
+            if e is None or self.placement.home in e.where:
+                continue
+            size = self.placement.ram.region_bytes(e.nbytes)
+            if prio and self.m.spec_bytes + self._loading_bytes + size > self.budget:
+                self.m.metrics.prefetch_dropped += 1
+                continue
+            return e, not prio
+        return None
 
     async def _load(self, e: Entry, hinted: bool) -> None:
         if hinted:
             self.m.metrics.prefetch_hinted += 1
         else:
             self.m.metrics.prefetch_issued += 1
+        size = self.placement.ram.region_bytes(e.nbytes)
         self._loading += 1
+        self._loading_bytes += size
         try:
             await self.placement.load(e, for_prefetch=hinted, predicted=not hinted)
         except TierdError as ex:  # full of leases / pins / unread prefetches: not worth forcing
@@ -314,6 +348,7 @@ class Prefetcher:
             log.debug("prefetch of %s dropped: %s", e.key, ex)
         finally:
             self._loading -= 1
+            self._loading_bytes -= size
 
     def log_time(self) -> float:
         """Now, on the access log's clock (seconds since the daemon started)."""
