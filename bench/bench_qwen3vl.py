@@ -591,7 +591,15 @@ def main() -> int:
             bud = run_worker(tmp, "streaming", a, tokens=a.tokens, socket=sockB, cg=cgB, daemon_pid=dB.pid)
             bud["daemon_cpu_s"] = sum(psutil.Process(dB.pid).cpu_times()[:2]) - cpu0  # load, warm-up, timed
             with Client(sockB) as c:
-                c1 = c.stats()["counters"]
+                st1 = c.stats()
+                c1 = st1["counters"]
+            disk_tier = next((t for t in st1["tiers"] if t["name"] == "disk"), {})
+            # which codecs the weights were stored with (a slow calibration can pick zstd), and how
+            # many bytes were read straight into RAM (O_DIRECT)
+            bud["disk_by_codec"] = disk_tier.get("by_codec", {})
+            bud["disk_direct_read_bytes"] = disk_tier.get("direct_read_bytes", 0)
+            cal = (st1.get("placement") or {}).get("calibration") or {}
+            bud["calibration"] = {k: cal.get(k) for k in ("disk_read_gbps", "disk_mode")}
             io1 = io_read_bytes(dB.pid)
             bud["daemon_disk_read_bytes"] = io1 - io0
             bud["counters_delta"] = {
@@ -732,6 +740,10 @@ def report(R: dict) -> None:
             f"budgeted is {ratios['budgeted_vs_io_bound'] or float('nan'):.2f} of it"
         )
         print(f"budgeted counters delta: {ratios['budgeted_counters']}")
+        if "disk_by_codec" in b:
+            print(f"budgeted: weights on disk by codec {b['disk_by_codec']} (the daemon's calibration "
+                  f"{b['calibration']}); {b['disk_direct_read_bytes'] / 2**30:.1f} GiB read straight into "
+                  "RAM (O_DIRECT)")  # fmt: skip
         if "rss_anon_end" in b:
             print(f"budgeted: the model process's anonymous memory at the end of decoding "
                   f"{b['rss_anon_end'] / M:.0f} MiB; in the timed generate it used {b['gen_cpu_s']:.1f} s "
