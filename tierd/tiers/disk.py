@@ -5,6 +5,7 @@ else the directory holds and what is refused at start)::
 
     db "meta"    version (8 bytes, big-endian) -> msgpack record: key, dtype, shape, tags, lifetime,
                                                   durable, codec plan, per-chunk (size, xxh3-64)
+                                                  and where each chunk lies (see below)
     db "chunks"  version + chunk index (8 + 4)  -> the chunk's encoded bytes
     db "info"    b"id"                          -> this file's id (statedir.py)
                  b"chunk_lead"                  -> (lead, lead_min): a chunk of lead_min bytes or
@@ -19,7 +20,8 @@ start. Commits fsync (LMDB sync=True), so a committed durable entry also survive
 Reading a raw entry (no codec): a chunk of ``LEAD_MIN`` bytes or more is stored after a lead of
 padding that puts its first byte on a 4096-byte boundary of the file (LMDB starts a large value 16
 bytes into its first overflow page; the lead costs one page per chunk of up to 16 MiB). Where it
-lies is learned when it is written (or first read after a restart), and it is read with O_DIRECT
+lies is learned when it is written and kept in the record (a record from before: learned at its
+first read), and it is read with O_DIRECT
 straight into its destination, the RAM tier's region (512-byte aligned, ``tierd.alloc.ALIGN``): the
 device writes it there, with no page cache in between, no copy and no readahead past its end.
 ``bench/bench_disk.py --read-paths`` (1 GiB, page cache dropped before each way, 2 vCPUs, 3 rounds):
@@ -57,6 +59,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import lmdb
+import msgspec
 import numpy as np
 import xxhash
 
@@ -86,6 +89,7 @@ _VKEY = struct.Struct(">Q")
 _CKEY = struct.Struct(">QI")
 _LAYOUT_KEY = b"chunk_lead"
 _LAYOUT = struct.Struct(">II")  # lead bytes, the smallest chunk that has one
+_enc_record = msgspec.msgpack.Encoder()
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -239,10 +243,6 @@ class DiskTier(ChunkStore):
         self._put(self.chunk_db, _CKEY.pack(version, index), data)
 
     def _commit(self, rec: RecordMeta, encoded: bytes) -> None:
-        self._put(self.meta_db, _VKEY.pack(rec.version), encoded)
-        if rec.durable:
-            with self._failing("sync", len(encoded)):
-                self.env.sync(True)  # commits fsync their data; this makes the meta page durable too
         where: list[int | None] = []
         with self.env.begin(db=self.chunk_db, buffers=True) as txn:  # written pages: not needed in RAM
             for i in range(len(rec.chunks)):
@@ -250,7 +250,23 @@ class DiskTier(ChunkStore):
                 if buf is not None:
                     where.append(self._place(buf))
                     self._drop_cached(buf)
+        if len(where) == len(rec.chunks) and any(w is not None for w in where):
+            # kept in the record, so a restart reads directly from the first read on
+            rec.places = [-1 if w is None else w for w in where]
+            encoded = _enc_record.encode(rec)
+        self._put(self.meta_db, _VKEY.pack(rec.version), encoded)
+        if rec.durable:
+            with self._failing("sync", len(encoded)):
+                self.env.sync(True)  # commits fsync their data; this makes the meta page durable too
         self._remember(rec.version, where, len(rec.chunks))
+
+    def load_index(self, keep: Callable[[RecordMeta], bool]) -> list[RecordMeta]:
+        """As :meth:`ChunkStore.load_index`; the chunks' places a record keeps are remembered."""
+        records = super().load_index(keep)
+        for rec in records:
+            if self._lead and len(rec.places) == len(rec.chunks):
+                self._remember(rec.version, [None if p < 0 else p for p in rec.places], len(rec.chunks))
+        return records
 
     def _place(self, buf: Any) -> int | None:
         """File offset of a chunk's first byte when its value has a lead (then it lies on overflow
@@ -358,6 +374,8 @@ class DiskTier(ChunkStore):
                 return False
             try:
                 self._pread(self._dfd, place, dst[:body])
+            except StorageError:  # a short read: the place is past the file's end, so not the chunk's
+                return False
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise

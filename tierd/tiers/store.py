@@ -72,6 +72,9 @@ class RecordMeta(msgspec.Struct):
     uid: int = -1
     #: why the codec policy chose ``plan``'s codec (``tierctl why``); empty in older records
     codec_reason: str = ""
+    #: where the store keeps each chunk, if it says (the disk tier: the file offset of a chunk it
+    #: can read directly, else -1); a hint checked at every read, empty in older records
+    places: list[int] = []
 
     @property
     def stored_bytes(self) -> int:
