@@ -21,9 +21,9 @@ Reading a raw entry (no codec): a chunk of ``LEAD_MIN`` bytes or more is stored 
 padding that puts its first byte on a 4096-byte boundary of the file (LMDB starts a large value 16
 bytes into its first overflow page; the lead costs one page per chunk of up to 16 MiB). Where it
 lies is learned when it is written and kept in the record (a record from before: learned at its
-first read), and it is read with O_DIRECT
-straight into its destination, the RAM tier's region (512-byte aligned, ``tierd.alloc.ALIGN``): the
-device writes it there, with no page cache in between, no copy and no readahead past its end.
+first read), and it is read with O_DIRECT straight into its destination, the RAM tier's region
+(512-byte aligned, ``tierd.alloc.ALIGN``): the device writes it there, with no page cache in
+between, no copy and no readahead past its end.
 ``bench/bench_disk.py --read-paths`` (1 GiB, page cache dropped before each way, 2 vCPUs, 3 rounds):
 2.17-2.49 GB/s with 0.05-0.07 s of CPU, against LMDB's mapping faulted in by 1-4 threads at
 0.95-1.52 GB/s with 0.42-0.60 s (what py-lmdb's get did before each pread of the earlier path).
