@@ -23,23 +23,22 @@ bytes into its first overflow page; the lead costs one page per chunk of up to 1
 lies is learned when it is written and kept in the record (a record from before: learned at its
 first read), and it is read with O_DIRECT straight into its destination, the RAM tier's region
 (512-byte aligned, ``tierd.alloc.ALIGN``): the device writes it there, with no page cache in
-between, no copy and no readahead past its end.
-``bench/bench_disk.py --read-paths`` (1 GiB, page cache dropped before each way, 2 vCPUs, 3 rounds):
-2.17-2.49 GB/s with 0.05-0.07 s of CPU, against LMDB's mapping faulted in by 1-4 threads at
-0.95-1.52 GB/s with 0.42-0.60 s (what py-lmdb's get did before each pread of the earlier path).
-LMDB is only asked whether the key is still there, in a read transaction held for the read, so a
-writer cannot reuse its pages meanwhile (a cursor set on the key reads no value; py-lmdb's get
-touches every page of a value through the mapping, whose readahead also reads into the next
-values). A chunk without a known place, a
-smaller one, a file created before the lead (lead 0), or a destination not aligned for O_DIRECT is
-read with ``pread`` into the destination on a descriptor of its own, LMDB saying where the value
-lies. Either way each chunk's xxh3 is checked in place; a directly read chunk that fails it is
-read again the other way before it counts as corrupt. Other codecs hand their decoder each chunk
-straight from LMDB's read-only mapping (``buffers=True``) inside such a transaction; the decoder
-copies out before it ends. Pages read or written through the page cache are then dropped from the
-mapping and the cache (madvise + fadvise DONTNEED): the bytes now live in a memory tier (or were
-just demoted out of one), and must not be held a second time. All of this runs in the daemon's
-executors, never on its event loop. Writes are serialised by one lock (LMDB has a single writer anyway).
+between, no copy and no readahead past its end. ``bench/bench_disk.py --read-paths`` (1 GiB, page
+cache dropped before each way, 2 vCPUs, 3 rounds): 2.17-2.49 GB/s with 0.05-0.07 s of CPU, against
+LMDB's mapping faulted in by 1-4 threads at 0.95-1.52 GB/s with 0.42-0.60 s (what py-lmdb's get did
+before each pread of the earlier path). LMDB is only asked whether the key is still there, in a read
+transaction held for the read, so a writer cannot reuse its pages meanwhile (a cursor set on the key
+reads no value; py-lmdb's get touches every page of a value through the mapping, whose readahead
+also reads into the next values). A chunk without a known place, a smaller one, a file created
+before the lead (lead 0), or a destination not aligned for O_DIRECT is read with ``pread`` into the
+destination on a descriptor of its own, LMDB saying where the value lies. Either way each chunk's
+xxh3 is checked in place; a directly read chunk that fails it is read again the other way before it
+counts as corrupt. Other codecs hand their decoder each chunk straight from LMDB's read-only mapping
+(``buffers=True``) inside such a transaction; the decoder copies out before it ends. Pages read or
+written through the page cache are then dropped from the mapping and the cache (madvise + fadvise
+DONTNEED): the bytes now live in a memory tier (or were just demoted out of one), and must not be
+held a second time. All of this runs in the daemon's executors, never on its event loop. Writes are
+serialised by one lock (LMDB has a single writer anyway).
 """
 
 from __future__ import annotations
@@ -387,6 +386,10 @@ class DiskTier(ChunkStore):
                 return False
             try:
                 self._pread(self._dfd, place, dst[:body])
+                if body < size:  # the tail: its whole block into a bounce block (the value's page holds it)
+                    with mmap.mmap(-1, DIRECT_BLOCK) as bounce:
+                        self._pread(self._dfd, place + body, memoryview(bounce))
+                        dst[body:] = memoryview(bounce)[: size - body]
             except StorageError:  # a short read: the place is past the file's end, so not the chunk's
                 return False
             except OSError as e:
@@ -396,10 +399,6 @@ class DiskTier(ChunkStore):
                             "from now on", self.path, e)  # fmt: skip
                 self._direct = False
                 return False
-            if body < size:  # the tail: its whole block into a bounce block (the value's page holds it)
-                with mmap.mmap(-1, DIRECT_BLOCK) as bounce:
-                    self._pread(self._dfd, place + body, memoryview(bounce))
-                    dst[body:] = memoryview(bounce)[: size - body]
         with self._lock:
             self.direct_read_bytes += size
         return True
