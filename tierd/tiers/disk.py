@@ -238,6 +238,9 @@ class DiskTier(ChunkStore):
             return {_CKEY.unpack(k)[0] for k in txn.cursor().iternext(keys=True, values=False)}
 
     def _put_chunk(self, version: int, index: int, data: Any) -> None:
+        # a chunk written again lies elsewhere, and its old pages may still hold its old bytes, which
+        # a read at the remembered place would find and serve: what was known of the version goes
+        self._where.pop(version, None)
         if self._lead and len(data) >= self._lead_min:
             # the lead, then the chunk (whose bytes then start on a block boundary of the file), in a
             # buffer kept for the next chunk: a fresh 16 MiB one per chunk was faulted in and zeroed
