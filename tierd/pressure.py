@@ -102,6 +102,8 @@ class Relief:
         ceiling = placement.lower_ceiling(max(ram.used_bytes, resident) - p.shrink_bytes, floor=floor)
         released = ram.release_free(MIN_RELEASE_BYTES, limit=max(0, ram.resident_bytes() - ceiling))
         metrics.pressure_released_bytes += released
+        for store in self.m.stores.values():  # buffers kept for speed (the disk tier's write staging)
+            store.shed()
         log.warning("memory pressure %s (%s): RAM tier held at %.0f MiB (of %.0f), free pages returned: "
                     "%.0f MiB; demoting down to it", p.level, ", ".join(p.reasons), ceiling / 2**20,
                     ram.capacity_bytes / 2**20, released / 2**20)  # fmt: skip

@@ -175,7 +175,10 @@ class DiskTier(ChunkStore):
         self._dfd = self._open_direct()
         self._direct = self._dfd >= 0
         self.direct_read_bytes = 0
-        self._staging = threading.local()  # per writing thread: a chunk with its lead (_put_chunk)
+        #: a chunk with its lead, staged for LMDB (_put_chunk); None until a write needs it
+        self._stage: bytearray | None = None
+        self._stage_lock = threading.Lock()
+        self._stage_drop = False  # let it go after the chunk being written (shed)
 
     def _layout(self) -> tuple[int, int]:
         """(lead, smallest chunk with a lead) of this file. A file created without leads (tierd
@@ -243,19 +246,36 @@ class DiskTier(ChunkStore):
         self._where.pop(version, None)
         if self._lead and len(data) >= self._lead_min:
             # the lead, then the chunk (whose bytes then start on a block boundary of the file), in a
-            # buffer kept for the next chunk: a fresh 16 MiB one per chunk was faulted in and zeroed
-            # by the kernel each time, and made writes 3-4x slower
+            # buffer kept for the next chunk: a fresh one per chunk was faulted in and zeroed by the
+            # kernel each time, and made writes 3-4x slower (2x for entries of 24 MiB). Memory
+            # pressure takes it back (:meth:`shed`).
             n = self._lead + len(data)
-            buf = getattr(self._staging, "buf", None)
-            if buf is None or len(buf) < n:
-                buf = self._staging.buf = bytearray(max(n, self._lead + CHUNK_BYTES))
-            with memoryview(buf) as whole:
-                staged = whole[:n]
-                staged[self._lead :] = data
-                self._put(self.chunk_db, _CKEY.pack(version, index), staged)
-                staged.release()
+            with self._stage_lock:
+                buf = self._stage
+                if buf is None or len(buf) < n:
+                    buf = self._stage = bytearray(max(n, self._lead + CHUNK_BYTES))
+                with memoryview(buf) as whole:
+                    staged = whole[:n]
+                    staged[self._lead :] = data
+                    self._put(self.chunk_db, _CKEY.pack(version, index), staged)
+                    staged.release()
+                if self._stage_drop:
+                    self._stage, self._stage_drop = None, False
             return
         self._put(self.chunk_db, _CKEY.pack(version, index), data)
+
+    def shed(self) -> int:
+        """Let go of the write staging buffer (memory pressure); returns the bytes let go now. One in
+        use is let go once its chunk is written."""
+        if not self._stage_lock.acquire(blocking=False):
+            self._stage_drop = True
+            return 0
+        try:
+            n = len(self._stage) if self._stage is not None else 0
+            self._stage = None
+        finally:
+            self._stage_lock.release()
+        return n
 
     def _commit(self, rec: RecordMeta, encoded: bytes) -> None:
         where: list[int | None] = []

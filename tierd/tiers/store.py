@@ -152,6 +152,11 @@ class ChunkStore(Tier):
         """The store's own numbers for status (path, file size, ...); none by default."""
         return {}
 
+    def shed(self) -> int:
+        """Let go of memory the store keeps only for speed (memory pressure); returns the bytes let
+        go. None by default."""
+        return 0
+
     # -- Tier ------------------------------------------------------------------------------------
     @property
     def used_bytes(self) -> int:
