@@ -58,14 +58,13 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import lmdb
-import msgspec
 import numpy as np
 import xxhash
 
 from tierd.codecs import Plan
 from tierd.errors import StorageError
 from tierd.tiers.statedir import StateDir, StateError
-from tierd.tiers.store import CHUNK_BYTES, ChunkStore, NoRoom, RecordMeta
+from tierd.tiers.store import CHUNK_BYTES, ChunkStore, NoRoom, RecordMeta, encode_record
 
 log = logging.getLogger("tierd.disk")
 
@@ -88,7 +87,6 @@ _VKEY = struct.Struct(">Q")
 _CKEY = struct.Struct(">QI")
 _LAYOUT_KEY = b"chunk_lead"
 _LAYOUT = struct.Struct(">II")  # lead bytes, the smallest chunk that has one
-_enc_record = msgspec.msgpack.Encoder()
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -288,7 +286,7 @@ class DiskTier(ChunkStore):
         if len(where) == len(rec.chunks) and any(w is not None for w in where):
             # kept in the record, so a restart reads directly from the first read on
             rec.places = [-1 if w is None else w for w in where]
-            encoded = _enc_record.encode(rec)
+            encoded = encode_record(rec)
         self._put(self.meta_db, _VKEY.pack(rec.version), encoded)
         if rec.durable:
             with self._failing("sync", len(encoded)):

@@ -89,6 +89,11 @@ _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(RecordMeta)
 
 
+def encode_record(rec: RecordMeta) -> bytes:
+    """A record as stores keep it (msgpack); :meth:`ChunkStore.load_index` decodes it."""
+    return _enc.encode(rec)
+
+
 class NoRoom(Exception):
     """Raised by a store's ``_put_chunk`` / ``_commit`` when it is full; ``write`` turns it into
     TierFull (after removing what it wrote). The message says why, in the store's own terms."""
@@ -233,7 +238,7 @@ class ChunkStore(Tier):
                 sums.append((len(data), xxhash.xxh3_64_intdigest(data)))
                 self._put_chunk(version, i, data)
             rec = RecordMeta(plan=plan.to_dict(), chunks=sums, **meta)
-            self._commit(rec, _enc.encode(rec))
+            self._commit(rec, encode_record(rec))
         except BaseException as e:
             for f in futures:
                 f.cancel()
