@@ -17,10 +17,11 @@ Runs (each model in its own process; greedy, the same inputs for all):
 Also: three processes sharing one model through tierd vs three plain ones (USS), and time to first token
 with a vision-cache hit vs a miss (one image of --image-px square). The budgeted case also reports where
 its time goes: the model's compute, its waits for weights (stalls), and the disk's busy time
-(/proc/diskstats), and its fraction of the I/O bound: the better of the run's `dd` read speeds over the
-bytes the daemon read from disk per decoded token (from the first token to the last, the interval the
-tokens/s is measured on; loading and prefill excluded). Needs root for the cgroups and drop_caches
-(skipped otherwise).
+(/proc/diskstats), and its fraction of the I/O bound: the better of the `dd` read speeds right before
+and right after the case (the disk's speed drifts from minute to minute; the first reading of the run
+gives a second, stricter fraction) over the bytes the daemon read from disk per decoded token (from
+the first token to the last, the interval the tokens/s is measured on; loading and prefill
+excluded). Needs root for the cgroups and drop_caches (skipped otherwise).
 """
 
 from __future__ import annotations
@@ -611,6 +612,9 @@ def main() -> int:
             if cgB:
                 cgB.remove()
                 cgroups.remove(cgB)
+            # and once more right after it: the two readings around the case bound it
+            R["disk_read_gbps_3"] = disk_read_gbps(tmp)
+            log(f"disk after: cold read {R['disk_read_gbps_3']:.2f} GB/s")
 
         if "accelerate" in cases:
             # (4) accelerate disk_offload under the same limit
@@ -715,10 +719,20 @@ def report(R: dict) -> None:
             per_tok = ratios["budgeted_disk_bytes_per_token_all"]
         streamed = b["counters_delta"]
         ratios["budgeted_disk_bytes_per_token"] = per_tok
-        gbps = max(R["disk_read_gbps"], R.get("disk_read_gbps_2", 0.0))
+        # The disk's speed drifts from one minute to the next (0.9-2.4 GB/s in one hour of dd readings
+        # on the build VM), so the bound takes the readings right before and right after the case
+        # (the higher of the two); the first reading, minutes earlier before the plain case, is
+        # reported beside it as the strictest bound of all.
+        around = [R[k] for k in ("disk_read_gbps_2", "disk_read_gbps_3") if k in R]
+        gbps = max(around) if around else R["disk_read_gbps"]
+        gbps_all = max([R["disk_read_gbps"], *around])
         bound = gbps * 1e9 / per_tok if per_tok > 0 else float("inf")
+        ratios["io_bound_gbps"] = gbps
         ratios["io_bound_tok_s"] = bound
         ratios["budgeted_vs_io_bound"] = b["decode_tok_s"] / bound if bound != float("inf") else None
+        ratios["budgeted_vs_io_bound_all_readings"] = (
+            b["decode_tok_s"] * per_tok / (gbps_all * 1e9) if per_tok > 0 else None
+        )
         ratios["budgeted_counters"] = streamed
     if "decode_tok_s" in x and "decode_tok_s" in b:
         ratios["budgeted_vs_accelerate"] = b["decode_tok_s"] / x["decode_tok_s"]
@@ -732,12 +746,15 @@ def report(R: dict) -> None:
         v = ratios["budgeted_vs_accelerate"]
         print(f"budgeted / accelerate tok/s: {v if isinstance(v, str) else f'{v:.2f}x'} (target >= 2x)")
     if "io_bound_tok_s" in ratios:
+        frac = ratios["budgeted_vs_io_bound"] or float("nan")
+        frac_all = ratios["budgeted_vs_io_bound_all_readings"] or float("nan")
         print(
             f"budgeted: daemon disk reads {ratios['budgeted_disk_bytes_per_token'] / M:.0f} MiB/token in "
             f"decode ({ratios['budgeted_disk_bytes_per_token_all'] / M:.0f} over the run's tokens, loading "
             "and prefills included); "
-            f"disk {gbps:.2f} GB/s (best of 4 dd reads) -> I/O bound {ratios['io_bound_tok_s']:.2f} tok/s; "
-            f"budgeted is {ratios['budgeted_vs_io_bound'] or float('nan'):.2f} of it"
+            f"disk {gbps:.2f} GB/s (the better of the dd readings right before and after it) -> I/O bound "
+            f"{ratios['io_bound_tok_s']:.2f} tok/s; budgeted is {frac:.2f} of it ({frac_all:.2f} of the one "
+            f"from the best of every reading in the run, {gbps_all:.2f} GB/s)"
         )
         print(f"budgeted counters delta: {ratios['budgeted_counters']}")
         if "disk_by_codec" in b:
