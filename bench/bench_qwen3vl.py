@@ -719,7 +719,7 @@ def report(R: dict) -> None:
             per_tok = ratios["budgeted_disk_bytes_per_token_all"]
         streamed = b["counters_delta"]
         ratios["budgeted_disk_bytes_per_token"] = per_tok
-        # The disk's speed drifts from one minute to the next (0.9-2.4 GB/s in one hour of dd readings
+        # The disk's speed drifts from one minute to the next (0.85-2.4 GB/s in one hour of dd readings
         # on the build VM), so the bound takes the readings right before and right after the case
         # (the higher of the two); the first reading, minutes earlier before the plain case, is
         # reported beside it as the strictest bound of all.
