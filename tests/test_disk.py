@@ -532,8 +532,9 @@ def test_a_wrong_place_is_read_again_through_lmdb_and_corruption_still_caught(tm
 
 
 def test_the_write_staging_buffer_is_let_go_under_pressure(tmp_path: Path) -> None:
-    # A chunk is staged behind its lead in a buffer kept for the next write (16 MiB and a page);
-    # memory pressure takes it back at once, or, while a chunk is being written in it, right after.
+    # A chunk is staged behind its lead in a buffer kept for the next write (as large as the
+    # chunk and its lead); memory pressure takes it back at once, or, while a chunk is being
+    # written in it, right after.
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
@@ -546,7 +547,7 @@ def test_the_write_staging_buffer_is_let_go_under_pressure(tmp_path: Path) -> No
         try:
             assert disk.shed() == 0  # nothing staged yet
             _write(disk, pool, "s/a", 1, raw)
-            assert disk.shed() == disk._lead + disk_mod.CHUNK_BYTES and disk._stage is None
+            assert disk.shed() == disk._lead + raw.size and disk._stage is None
             _write(disk, pool, "s/b", 2, raw)
             with disk._stage_lock:  # as if a chunk were being written in it
                 assert disk.shed() == 0 and disk._stage is not None
@@ -557,5 +558,47 @@ def test_the_write_staging_buffer_is_let_go_under_pressure(tmp_path: Path) -> No
                 out = _aligned(raw.size)
                 disk.read_into(rec, out, pool)
                 assert bytes(out) == raw.tobytes(), key
+        finally:
+            disk.close()
+
+
+def test_a_write_holds_few_encoded_chunks_at_once(tmp_path: Path) -> None:
+    # Encoded chunks wait in memory until stored: a write encodes at most ENCODE_AHEAD chunks
+    # beyond the one it stores, not all of them (a whole compressed copy of a large entry).
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from tierd.codecs import get_codec
+    from tierd.tiers import disk as disk_mod
+    from tierd.tiers.store import ENCODE_AHEAD
+
+    class Counting(ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, *a, **k):  # type: ignore[no-untyped-def, override]
+            self.submitted += 1
+            return super().submit(*a, **k)
+
+    raw = np.random.default_rng(11).normal(size=(12 << 20) // 4).astype(np.float32)  # 12 chunks
+    ahead: list[int] = []
+    with Counting(2) as pool:
+        disk = disk_mod.DiskTier(tmp_path / "state", 1 << 30)
+        put_chunk = disk._put_chunk
+
+        def counted(version: int, index: int, data: object) -> None:
+            ahead.append(pool.submitted - index - 1)  # encoded or encoding beyond this one
+            put_chunk(version, index, data)
+
+        disk._put_chunk = counted  # type: ignore[method-assign]
+        try:
+            plan = get_codec("zstd").prepare(memoryview(raw), "float32", [raw.size], 1 << 20)
+            meta = {**_meta("z/a", 1, raw.nbytes), "dtype": "float32", "shape": [raw.size]}
+            rec = disk.write(meta, plan, memoryview(raw), pool)
+            assert len(ahead) == plan.n_chunks == 12
+            assert max(ahead) == ENCODE_AHEAD and ahead[-1] == 0, ahead
+            out = _aligned(raw.nbytes)
+            disk.read_into(rec, out, pool)
+            assert bytes(out) == raw.tobytes()
         finally:
             disk.close()

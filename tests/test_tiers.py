@@ -156,3 +156,38 @@ def test_a_daemon_runs_with_the_third_tier(start_daemon) -> None:
             assert torch.equal(got, t)
             c.release(got)
         assert c.stats()["counters"]["promotions"] > 0
+
+
+@pytest.mark.asyncio
+async def test_a_demotion_under_pressure_writes_small_chunks(tmp_path: Path) -> None:
+    # A chunk on its way to the disk is held about twice until it commits (the staging buffer,
+    # LMDB's dirty pages): while pressure holds the RAM tier down, demotions write chunks of
+    # RELIEF_CHUNK_BYTES so giving memory back does not first take 2 x 16 MiB of it.
+    from tierd.tiers.store import CHUNK_BYTES, RELIEF_CHUNK_BYTES
+
+    cfg = Config(ram_bytes="64MiB", disk_bytes="256MiB", state_dir=str(tmp_path / "state"))
+    tiers = registry.build(cfg)
+    m = Manager(*tiers)  # type: ignore[arg-type]
+    pl = Placement(m)
+    disk = m.stores["disk"]
+    try:
+        cid = m.add_client(1, 0, "t")
+        await put(m, pl, cid, "p/calm", 1, 24 * MiB)
+        assert (await pl.evict("p/calm"))["tiers"] == ["disk"]
+        await put(m, pl, cid, "p/short", 2, 24 * MiB)
+        assert disk.shed() == disk._lead + CHUNK_BYTES  # what pressure takes back first
+        pl.lower_ceiling(8 * MiB)
+        assert await pl.balance_once(target_used=8 * MiB) == 24 * MiB
+        assert m.entries["p/short"].tiers == ["disk"]
+        plans = {r.key: r.plan for r in disk.load_index(lambda r: True)}
+        assert plans["p/calm"]["raw_chunk_bytes"] == CHUNK_BYTES
+        assert plans["p/short"]["raw_chunk_bytes"] == RELIEF_CHUNK_BYTES
+        assert len(disk._stage) == disk._lead + RELIEF_CHUNK_BYTES  # staged no more than a chunk
+        pl.raise_ceiling(64 * MiB)
+        assert await read(m, pl, cid, "p/calm") == bytes([1]) * 24 * MiB
+        assert await read(m, pl, cid, "p/short") == bytes([2]) * 24 * MiB
+        m.check()
+    finally:
+        await pl.close()
+        for t in tiers:
+            t.close()

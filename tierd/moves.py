@@ -37,7 +37,7 @@ import numpy as np
 from tierd.entry import SEALED, Entry
 from tierd.errors import InvalidRequest, Unsupported
 from tierd.manager import Manager
-from tierd.tiers.store import CHUNK_BYTES
+from tierd.tiers.store import CHUNK_BYTES, RELIEF_CHUNK_BYTES
 
 log = logging.getLogger("tierd.moves")
 
@@ -212,11 +212,15 @@ class Mover:
 
         calib = self.calibration or Calibration.assumed()
         sample, shape = _sample(view), list(e.shape)
+        home = self.m.ram
+        # memory is short while pressure holds the home tier down: smaller chunks, so writing one
+        # (which holds it about twice until it commits) takes little of what the write gives back
+        chunk = RELIEF_CHUNK_BYTES if home.ceiling < home.capacity_bytes else CHUNK_BYTES
         choice = choose(calib, e.dtype, shape, sample, requested=e.codec,
                         tag_codecs=self.tag_codecs, tags=list(e.tags), cores=self.cores)  # fmt: skip
         codec = get_codec(choice.codec)
         try:
-            return codec.prepare(view, e.dtype, shape, CHUNK_BYTES), choice.reason
+            return codec.prepare(view, e.dtype, shape, chunk), choice.reason
         except ValueError as ex:  # the data, not the dtype: fp16 overflow, int8 of inf or NaN
             if codec.lossless:
                 raise
@@ -226,7 +230,7 @@ class Mover:
             # rule that does not apply to the dtype is skipped
             auto = choose(calib, e.dtype, shape, sample, cores=self.cores)
             why = f"{choice.reason} skipped: {ex}; {auto.reason}"
-            return get_codec(auto.codec).prepare(view, e.dtype, shape, CHUNK_BYTES), why
+            return get_codec(auto.codec).prepare(view, e.dtype, shape, chunk), why
 
 
 def _memcpy(dst: memoryview, src: memoryview) -> None:

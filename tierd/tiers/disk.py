@@ -245,13 +245,15 @@ class DiskTier(ChunkStore):
         if self._lead and len(data) >= self._lead_min:
             # the lead, then the chunk (whose bytes then start on a block boundary of the file), in a
             # buffer kept for the next chunk: a fresh one per chunk was faulted in and zeroed by the
-            # kernel each time, and made writes 3-4x slower (2x for entries of 24 MiB). Memory
-            # pressure takes it back (:meth:`shed`).
+            # kernel each time, and made writes 3-4x slower (2x for entries of 24 MiB). It is as
+            # large as the largest chunk since it was last let go: memory pressure takes it back
+            # (:meth:`shed`), and demotions then write smaller chunks (store.RELIEF_CHUNK_BYTES).
             n = self._lead + len(data)
             with self._stage_lock:
                 buf = self._stage
                 if buf is None or len(buf) < n:
-                    buf = self._stage = bytearray(max(n, self._lead + CHUNK_BYTES))
+                    buf = self._stage = None  # the old one goes before the new one is faulted in
+                    buf = self._stage = bytearray(n)
                 with memoryview(buf) as whole:
                     staged = whole[:n]
                     staged[self._lead :] = data

@@ -35,8 +35,9 @@ import logging
 import threading
 import time
 from abc import abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn, TypeVar
 
@@ -52,6 +53,14 @@ log = logging.getLogger("tierd.store")
 #: Raw bytes per chunk. Small enough that a write transaction is short and LMDB finds contiguous
 #: free pages for it; large enough that per-chunk overhead is negligible.
 CHUNK_BYTES = 16 << 20
+#: Raw bytes per chunk of an entry written while memory pressure holds the RAM tier below its
+#: capacity (``moves``): a chunk on its way to a store is held about twice (the disk tier's staging
+#: buffer, LMDB's dirty pages) until it commits, so a demotion meant to give memory back first takes
+#: that much; with 16 MiB chunks it took 32 MiB, enough to OOM-kill a model process in a tight cgroup.
+RELIEF_CHUNK_BYTES = 4 << 20
+#: Chunks a write encodes ahead of the one it stores (their encoded bytes are held until stored:
+#: encoding every chunk of an entry at once held a whole compressed copy of it)
+ENCODE_AHEAD = 2
 T = TypeVar("T")
 
 
@@ -224,19 +233,25 @@ class ChunkStore(Tier):
     def write(self, meta: dict[str, Any], plan: Plan, raw: memoryview, pool: Executor) -> RecordMeta:
         """Encode ``raw`` by ``plan`` and commit it as one record; returns the record.
 
-        Chunks are encoded in ``pool`` and stored one by one; the record commits last. When the
-        store is full every chunk written is removed and TierFull is raised.
+        Chunks are encoded in ``pool``, at most ``ENCODE_AHEAD`` beyond the one being stored, and
+        stored one by one; the record commits last. When the store is full every chunk written is
+        removed and TierFull is raised.
         """
         t0 = time.perf_counter()
         codec = get_codec(plan.codec)
         version = int(meta["version"])
-        futures = [pool.submit(codec.encode_chunk, plan, i, raw) for i in range(plan.n_chunks)]
+        futures: deque[Future[Any]] = deque()
+        submitted = 0
         sums: list[tuple[int, int]] = []
         try:
-            for i, fut in enumerate(futures):
-                data = fut.result()
+            for i in range(plan.n_chunks):
+                while submitted < min(plan.n_chunks, i + 1 + ENCODE_AHEAD):
+                    futures.append(pool.submit(codec.encode_chunk, plan, submitted, raw))
+                    submitted += 1
+                data = futures.popleft().result()
                 sums.append((len(data), xxhash.xxh3_64_intdigest(data)))
                 self._put_chunk(version, i, data)
+                del data
             rec = RecordMeta(plan=plan.to_dict(), chunks=sums, **meta)
             self._commit(rec, encode_record(rec))
         except BaseException as e:
