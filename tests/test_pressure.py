@@ -62,6 +62,7 @@ def test_pressure_demotes_and_returns_pages_instead_of_oom(cgroup: Path, short_t
     enter = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh"]
     d = launch.start(short_tmp / "s.sock", "--state-dir", str(short_tmp / "state"), "--disk-bytes", "2GiB",
                      ram_bytes="384MiB", log_path=short_tmp / "tierd.log", prefix=enter)  # fmt: skip
+    hog: subprocess.Popen[str] | None = None
     try:
         xs = [torch.full((16 * MiB // 4,), float(i)) for i in range(16)]  # 256 MiB of entries
         with Client(d.socket) as c:
@@ -104,4 +105,11 @@ def test_pressure_demotes_and_returns_pages_instead_of_oom(cgroup: Path, short_t
                 assert torch.equal(t, x)
                 c.release(t)
     finally:
+        if hog is not None:  # a failed run leaves no process or pipe behind for the next test
+            hog.kill()
+            hog.wait()
+            for pipe in (hog.stdin, hog.stdout):
+                if pipe is not None and not pipe.closed:
+                    with contextlib.suppress(OSError):  # a pipe to a killed hog
+                        pipe.close()
         d.stop()
