@@ -7,6 +7,7 @@ positive numbers and for leaving no file behind.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import tempfile
 from pathlib import Path
@@ -242,7 +243,7 @@ def test_calibrate_falls_back_when_o_direct_is_refused(
         raise OSError(errno.EINVAL, "O_DIRECT refused (test)")
 
     monkeypatch.setattr(cal, "_open_direct", refuse)
-    w, r, mode = cal.measure_disk(tmp_path, 4 * MIB)
+    w, r, mode, _ = cal.measure_disk(tmp_path, 4 * MIB)
     assert mode == "buffered" and w > 0 and r > 0
     assert os.listdir(tmp_path) == []
 
@@ -250,7 +251,7 @@ def test_calibrate_falls_back_when_o_direct_is_refused(
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm")
 def test_calibrate_on_tmpfs_leaves_nothing() -> None:
     with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="tierd-cal-") as d:
-        w, r, mode = cal.measure_disk(d, 4 * MIB)
+        w, r, mode, _ = cal.measure_disk(d, 4 * MIB)
         assert w > 0 and r > 0 and mode in ("direct", "buffered")
         assert os.listdir(d) == []
 
@@ -289,9 +290,52 @@ def test_calibrate_counts_the_fastest_of_its_direct_reads(
     # entry's codec: one read at a slow moment is not the disk's speed.
     seconds = iter([0.4, 0.1, 0.2])
     monkeypatch.setattr(cal, "_timed_read", lambda *a: next(seconds))
-    _w, r, mode = cal.measure_disk(tmp_path, 4 * MIB)
+    _w, r, mode, _ = cal.measure_disk(tmp_path, 4 * MIB, counter=lambda: 0)  # no one else on it
     if mode == "direct":  # where O_DIRECT is refused the file is read once, buffered
         assert cal.READS == 3 and r == pytest.approx(4 * MIB / 0.1 / 1e9)
     else:
         assert r == pytest.approx(4 * MIB / 0.4 / 1e9)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_read_on_a_shared_disk_counts_what_the_disk_moved_for_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another process loading a checkpoint while the daemon calibrates shares the disk: the read
+    # is slow because the disk moved others' bytes too, and that is counted (the device's total).
+    seconds = iter([0.4, 0.1, 0.2])
+    monkeypatch.setattr(cal, "_timed_read", lambda *a: next(seconds))
+    moved = iter([0, 4 * MIB, 10 * MIB, 30 * MIB, 40 * MIB, 44 * MIB])  # before/after each read
+
+    def counter() -> int:
+        return next(moved)
+
+    speed = cal.measure_disk(tmp_path, 4 * MIB, counter=counter)
+    if speed.mode != "direct":
+        pytest.skip("O_DIRECT refused here: the read is buffered and counted once, on its own")
+    # reads: 4 MiB alone in 0.4 s; 20 MiB (16 for others) in 0.1 s; 4 MiB alone in 0.2 s
+    assert speed.others_bytes == 16 * MIB and speed.read_gbps == pytest.approx(20 * MIB / 0.1 / 1e9)
+    monkeypatch.setattr(cal, "measure_disk", lambda *a, **k: cal.DiskSpeed(1.0, 2.0, "direct", 16 * MIB))
+    c = cal.calibrate(tmp_path, disk_bytes=4 * MIB, zstd_bytes=1 * MIB, memcpy_bytes=4 * MIB)
+    assert c.disk_read_gbps == 2.0 and any("16 MiB for others" in n for n in c.notes), c.notes
+
+
+def test_the_device_counter_counts_a_direct_read(tmp_path: Path) -> None:
+    counter = cal.device_counter(tmp_path)
+    if counter is None:
+        pytest.skip(f"no block device behind {tmp_path} (tmpfs, overlay)")
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(8 * MIB))
+    os.sync()
+    buf = mmap.mmap(-1, 8 * MIB)
+    try:
+        fd = cal._open_direct(str(path), os.O_RDONLY)
+    except OSError:
+        pytest.skip("O_DIRECT refused here")
+    try:
+        before = counter()
+        cal._read_all(fd, buf, 8 * MIB, MIB)
+        assert counter() - before >= 8 * MIB  # sysfs counts the disk's bytes: ours at least
+    finally:
+        os.close(fd)
+        buf.close()

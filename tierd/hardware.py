@@ -80,18 +80,27 @@ def block_device(path: Path, sys_root: str = "/sys") -> dict[str, Any]:
     mount = _mount_of(dev)
     if mount is not None:
         out["fstype"] = mount["fstype"]
-    link = Path(sys_root, "dev", "block", f"{os.major(dev)}:{os.minor(dev)}")
-    try:
-        node = link.resolve(strict=True)
-    except OSError:  # no block device behind this file system (tmpfs, overlay, nfs, ...)
+    found = sysfs_disk(dev, sys_root)
+    if found is None:  # no block device behind this file system (tmpfs, overlay, nfs, ...)
         return out
-    disk = node.parent if (node / "partition").exists() else node
+    node, disk = found
     out["device"] = disk.name if disk == node else f"{disk.name} ({node.name})"
     out["nvme"] = disk.name.startswith("nvme")
     rot = _read(disk / "queue" / "rotational")
     out["rotational"] = None if rot is None else rot == "1"
     out["model"] = _read(disk / "device" / "model")
     return out
+
+
+def sysfs_disk(dev: int, sys_root: str = "/sys") -> tuple[Path, Path] | None:
+    """(the block device, the disk it is on) in sysfs for a file system's device number ``dev``
+    (the same path twice unless it is a partition); None where no block device is behind it."""
+    link = Path(sys_root, "dev", "block", f"{os.major(dev)}:{os.minor(dev)}")
+    try:
+        node = link.resolve(strict=True)
+    except OSError:
+        return None
+    return node, node.parent if (node / "partition").exists() else node
 
 
 def _read(path: Path) -> str | None:
