@@ -10,7 +10,8 @@ Runs (each model in its own process; greedy, the same inputs for all):
  3. tierd budgeted: a daemon with a RAM tier of 40% of the weights and a disk tier (weights ingested
     durable beforehand, page cache dropped), streaming mode; the daemon AND the model process run in a
     cgroup-v1 memory group limited to 40% of the weights + the plain process's non-weight memory + the
-    daemon's own overhead + a margin;
+    daemon's own overhead + a margin (by default what leaves the daemon's "low" pressure share of the
+    limit, 15%, free; --margin-mb sets it);
  4. accelerate disk_offload (offload_state_dict once, init_empty_weights, disk_offload) in a cgroup with
     the same limit (an OOM kill is reported as the result; then, with --accel-find-limit, larger limits
     are tried until it runs, and it is compared there).
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import resource
 import shutil
@@ -366,6 +368,21 @@ def run_worker(tmp: Path, role: str, a: argparse.Namespace, *, tokens: int, sock
     return res
 
 
+def margin_bytes(base: int, margin_mb: int | None) -> int:
+    """The budgeted case's cgroup margin above what daemon and model hold (``base``): ``margin_mb``
+    when given, else the smallest that leaves the daemon's "low" share of the limit free
+    (MonitorConfig.low_fraction, 15%), at least 160 MiB. Below the "high" share (10%) the
+    daemon's relief holds the tier under its capacity for the whole decode and the case measures
+    that: with a 160 MiB margin (about 7% of the limit) it gave back and refaulted 2.3-4.3 GB of
+    arena pages and read at half the speed (docs/benchmarks.md, 2026-12-02, latest)."""
+    from tierd.monitor import MonitorConfig
+
+    if margin_mb is not None:
+        return margin_mb << 20
+    low = MonitorConfig().low_fraction
+    return max(160 << 20, math.ceil(low * base / (1 - low)))
+
+
 def disk_read_gbps(tmp: Path) -> float:
     """Cold read speed of 1 GiB of random bytes (not zeros, which a virtual disk may shortcut): the
     better of a buffered ``dd`` (bs=4M) and a direct one (bs=16M), each after dropping the caches."""
@@ -436,7 +453,9 @@ def main() -> int:
     ap.add_argument("--accel-find-limit", action="store_true",
                     help="when accelerate is OOM-killed at the budgeted limit, try larger limits (+15%% of "
                          "the weights each, at most 4) until it runs, then once halfway back")  # fmt: skip
-    ap.add_argument("--margin-mb", type=int, default=160, help="cgroup limit margin [160]")
+    ap.add_argument("--margin-mb", type=int, default=None,
+                    help="budgeted cgroup's margin in MiB [what leaves the daemon's low-pressure share of "
+                         "the limit free, at least 160]")  # fmt: skip
     ap.add_argument("--cases", default="resident,share,budgeted,accelerate",
                     help="which cases to run besides plain (always run: the others are measured against it) "
                          "[resident,share,budgeted,accelerate]")  # fmt: skip
@@ -578,11 +597,13 @@ def main() -> int:
             R["daemon_rss_anon_file"] = own
             daemon_overhead = max(own, psutil.Process(dB.pid).memory_info().rss - ramB, 64 << 20)
             R["daemon_overhead_bytes"] = daemon_overhead
-            limit = ramB + nonweight + daemon_overhead + (a.margin_mb << 20)
-            R["budget"].update(cg_limit_bytes=limit, cgroup=use_cg)
+            base = ramB + nonweight + daemon_overhead
+            margin = margin_bytes(base, a.margin_mb)
+            limit = base + margin
+            R["budget"].update(cg_limit_bytes=limit, cgroup=use_cg, margin_bytes=margin)
             log(f"(3) tierd budgeted: RAM tier {ramB / 2**20:.0f} MiB, cgroup limit {limit / 2**20:.0f} MiB "
                 f"(= tier + plain non-weight {nonweight / 2**20:.0f} + daemon "
-                f"{daemon_overhead / 2**20:.0f} + margin {a.margin_mb} MiB)")  # fmt: skip
+                f"{daemon_overhead / 2**20:.0f} + margin {margin / 2**20:.0f} MiB)")  # fmt: skip
             if cgB:
                 cgB.set("memory.limit_in_bytes", limit)
             io0 = io_read_bytes(dB.pid)
