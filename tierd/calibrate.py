@@ -314,7 +314,7 @@ def measure_disk(
                         best = 0.0
                         for _ in range(READS):
                             before = counter() if counter is not None else 0
-                            s = _timed_read(fd, buf, nbytes, block)
+                            s = max(_timed_read(fd, buf, nbytes, block), 1e-9)
                             extra = max(0, counter() - before - nbytes) if counter is not None else 0
                             if (nbytes + extra) / s > best:
                                 best, read_s, others = (nbytes + extra) / s, s, extra
